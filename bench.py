@@ -1,0 +1,371 @@
+"""Benchmarks, each a table of variants measured side by side in one run.
+
+    python bench.py model                                   # DiT-S/2 on 32x32x4, CPU-sized
+    python bench.py model --model DiT-XL/2 --image-size 256 --batch-size 32 --variants bf16-compiled
+    python bench.py encoders                                # T5 .bin loaded encoder-only vs whole
+    python bench.py train                                   # the training loop: compile, bf16, cache, FSDP2
+
+FLOPs are counted as nanoGPT and the DiT paper do (2 per multiply-add of the matmuls and
+attention, `dit.forward_flops`); a training step is 3x the forward. MFU = achieved FLOP/s over
+the device's peak (`--peak-tflops`, or known for common GPUs).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import data
+from dit import build_model, forward_flops
+from encoders import VAE, DINOEncoder, T5Config, T5Encoder, is_t5_encoder_key
+
+# Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0, "L40S": 362.0,
+               "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def device_peak_tflops(device, override=None):
+    """bf16 peak TFLOP/s for MFU: the flag if given, else looked up from the GPU's name, else None."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return None
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup, iters):
+    """Seconds per call of `step`, after `warmup` calls (compilation happens there)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def set_fused_attention(model, fused):
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = fused
+
+
+def print_table(rows, columns):
+    widths = [max(len(col), *(len(str(row[col])) for row in rows)) for col in columns]
+    print("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[col]).ljust(w) for col, w in zip(columns, widths)))
+
+
+MODEL_VARIANTS = {  # name -> (autocast dtype, compile, fused attention)
+    "fp32": (None, False, True),
+    "fp32-naive-attn": (None, False, False),
+    "bf16": (torch.bfloat16, False, True),
+    "bf16-naive-attn": (torch.bfloat16, False, False),
+    "fp32-compiled": (None, True, True),
+    "bf16-compiled": (torch.bfloat16, True, True),
+}
+
+
+def bench_model(args):
+    device = torch.device(args.device)
+    latent_size = args.image_size // 8 if args.latent else args.image_size
+    channels = 4 if args.latent else 3
+    peak = device_peak_tflops(device, args.peak_tflops)
+    rows = []
+    for variant in args.variants.split(","):
+        dtype, compiled, fused = MODEL_VARIANTS[variant]
+        torch.manual_seed(0)
+        model = build_model(args.model, input_size=latent_size, in_channels=channels,
+                            grad_checkpointing=args.grad_checkpointing).to(device).train()
+        set_fused_attention(model, fused)
+        if compiled:
+            for block in model.blocks:
+                block.compile()
+        x = torch.randn(args.batch_size, channels, latent_size, latent_size, device=device)
+        t = torch.rand(args.batch_size, device=device) * 999
+        y = torch.randn(args.batch_size, model.cond_tokens, model.cond_dim, device=device)
+        target = torch.randn(args.batch_size, model.pred_channels, latent_size, latent_size, device=device)
+
+        def step():
+            autocast = torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+            with autocast:
+                loss = F.mse_loss(model(x, t, y).float(), target)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_steps(step, device, args.warmup, args.iters)
+        images_per_s = args.batch_size / seconds
+        train_flops = 3 * forward_flops(model)
+        achieved = train_flops * images_per_s / 1e12
+        rows.append({"variant": variant, "img/s": f"{images_per_s:.1f}", "ms/step": f"{1e3 * seconds:.1f}",
+                     "TFLOP/s": f"{achieved:.2f}", "MFU": f"{100 * achieved / peak:.1f}%" if peak else "-",
+                     "peak GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"})
+        del model
+    params = sum(p.numel() for p in build_model(args.model, input_size=latent_size, in_channels=channels).parameters())
+    print(f"{args.model} on {channels}x{latent_size}x{latent_size} inputs, batch {args.batch_size}, {device}: "
+          f"{params:,} parameters, {forward_flops_of(args.model, latent_size, channels) / 1e9:.1f} GFLOPs/image forward, "
+          f"train step = 3x; peak {peak or 'unknown'} TFLOP/s")
+    print_table(rows, ["variant", "img/s", "ms/step", "TFLOP/s", "MFU", "peak GiB"])
+
+
+def forward_flops_of(name, latent_size, channels):
+    with torch.device("meta"):
+        return forward_flops(build_model(name, input_size=latent_size, in_channels=channels))
+
+
+def t5_checkpoint_shapes(config, num_decoder_layers):
+    """Key -> shape of a T5 v1.1 encoder+decoder checkpoint (the layout of google/t5-v1_1-*)."""
+    with torch.device("meta"):
+        shapes = {key: tuple(value.shape) for key, value in T5Encoder(config).state_dict().items()}
+    d_model, inner = config.d_model, config.num_heads * config.d_kv
+    for i in range(num_decoder_layers):
+        layer = f"decoder.block.{i}.layer"
+        for attention in ("0.SelfAttention", "1.EncDecAttention"):
+            shapes.update({f"{layer}.{attention}.{name}.weight": (inner, d_model) for name in "qkv"})
+            shapes[f"{layer}.{attention}.o.weight"] = (d_model, inner)
+        shapes[f"{layer}.2.DenseReluDense.wi_0.weight"] = (config.d_ff, d_model)
+        shapes[f"{layer}.2.DenseReluDense.wi_1.weight"] = (config.d_ff, d_model)
+        shapes[f"{layer}.2.DenseReluDense.wo.weight"] = (d_model, config.d_ff)
+        shapes.update({f"{layer}.{j}.layer_norm.weight": (d_model,) for j in range(3)})
+    shapes["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        config.relative_attention_num_buckets, config.num_heads)
+    shapes["decoder.final_layer_norm.weight"] = (d_model,)
+    shapes["lm_head.weight"] = (config.vocab_size, d_model)
+    return shapes
+
+
+def t5_config_of_size(gigabytes):
+    """The narrowest 24+24-layer T5 v1.1 (d_ff = 2.75 d_model, as in v1.1 large) whose fp32
+    encoder+decoder checkpoint reaches `gigabytes`."""
+    for d_model in range(64, 8193, 64):
+        config = T5Config(d_model=d_model, num_heads=d_model // 64, d_ff=d_model * 11 // 4 // 64 * 64)
+        shapes = t5_checkpoint_shapes(config, config.num_layers)
+        if 4 * sum(torch.Size(shape).numel() for shape in shapes.values()) >= gigabytes * 1e9:
+            break
+    return config, shapes
+
+
+def write_t5_checkpoint(folder, gigabytes):
+    """Random fp32 T5 encoder+decoder in one pytorch_model.bin plus config.json -> (file bytes, encoder bytes)."""
+    config, shapes = t5_config_of_size(gigabytes)
+    state = {key: torch.randn(shape) for key, shape in shapes.items()}
+    # The tied input embedding is stored under all three names, one storage, as in the Hub file.
+    state["encoder.embed_tokens.weight"] = state["decoder.embed_tokens.weight"] = state["shared.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "feed_forward_proj": "gated-gelu"}))
+    encoder_bytes = sum(4 * torch.Size(shape).numel() for key, shape in shapes.items() if is_t5_encoder_key(key))
+    return (folder / "pytorch_model.bin").stat().st_size, encoder_bytes
+
+
+# Runs in a fresh interpreter so that each peak is that load's alone: VmHWM (peak RSS) is reset by
+# exec, where ru_maxrss would carry the parent's peak over. VmRSS after the load is what stays
+# resident; the peak also counts the memory-mapped checkpoint pages read while copying.
+_LOAD_IN_CHILD = r"""
+import json, re, sys, time
+import torch
+from {module} import T5Encoder
+method, folder = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+if method == "torch.load":
+    loaded = torch.load(folder + "/pytorch_model.bin", map_location="cpu", weights_only=True)
+elif method == "encoder-only":
+    loaded = T5Encoder.from_pretrained(folder)
+seconds = time.perf_counter() - start
+with open("/proc/self/status") as status:
+    kib = dict(re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", status.read()))
+print(json.dumps({{"seconds": seconds, "peak_kib": int(kib["VmHWM"]), "after_kib": int(kib["VmRSS"])}}))
+"""
+
+
+def measure_load_in_child(method, folder):
+    """(seconds, peak RSS GiB, RSS GiB once loaded) of one load, in its own process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    code = _LOAD_IN_CHILD.format(module=T5Encoder.__module__)
+    result = subprocess.run([sys.executable, "-c", code, method, str(folder)],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{method} load failed:\n{result.stderr}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report["seconds"], report["peak_kib"] / 2**20, report["after_kib"] / 2**20
+
+
+def bench_encoders(args):
+    """Encoder-only loading of a T5 encoder+decoder .bin (as google/t5-v1_1-xxl ships) against
+    torch.load of the whole file: time and peak resident memory, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        file_bytes, encoder_bytes = write_t5_checkpoint(folder, args.t5_gb)
+        print(f"T5-style encoder+decoder pytorch_model.bin: {file_bytes / 2**30:.2f} GiB "
+              f"(encoder tensors {encoder_bytes / 2**30:.2f} GiB), written in {time.perf_counter() - start:.0f} s; "
+              f"page cache warm for every load")
+        rows = []
+        for method, label in [("baseline", "python + torch, nothing loaded"),
+                              ("encoder-only", "T5Encoder.from_pretrained (mmap, encoder keys)"),
+                              ("torch.load", "torch.load of the whole file")]:
+            seconds, peak_gib, held_gib = measure_load_in_child(method, folder)
+            rows.append({"method": label, "load s": f"{seconds:.2f}", "peak RSS GiB": f"{peak_gib:.2f}",
+                         "RSS after GiB": f"{held_gib:.2f}"})
+    print_table(rows, ["method", "load s", "peak RSS GiB", "RSS after GiB"])
+
+
+# The sizes of stabilityai/sd-vae-ft-mse (its config.json) and of DINO ViT-B/16: the encoders
+# of the real run, with random weights.
+SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                 "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+                 "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * 4,
+                 "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 256}
+DINO_VITB16 = {"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12}
+
+
+def write_random_encoders(folder, vae_config=SD_VAE_CONFIG, dino_config=DINO_VITB16, seed=0):
+    """A random SD-VAE in the diffusers layout and a random DINO ViT in the original DINO layout
+    (so heads = width / 64, as DINO's), in folder/vae and folder/dino; returns the two paths,
+    which VAE.from_pretrained and DINOEncoder.from_pretrained (and so --vae, --encoder) accept."""
+    torch.manual_seed(seed)
+    vae_dir, dino_dir = Path(folder) / "vae", Path(folder) / "dino"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    dino_dir.mkdir(parents=True, exist_ok=True)
+    (vae_dir / "config.json").write_text(json.dumps(vae_config))
+    save_file(VAE.from_config(vae_config).state_dict(), vae_dir / "diffusion_pytorch_model.safetensors")
+    dino_state = DINOEncoder(**dino_config).state_dict()
+    torch.save({key.replace("patch_embed.", "patch_embed.proj."): value for key, value in dino_state.items()},
+               dino_dir / "dino_vitbase16_pretrain.pth")
+    return str(vae_dir), str(dino_dir)
+
+
+def train_variants(precision, num_gpus):
+    """(name, settings): the base run (cached features, no compile, no checkpointing, one rank),
+    then one change at a time."""
+    base = {"features": "cache", "precision": precision, "compile": False, "ckpt": False, "ranks": 1}
+    other_precision = "fp32" if precision == "bf16" else "bf16"
+    variants = [("base", base), ("compiled", {**base, "compile": True}),
+                (other_precision, {**base, "precision": other_precision}), ("grad-ckpt", {**base, "ckpt": True}),
+                ("on-the-fly", {**base, "features": "on the fly"})]
+    if num_gpus != 1:  # FSDP2 takes a GPU per rank; on the CPU the two ranks share the cores
+        variants.append(("fsdp2", {**base, "ranks": 2}))
+    return variants
+
+
+def run_training(flags, ranks, out):
+    """train_i2i.py with `flags` in `ranks` fresh processes (torchrun when > 1) -> its metrics lines."""
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([*launcher, os.path.join(here, "train_i2i.py"), *flags, "--out", out],
+                            capture_output=True, text=True, cwd=here)
+    if result.returncode != 0:
+        raise RuntimeError(f"train_i2i.py {' '.join(flags)} failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_train(args):
+    """The training loop of train_i2i.py, one run per variant in fresh processes: throughput over
+    the steps after the warm-up ones (compilation happens there), MFU, and peak memory (GPU: the
+    most memory tensors held; CPU: the peak RSS of the rank-0 process, interpreter included)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = args.model or ("DiT-XL/2" if cuda else "DiT-S/2")
+    image_size = args.image_size or (256 if cuda else 32)
+    batch = args.batch_size or (32 if cuda else 4)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    warmup, timed_steps = args.warmup or (3 if cuda else 1), args.steps or (10 if cuda else 2)
+    steps = warmup + timed_steps
+    images = f"shapes:{steps * batch}"  # no step sees an image twice
+    with tempfile.TemporaryDirectory() as tmp:
+        vae, dino = write_random_encoders(tmp)
+        cache = os.path.join(tmp, "cache")
+        dataset = data.open_dataset(images, image_size)
+        start = time.perf_counter()
+        data.write_feature_cache(dataset, cache, VAE.from_pretrained(vae).to(device),
+                                 DINOEncoder.from_pretrained(dino).to(device),
+                                 {"data": images, "seed": 0, "image_size": image_size, "vae": vae, "encoder": dino},
+                                 batch_size=batch, log=lambda line: None)
+        cache_seconds = time.perf_counter() - start
+        if cuda:
+            torch.cuda.empty_cache()  # leave the GPU to the training processes
+        print(f"{model} at {image_size} px ({image_size // 8} px latents), global batch {batch}, {warmup} "
+              f"warm-up + {timed_steps} timed steps, {device}; SD-VAE and DINO ViT-B/16 with random weights; "
+              f"the feature cache of {len(dataset)} images took {cache_seconds:.1f} s "
+              f"({len(dataset) / cache_seconds:.1f} images/s, both flips)", flush=True)
+        common = ["--model", model, "--image-size", str(image_size), "--vae", vae, "--encoder", dino,
+                  "--global-batch-size", str(batch), "--steps", str(steps), "--warmup-steps", "1",
+                  "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0", "--num-samples", "1"]
+        common += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+        rows = []
+        for name, variant in train_variants(precision, torch.cuda.device_count()):
+            flags = common + ["--data", f"cache:{cache}" if variant["features"] == "cache" else images,
+                              "--precision", variant["precision"]]
+            flags += ["--compile"] * variant["compile"] + ["--grad-checkpointing"] * variant["ckpt"]
+            timed = run_training(flags, variant["ranks"], os.path.join(tmp, name))[warmup:]
+            # One metrics line per step, images_per_s over the global batch.
+            seconds = sum(batch / line["images_per_s"] for line in timed) / len(timed)
+            mfu_per_image_s = timed[-1]["mfu"] / timed[-1]["images_per_s"] if timed[-1]["mfu"] else None
+            peak_gib = timed[-1]["peak_memory_gib"]  # a running maximum
+            rows.append({"variant": name, **{key: str(value) for key, value in variant.items()},
+                         "img/s": f"{batch / seconds:.2f}", "ms/step": f"{1e3 * seconds:.0f}",
+                         "MFU": f"{100 * mfu_per_image_s * batch / seconds:.1f}%" if mfu_per_image_s else "-",
+                         "peak GiB": "-" if peak_gib is None else f"{peak_gib:.2f}"})
+            print(f"  {name}: {rows[-1]['img/s']} img/s", flush=True)
+    print_table(rows, list(rows[0]))
+    if not cuda:
+        print("peak GiB: peak RSS of the rank-0 process. One rank uses every core; each of two ranks one core.")
+    elif torch.cuda.device_count() == 1:
+        print("fsdp2: left out, it needs two GPUs")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    model = sub.add_parser("model", help="forward+backward throughput of the backbone")
+    model.add_argument("--model", default="DiT-S/2")
+    model.add_argument("--image-size", type=int, default=256)
+    model.add_argument("--latent", action=argparse.BooleanOptionalAction, default=True,
+                       help="inputs are VAE latents (image-size / 8, 4 channels); --no-latent: pixels")
+    model.add_argument("--batch-size", type=int, default=8)
+    model.add_argument("--variants", default=",".join(MODEL_VARIANTS))
+    model.add_argument("--grad-checkpointing", action="store_true")
+    model.add_argument("--warmup", type=int, default=2)
+    model.add_argument("--iters", type=int, default=5)
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--peak-tflops", type=float, default=None)
+    model.set_defaults(func=bench_model)
+    encoders = sub.add_parser("encoders", help="T5 .bin loaded encoder-only vs torch.load of all of it")
+    encoders.add_argument("--t5-gb", type=float, default=2.5,
+                          help="size of the generated fp32 encoder+decoder checkpoint, in GB")
+    encoders.set_defaults(func=bench_encoders)
+    train = sub.add_parser("train", help="the training loop: eager/compiled, fp32/bf16, checkpointing, cache, FSDP2")
+    train.add_argument("--model", help="default: DiT-XL/2 on a GPU, DiT-S/2 on the CPU")
+    train.add_argument("--image-size", type=int, help="default: 256 on a GPU, 32 on the CPU")
+    train.add_argument("--batch-size", type=int, help="global batch; default: 32 on a GPU, 4 on the CPU")
+    train.add_argument("--precision", choices=["fp32", "bf16"], help="of the base run; default: bf16 on a GPU, fp32 on the CPU")
+    train.add_argument("--warmup", type=int, help="untimed steps first (compilation); default: 3 on a GPU, 1 on the CPU")
+    train.add_argument("--steps", type=int, help="timed steps; default: 10 on a GPU, 2 on the CPU")
+    train.add_argument("--peak-tflops", type=float, default=None)
+    train.set_defaults(func=bench_train)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,996 @@
+"""Training data: image folders, webdataset tar shards and the procedural `shapes` set.
+
+Every source is a map-style dataset: `len(ds)` items, and `ds[i]` returns
+
+    {"image":   float32 tensor (3, S, S) in [-1, 1], centre-cropped, NOT flipped
+                (the training loop draws the flip per sample from its own generator),
+     "caption": str ("" when the source has none),
+     "index":   i, the dataset index that was asked for,
+     "name":    the file (or `shard.tar:member`) the image came from,
+     "skipped": names of the bad files passed over to produce this item}
+
+and `shapes` items also carry "attrs", the attributes their caption states.
+
+Bad files (zero bytes, truncated, not an image, larger than PIL's decompression-bomb limit
+`PIL.Image.MAX_IMAGE_PIXELS`) never stop training: a bad item i is replaced by the next good
+one, i+1, i+2, ... (wrapping around), so the replacement depends only on i, and the bad names
+travel in "skipped" for the main process to count and log, whichever worker met them.
+
+Sources, chosen by `open_dataset(spec, image_size)`:
+    /data/images                      a folder tree of .jpg/.jpeg/.png/.webp (any case),
+                                      recursive, sorted; captions from a sidecar `name.txt`
+    shards/{00000..01023}.tar         tar shards in the webdataset layout (`key.jpg` + optional
+    shards/*.tar,extra/a.tar          `key.txt` / `key.json`), as paths, globs, brace ranges or
+                                      comma-separated lists of those; read by seeking into the
+                                      uncompressed tar files, never extracted
+    shapes, shapes:N                  N procedural images (default 10000), see `ShapesDataset`
+    cache:DIR                         a feature cache (`FeatureCache`): VAE posteriors and DINO
+                                      features in place of images, written by `data.py cache`
+
+Which samples a rank reads, and in which order, is decided by `GlobalSampler`; `make_loader`
+wires a dataset, that sampler and `collate_samples` into a DataLoader.
+
+Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
+their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
+`[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
+--image-size S` writes a feature cache of SPEC, split over the ranks.
+"""
+
+import argparse
+import collections
+import datetime
+import glob
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Images longer than this ratio are first trimmed around their centre (the centre crop keeps
+# only that part anyway): upscaling a 1 x 100000 strip to a short side of 256 would need
+# 6.5 gigapixels.
+MAX_ASPECT_RATIO = 4.0
+
+# Tags that keep the random streams of different uses apart under the same run seed.
+_SAMPLER_STREAM = 1
+_SHAPES_STREAM = 2
+
+
+class BadSampleError(Exception):
+    """A file that cannot be turned into a training sample (it is skipped, never fatal)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def to_rgb(image):
+    """Convert a PIL image of any mode to 8-bit RGB.
+
+    Transparent images (RGBA, LA, PA, or P/L/RGB with a transparency key) are composited on
+    white, as a browser shows them: the colour under alpha 0 is arbitrary, often black.
+    16-bit and 32-bit integer grayscale (I;16*, I) is scaled from 0..65535 to 0..255: PIL's own
+    convert clips at 255 and would turn a 16-bit PNG white. Everything else (1, L, P, CMYK,
+    YCbCr, F, ...) goes through PIL's convert.
+    """
+    if image.mode.startswith("I"):
+        gray16 = np.asarray(image).astype(np.float64)
+        gray8 = np.clip(np.round(gray16 / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray8, "L").convert("RGB")
+    if "transparency" in image.info or image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _trim_to_aspect(image, max_ratio):
+    """Crop the long side of `image` around its centre to at most `max_ratio` x the short side."""
+    width, height = image.size
+    short = min(width, height)
+    limit = max(short, round(short * max_ratio))
+    if max(width, height) <= limit:
+        return image
+    new_width, new_height = min(width, limit), min(height, limit)
+    left, top = (width - new_width) // 2, (height - new_height) // 2
+    return image.crop((left, top, left + new_width, top + new_height))
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop: a uint8 array (image_size, image_size, 3) from a PIL image of any mode.
+
+    Halve the image with a BOX filter while its short side is at least 2 * image_size (cheap
+    and alias-free), resize with BICUBIC so that the short side is image_size, then cut the
+    centre square. Extremely elongated images are trimmed to MAX_ASPECT_RATIO first.
+    """
+    image = _trim_to_aspect(to_rgb(pil_image), MAX_ASPECT_RATIO)
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    pixels = np.array(image)
+    top = (pixels.shape[0] - image_size) // 2
+    left = (pixels.shape[1] - image_size) // 2
+    return pixels[top : top + image_size, left : left + image_size]
+
+
+def pixels_to_tensor(pixels):
+    """uint8 (H, W, 3) array -> float32 tensor (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def decode_image(data, image_size):
+    """Encoded image bytes -> float32 tensor (3, image_size, image_size) in [-1, 1].
+
+    Raises BadSampleError for anything that is not a readable image of sane size.
+    """
+    if not data:
+        raise BadSampleError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse all of it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                # Phone photos are stored sideways with an EXIF flag saying how to turn them.
+                pixels = center_crop_arr(ImageOps.exif_transpose(image), image_size)
+    except Exception as error:  # PIL's decoders raise a zoo of types on broken input
+        raise BadSampleError(f"{type(error).__name__}: {error}") from error
+    return pixels_to_tensor(pixels)
+
+
+# ---------------------------------------------------------------------------------------------
+# File-backed datasets
+
+
+class _PackedStrings:
+    """A read-only list of str kept in two numpy arrays.
+
+    DataLoader workers that read a Python list of millions of str objects touch their reference
+    counts and so copy every page of it into each worker; numpy buffers stay shared.
+    """
+
+    def __init__(self, strings):
+        encoded = [s.encode() for s in strings]
+        self.offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
+
+
+class _EncodedImageDataset(Dataset):
+    """Shared item logic of the file-backed sources: decode, caption, skip bad files.
+
+    Subclasses provide `__len__`, `name(j)` and `read(j) -> (image bytes, caption str)`, the
+    latter raising OSError or BadSampleError for a bad sample.
+    """
+
+    def __init__(self, image_size):
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size
+
+    def load(self, j):
+        """Image tensor (3, S, S) and caption of sample j; raises BadSampleError."""
+        try:
+            data, caption = self.read(j)
+        except OSError as error:
+            raise BadSampleError(f"{type(error).__name__}: {error}") from error
+        return decode_image(data, self.image_size), caption
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
+        skipped = []
+        for step in range(len(self)):
+            j = (i + step) % len(self)
+            try:
+                image, caption = self.load(j)
+            except BadSampleError:
+                skipped.append(self.name(j))
+                continue
+            return {"image": image, "caption": caption, "index": int(i), "name": self.name(j),
+                    "skipped": skipped}
+        raise RuntimeError(f"no readable image in {self!r}: all {len(self)} files failed, "
+                           f"e.g. {skipped[0]} (run `python data.py stats` on it)")
+
+
+class ImageFolder(_EncodedImageDataset):
+    """All images under `root` (recursive, sorted by relative path, extensions in any case).
+
+    The caption of `a/b.jpg` is the text of `a/b.txt` when that file exists. Hidden files and
+    folders (names starting with ".", e.g. macOS `._x.jpg`) are ignored.
+    """
+
+    def __init__(self, root, image_size):
+        super().__init__(image_size)
+        self.root = os.path.abspath(root)
+        images, captions = _list_folder(self.root)
+        if not images:
+            hint = " (it holds .tar files: pass them as DIR/*.tar)" if _holds_tars(self.root) else ""
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+                                    f"{root}{hint}")
+        self.paths = _PackedStrings(images)
+        self.has_caption = np.array([_caption_path(p) in captions for p in images], dtype=bool)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __repr__(self):
+        return f"ImageFolder({self.root!r}, {len(self)} images)"
+
+    def name(self, j):
+        return os.path.join(self.root, self.paths[j])
+
+    def read(self, j):
+        with open(self.name(j), "rb") as f:
+            data = f.read()
+        caption = ""
+        if self.has_caption[j]:
+            with open(os.path.join(self.root, _caption_path(self.paths[j])), "rb") as f:
+                caption = f.read().decode("utf-8", errors="replace").strip()
+        return data, caption
+
+
+def _caption_path(image_path):
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+def _list_folder(root):
+    """Sorted relative paths of the images under root, and the set of .txt files there."""
+    images, captions = [], set()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        relative = os.path.relpath(folder, root)
+        for file in files:
+            if file.startswith("."):
+                continue
+            path = os.path.normpath(os.path.join(relative, file))
+            extension = os.path.splitext(file)[1].lower()
+            if extension in IMAGE_EXTENSIONS:
+                images.append(path)
+            elif extension == ".txt":
+                captions.add(path)
+    return sorted(images), captions
+
+
+def _holds_tars(root):
+    return any(f.endswith(".tar") for _, _, files in os.walk(root) for f in files)
+
+
+# One row per sample of a tar dataset: where its image and caption bytes lie in which shard.
+_TAR_RECORD = np.dtype([("shard", np.int32), ("image_offset", np.int64), ("image_size", np.int64),
+                        ("caption_offset", np.int64), ("caption_size", np.int64),
+                        ("caption_kind", np.int8)])
+_NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
+
+
+class TarShards(_EncodedImageDataset):
+    """Samples of webdataset tar shards, read in place by seeking into the files.
+
+    A sample is the group of members that share a key (the member name up to the first "." of
+    its file name): an image `key.jpg|jpeg|png|webp` and optionally `key.txt` or `key.json`
+    (caption under "caption" or "text"); `.txt` wins when both exist. Members without an image
+    are ignored. Opening reads every member header once (tarfile, no data); items are then read
+    with `os.pread` at the recorded offsets. Each process opens its own file handles lazily
+    (pickling drops them, so DataLoader workers start without any) and keeps at most
+    MAX_OPEN_FILES of them. A shard that cannot be indexed, in whole or from some member on,
+    is reported with a warning and the readable part is kept.
+    """
+
+    MAX_OPEN_FILES = 64
+
+    def __init__(self, shard_paths, image_size):
+        super().__init__(image_size)
+        if not shard_paths:
+            raise FileNotFoundError("no tar shards given")
+        self.shard_paths = [os.path.abspath(p) for p in shard_paths]
+        records, names = [], []
+        for shard, path in enumerate(self.shard_paths):
+            for record, name in _index_shard(path):
+                records.append((shard,) + record)
+                names.append(name)
+        if not records:
+            raise FileNotFoundError(f"no images in the {len(shard_paths)} tar shard(s) starting "
+                                    f"with {shard_paths[0]}")
+        self.records = np.array(records, dtype=_TAR_RECORD)
+        self.member_names = _PackedStrings(names)
+        self._files = collections.OrderedDict()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __repr__(self):
+        return (f"TarShards({len(self.shard_paths)} shards from {self.shard_paths[0]!r}, "
+                f"{len(self)} images)")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": collections.OrderedDict()}
+
+    def __del__(self):
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+    def name(self, j):
+        return f"{self.shard_paths[self.records[j]['shard']]}:{self.member_names[j]}"
+
+    def read(self, j):
+        record = self.records[j]
+        data = self._read_range(record["shard"], record["image_offset"], record["image_size"])
+        kind = record["caption_kind"]
+        if kind == _NO_CAPTION:
+            return data, ""
+        text = self._read_range(record["shard"], record["caption_offset"], record["caption_size"])
+        text = text.decode("utf-8", errors="replace")
+        if kind == _TXT_CAPTION:
+            return data, text.strip()
+        try:
+            meta = json.loads(text)
+        except ValueError as error:
+            raise BadSampleError(f"caption json: {error}") from error
+        caption = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
+        return data, str(caption).strip()
+
+    def _read_range(self, shard, offset, size):
+        # pread does not move a shared file position, so a handle inherited through fork
+        # by several DataLoader workers is still safe to use from all of them.
+        data = os.pread(self._file(int(shard)), int(size), int(offset))
+        if len(data) != size:
+            raise BadSampleError(f"truncated: {len(data)} of {size} bytes")
+        return data
+
+    def _file(self, shard):
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
+            if len(self._files) >= self.MAX_OPEN_FILES:
+                os.close(self._files.popitem(last=False)[1])
+            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+        return self._files[shard]
+
+
+def _index_shard(path):
+    """[((image_offset, image_size, caption_offset, caption_size, caption_kind), image member name)]
+    for every sample with an image in the tar file at `path`, in member order."""
+    samples = {}  # key -> {extension: (offset, size, member name)}, in order of first member
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    folder, file = os.path.split(member.name)
+                    stem, _, extension = file.partition(".")
+                    key = os.path.join(folder, stem)
+                    samples.setdefault(key, {})[extension.lower()] = (
+                        member.offset_data, member.size, member.name)
+    except (OSError, tarfile.TarError) as error:
+        warnings.warn(f"tar shard {path} is unreadable after {len(samples)} samples ({error}); "
+                      "compressed shards cannot be read in place: store them as plain .tar")
+    indexed = []
+    for members in samples.values():
+        image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
+        if image is None:
+            continue
+        caption, kind = (members["txt"], _TXT_CAPTION) if "txt" in members else (
+            (members["json"], _JSON_CAPTION) if "json" in members else ((-1, 0, ""), _NO_CAPTION))
+        indexed.append(((image[0], image[1], caption[0], caption[1], kind), image[2]))
+    return indexed
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedural `shapes` set
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 130, 30),
+    "purple": (140, 60, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Object extent (width of its bounding box) as a fraction of the image side.
+SIZES = {"small": 0.22, "medium": 0.34, "large": 0.46}
+# Object centre (x, y) as fractions of the image side, on a 3 x 3 grid.
+POSITIONS = {
+    "top left": (0.27, 0.27), "top center": (0.5, 0.27), "top right": (0.73, 0.27),
+    "center left": (0.27, 0.5), "center": (0.5, 0.5), "center right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73), "bottom center": (0.5, 0.73), "bottom right": (0.73, 0.73),
+}
+SIZE_JITTER = 0.08  # the extent varies by up to +-8 %
+POSITION_JITTER = 0.04  # the centre moves by up to this fraction of the side, staying in frame
+SUPERSAMPLING = 4  # drawn at 4x and box-filtered down: anti-aliased edges
+
+
+def shapes_caption(attrs):
+    """The caption of a shapes image: 'a large red triangle at the top left on a blue background'."""
+    article = "an" if attrs["background"][0] in "aeiou" else "a"
+    return (f"a {attrs['size']} {attrs['color']} {attrs['shape']} at the {attrs['position']} "
+            f"on {article} {attrs['background']} background")
+
+
+def shape_outline(shape, cx, cy, extent):
+    """Polygon vertices [(x, y), ...] of `shape` centred on (cx, cy) with bounding box side
+    `extent`, in pixels (y down); None for the circle, which is drawn as an ellipse."""
+    r = extent / 2
+    if shape == "circle":
+        return None
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":  # pointing up, base at the bottom of the bounding box
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":  # five points, the first one up, inner radius 0.45 of the outer
+        angles = np.pi / 2 - np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        return [(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles)]
+    if shape == "cross":  # a plus sign with arms one third of the extent wide
+        a = r / 3
+        return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a),
+                (cx + r, cy + a), (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r),
+                (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a)]
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def sample_shape_attrs(seed, index):
+    """The attributes of shapes image `index` under `seed`: names from SHAPES, COLORS, SIZES and
+    POSITIONS, plus the exact geometry ("cx", "cy", "extent" as fractions of the image side)."""
+    rng = np.random.default_rng([seed, _SHAPES_STREAM, index])
+    color = str(rng.choice(list(COLORS)))
+    attrs = {
+        "shape": str(rng.choice(SHAPES)),
+        "color": color,
+        "size": str(rng.choice(list(SIZES))),
+        "position": str(rng.choice(list(POSITIONS))),
+        "background": str(rng.choice([c for c in COLORS if c != color])),
+    }
+    extent = SIZES[attrs["size"]] * (1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
+    for axis, centre in zip(("cx", "cy"), POSITIONS[attrs["position"]]):
+        room = min(POSITION_JITTER, centre - extent / 2, 1 - centre - extent / 2)
+        attrs[axis] = float(centre + rng.uniform(-room, room))
+    attrs["extent"] = float(extent)
+    return attrs
+
+
+def render_shape(attrs, image_size):
+    """uint8 array (image_size, image_size, 3) showing the object that `attrs` describes."""
+    side = image_size * SUPERSAMPLING
+    canvas = Image.new("RGB", (side, side), COLORS[attrs["background"]])
+    draw = ImageDraw.Draw(canvas)
+    cx, cy, extent = attrs["cx"] * side, attrs["cy"] * side, attrs["extent"] * side
+    outline = shape_outline(attrs["shape"], cx, cy, extent)
+    if outline is None:
+        r = extent / 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[attrs["color"]])
+    else:
+        draw.polygon(outline, fill=COLORS[attrs["color"]])
+    return np.array(canvas.reduce(SUPERSAMPLING))
+
+
+class ShapesDataset(Dataset):
+    """`num_images` procedural images of one coloured shape on a coloured background.
+
+    Item i depends only on (seed, i): shape (SHAPES), colour and a different background colour
+    (COLORS), size (SIZES) and one of 9 grid positions (POSITIONS), with a little jitter of size
+    and position; its caption states all five, e.g. "a small blue star at the bottom center on
+    a yellow background", and its "attrs" hold them (see `sample_shape_attrs`).
+    """
+
+    def __init__(self, num_images, image_size, seed=0):
+        if num_images <= 0 or image_size <= 0:
+            raise ValueError(f"shapes needs a positive number of images and image size, got "
+                             f"{num_images} and {image_size}")
+        if seed < 0:
+            raise ValueError(f"shapes seed must be >= 0, got {seed}")
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+
+    def __len__(self):
+        return self.num_images
+
+    def __repr__(self):
+        return f"ShapesDataset({self.num_images} images, seed {self.seed})"
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"shapes index {i} out of range [0, {self.num_images})")
+        attrs = sample_shape_attrs(self.seed, i)
+        return {"image": pixels_to_tensor(render_shape(attrs, self.image_size)),
+                "caption": shapes_caption(attrs), "index": int(i), "name": f"shapes/{i:08d}",
+                "skipped": [], "attrs": attrs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a dataset from a spec string
+
+DEFAULT_SHAPES_IMAGES = 10000
+
+
+def split_top_level(spec, separator=","):
+    """Split at separators outside {...}: 'a/{0..3}.tar,b.tar' -> ['a/{0..3}.tar', 'b.tar']."""
+    parts, depth, current = [], 0, ""
+    for char in spec:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def expand_braces(pattern):
+    """Shell-style brace expansion: 'x{1..3}' -> x1 x2 x3, '{08..10}' -> 08 09 10, '{a,b}' -> a b.
+
+    Ranges keep zero padding (to the wider end, as bash does); groups expand left to right.
+    """
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = max(len(lo), len(hi)) if lo.startswith("0") or hi.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:  # not a brace expression (e.g. a literal "{x}" in a file name)
+        return [head + "{" + body + "}" + s for s in expand_braces(tail)]
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def resolve_paths(spec):
+    """The files a spec names: comma lists, brace expansion, then globs (sorted per pattern)."""
+    paths = []
+    for part in split_top_level(spec):
+        for pattern in expand_braces(os.path.expanduser(part.strip())):
+            if re.search(r"[*?[]", pattern):
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise FileNotFoundError(f"no files match {pattern!r} (from data spec {spec!r})")
+                paths.extend(matches)
+            else:
+                paths.append(pattern)
+    return paths
+
+
+def open_dataset(spec, image_size, seed=0):
+    """The dataset a spec string names, with images of image_size x image_size.
+
+    spec: "shapes" or "shapes:N" (N procedural images, default DEFAULT_SHAPES_IMAGES, drawn
+    with `seed`); an image folder; or .tar shards as paths, globs, brace ranges and comma
+    lists ("shards/{00000..01023}.tar"); or "cache:DIR", a feature cache of that image size.
+    Raises FileNotFoundError / ValueError with one line naming the spec when it names nothing
+    usable.
+    """
+    if spec.startswith("cache:"):
+        return open_feature_cache(spec.partition(":")[2], image_size)
+    if spec == "shapes" or spec.startswith("shapes:"):
+        count = spec.partition(":")[2] or str(DEFAULT_SHAPES_IMAGES)
+        if not count.isdigit() or int(count) == 0:
+            raise ValueError(f"bad data spec {spec!r}: expected shapes:N with N a positive integer")
+        return ShapesDataset(int(count), image_size, seed)
+    paths = resolve_paths(spec)
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        return ImageFolder(paths[0], image_size)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"data path not found: {missing[0]}{more} (from data spec {spec!r})")
+    not_tar = [p for p in paths if not p.endswith(".tar")]
+    if not_tar:
+        raise ValueError(f"bad data spec {spec!r}: {not_tar[0]} is neither a folder nor a .tar shard")
+    return TarShards(paths, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: which dataset item every rank reads at every step
+
+
+def epoch_permutation(num_items, seed, epoch):
+    """The order (int64 array of dataset indices) in which epoch `epoch` visits the data."""
+    return np.random.default_rng([seed, _SAMPLER_STREAM, epoch]).permutation(num_items)
+
+
+class GlobalSampler(Sampler):
+    """The rank-`rank` share of an endless stream of global batches, as (global_index, dataset_index).
+
+    The stream: global sample g (0, 1, 2, ...) is dataset item perm_e[g % N] of epoch
+    e = g // N, where perm_e = epoch_permutation(N, seed, e) (identity if shuffle=False);
+    epochs follow each other without a gap, so a global batch may straddle two of them.
+    The stream position is the number of global samples consumed so far; the checkpoint
+    stores it, and a sampler built with start=position continues the stream exactly there.
+
+    Layout: global batch k covers g in [start + k*G, start + (k+1)*G). Rank r takes the
+    contiguous slice [r*G/W, (r+1)*G/W) of it, and the DataLoader cuts that slice into
+    contiguous micro-batches for gradient accumulation. So the union over ranks of one step's
+    items, in rank order, is exactly the global batch a single rank would see; the loop seeds
+    per-sample randomness with g, which makes the result independent of W and accumulation.
+
+    It runs in the main process; DataLoader workers get whole micro-batches from it, so each
+    worker reads a disjoint part. The DataLoader prefetches: the position to checkpoint is what
+    the loop consumed (steps x G), not how far this iterator has run.
+    """
+
+    def __init__(self, num_items, global_batch_size, rank=0, world_size=1, seed=0, start=0,
+                 shuffle=True):
+        if num_items <= 0:
+            raise ValueError(f"GlobalSampler needs a non-empty dataset, got {num_items} items")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if global_batch_size <= 0 or global_batch_size % world_size:
+            raise ValueError(f"global batch size {global_batch_size} is not a positive multiple "
+                             f"of the world size {world_size}")
+        if start < 0 or seed < 0:
+            raise ValueError(f"start ({start}) and seed ({seed}) must be >= 0")
+        self.num_items, self.global_batch_size = num_items, global_batch_size
+        self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
+        self.shuffle = shuffle
+        self.per_rank = global_batch_size // world_size
+        self._cached_epoch, self._cached_order = None, None
+
+    def dataset_index(self, global_index):
+        """The dataset item at position global_index of the stream."""
+        epoch, offset = divmod(global_index, self.num_items)
+        if not self.shuffle:
+            return offset
+        if epoch != self._cached_epoch:
+            self._cached_epoch = epoch
+            self._cached_order = epoch_permutation(self.num_items, self.seed, epoch)
+        return int(self._cached_order[offset])
+
+    def __iter__(self):
+        batch_start = self.start
+        while True:
+            first = batch_start + self.rank * self.per_rank
+            for global_index in range(first, first + self.per_rank):
+                yield global_index, self.dataset_index(global_index)
+            batch_start += self.global_batch_size
+
+
+class WithGlobalIndex(Dataset):
+    """Wraps a dataset to be indexed by GlobalSampler's (global_index, dataset_index) pairs;
+    items gain "global_index"."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        global_index, dataset_index = key
+        return {**self.dataset[dataset_index], "global_index": global_index}
+
+
+def collate_samples(items):
+    """List of item dicts -> batch dict: tensors stacked ("image": (B, 3, S, S)), ints as int64
+    tensors ("index", "global_index"), "skipped" concatenated into one list of names, anything
+    else ("caption", "name", "attrs") as a list."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if key == "skipped":
+            batch[key] = [name for names in values for name in names]
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+        else:
+            batch[key] = values
+    return batch
+
+
+def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size=1, seed=0,
+                start=0, shuffle=True, num_workers=0):
+    """An endless DataLoader of this rank's micro-batches (dicts from `collate_samples`), from
+    stream position `start`; see GlobalSampler for the layout."""
+    sampler = GlobalSampler(len(dataset), global_batch_size, rank, world_size, seed, start, shuffle)
+    if micro_batch_size <= 0 or sampler.per_rank % micro_batch_size:
+        raise ValueError(f"micro batch size {micro_batch_size} does not divide the per-rank batch "
+                         f"{sampler.per_rank} (global {global_batch_size} / world {world_size})")
+    return DataLoader(WithGlobalIndex(dataset), batch_size=micro_batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_samples,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache: the frozen encoders run once over a dataset, the training loop reads their
+# outputs instead of images (`--data cache:DIR`).
+#
+# DIR/cache.json holds the settings it was made with; DIR/shard_00000.safetensors, ... hold
+# `shard_size` consecutive items each, as tensors
+#     "latent_mean", "latent_std"  (n, 2, C, h, w) float32: the VAE posterior of the image [0]
+#                                  and of its mirror image [1] (the loop flips per sample and the
+#                                  VAE does not commute with flips), in raw latent units
+#     "cond"                       (n, D) float32: the L2-normalised DINO CLS of the unflipped
+#                                  image, as the loop's on-the-fly condition uses it
+#     "index"                      (n,) int64: dataset indices, to extend the cache later (T5)
+# and, as JSON lists in the safetensors metadata, "caption", "name" (source file) and "skipped"
+# (bad files passed over). float32, not half: SD-VAE posterior stds are small enough to fall
+# among fp16's subnormals, and bf16 rounds a latent by up to 0.4 %, as much as the smallest
+# noise levels the diffusion adds; at 256 px an item takes 66 KiB.
+
+CACHE_INFO = "cache.json"
+CACHE_TENSORS = ("latent_mean", "latent_std", "cond", "index")
+CACHE_TEXT = ("caption", "name", "skipped")
+
+
+def cache_shard_path(root, shard):
+    return os.path.join(root, f"shard_{shard:05d}.safetensors")
+
+
+def read_cache_info(root):
+    """The settings in root/cache.json, or None when there is no such file."""
+    path = os.path.join(root, CACHE_INFO)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@torch.no_grad()
+def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=0):
+    """The cache tensors of dataset[indices] (see above) and their text metadata (JSON strings)."""
+    device = next(vae.parameters()).device
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_samples)
+    tensors, text = collections.defaultdict(list), collections.defaultdict(list)
+    for batch in loader:
+        images = batch["image"].to(device)
+        mean, std = vae.encode(torch.cat([images, images.flip(-1)]))
+        tensors["latent_mean"].append(torch.stack(mean.float().chunk(2), dim=1).cpu())
+        tensors["latent_std"].append(torch.stack(std.float().chunk(2), dim=1).cpu())
+        tensors["cond"].append(encoder.encode(images).cpu())
+        tensors["index"].append(batch["index"])
+        for key in CACHE_TEXT:
+            text[key] += batch[key]
+    return ({key: torch.cat(tensors[key]).contiguous() for key in CACHE_TENSORS},
+            {key: json.dumps(text[key]) for key in CACHE_TEXT})
+
+
+def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000, batch_size=32,
+                        num_workers=0, log=print):
+    """Encode `dataset` into the shards of a feature cache at `root`; every rank of an initialised
+    process group calls this and writes its own share of the shards.
+
+    Each shard goes to a temporary name and is renamed once complete, so a restart (with any
+    number of ranks) skips the finished ones; rank 0 lists the missing shards before anyone
+    writes and every rank takes every world_size-th of that list, so no two ranks write the same
+    shard. `settings` (data spec, image size, encoder repos) go to cache.json: writing into a
+    cache made with other settings is an error. Returns the shards this rank wrote.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    settings = {**settings, "num_items": len(dataset), "shard_size": shard_size}
+    existing = read_cache_info(root)
+    if existing is not None and existing != settings:
+        changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
+        raise ValueError(f"{root} holds a feature cache made with other settings ({'; '.join(changed)}); "
+                         "pass the same arguments to finish it, or another --out")
+    num_shards = -(-len(dataset) // shard_size)
+    missing = None
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if existing is None:
+            _write_json_atomically(os.path.join(root, CACHE_INFO), settings)
+        missing = [k for k in range(num_shards) if not os.path.exists(cache_shard_path(root, k))]
+    if dist.is_initialized():
+        shared = [missing]
+        dist.broadcast_object_list(shared, src=0)
+        missing = shared[0]
+    written = []
+    for shard in missing[rank::world_size]:
+        indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
+        tensors, text = encode_for_cache(dataset, indices, vae, encoder, batch_size, num_workers)
+        path = cache_shard_path(root, shard)
+        save_file(tensors, path + ".tmp", metadata=text)
+        os.replace(path + ".tmp", path)
+        written.append(shard)
+        skipped = json.loads(text["skipped"])
+        log(f"rank {rank}: wrote {path} ({len(indices)} items" +
+            (f"; skipped bad files: {', '.join(skipped)})" if skipped else ")"))
+    return written
+
+
+def _write_json_atomically(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+class FeatureCache(Dataset):
+    """A complete feature cache (`python data.py cache`) as a dataset. Item i:
+
+        {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
+         "cond": float32 (D,), "caption": str, "index": i, "name": its source file,
+         "skipped": [] (bad files were reported when the cache was written)}
+
+    Rows are read one at a time from the memory-mapped shards: no process holds a whole shard.
+    Each process opens the shards lazily (pickling drops the handles, as for TarShards).
+    """
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.info = read_cache_info(root)
+        if self.info is None:
+            raise FileNotFoundError(f"no feature cache at {root} (no {CACHE_INFO}); write one with "
+                                    f"`python data.py cache --data SPEC --out {root} --vae ... --encoder ...`")
+        num_shards = -(-self.info["num_items"] // self.info["shard_size"])
+        missing = [cache_shard_path(root, k) for k in range(num_shards)
+                   if not os.path.isfile(cache_shard_path(root, k))]
+        if missing:
+            raise FileNotFoundError(f"feature cache {root} is incomplete: {len(missing)} of {num_shards} shards "
+                                    f"missing, e.g. {missing[0]}; rerun `python data.py cache` with the same "
+                                    "arguments to finish it")
+        self._shards = {}
+        self.image_size = self.info["image_size"]
+        self.cond_dim = self._open(0)[0].get_slice("cond").get_shape()[-1]
+
+    def __len__(self):
+        return self.info["num_items"]
+
+    def __repr__(self):
+        return f"FeatureCache({self.root!r}, {len(self)} items of {self.info['data']!r} at {self.image_size} px)"
+
+    def __getstate__(self):
+        return {**self.__dict__, "_shards": {}}
+
+    def _open(self, shard):
+        """(safe_open handle, {"caption": [...], "name": [...]}) of a shard, opened once per process."""
+        if shard not in self._shards:
+            handle = safe_open(cache_shard_path(self.root, shard), framework="pt")
+            metadata = handle.metadata()
+            self._shards[shard] = handle, {key: json.loads(metadata[key]) for key in ("caption", "name")}
+        return self._shards[shard]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
+        shard, row = divmod(i, self.info["shard_size"])
+        handle, text = self._open(shard)
+        item = {key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_std", "cond")}
+        return {**item, "caption": text["caption"][row], "index": int(i), "name": text["name"][row],
+                "skipped": []}
+
+
+def open_feature_cache(root, image_size):
+    cache = FeatureCache(root)
+    if cache.image_size != image_size:
+        raise ValueError(f"feature cache {root} holds {cache.image_size} px features, not {image_size} px: "
+                         f"pass --image-size {cache.image_size}")
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def show(args):
+    """Write a grid of the first --n items and print their captions."""
+    from torchvision.utils import save_image
+
+    dataset = open_dataset(args.spec, args.image_size, args.seed)
+    items = [dataset[i] for i in range(args.first, min(args.first + args.n, len(dataset)))]
+    if not items:
+        raise ValueError(f"--first {args.first} is past the end of {dataset!r}")
+    columns = max(1, round(len(items) ** 0.5))
+    save_image(torch.stack([it["image"] for it in items]) * 0.5 + 0.5, args.out, nrow=columns,
+               padding=2)
+    print(f"{dataset!r}: wrote {len(items)} images to {args.out} ({columns} per row)")
+    for k, item in enumerate(items):
+        print(f"{k:3d} [{item['index']}] {item['name']}: {item['caption']!r}")
+        for name in item["skipped"]:
+            print(f"    skipped bad file {name}")
+
+
+def stats(args):
+    """Read --limit items (0: all) through a DataLoader; report bad files, captions and speed."""
+    dataset = open_dataset(args.spec, args.image_size, args.seed)
+    count = len(dataset) if args.limit == 0 else min(args.limit, len(dataset))
+    loader = make_loader(dataset, args.batch_size, args.batch_size, shuffle=False,
+                         num_workers=args.workers)
+    bad, captioned, seen, started = set(), 0, 0, time.perf_counter()
+    for batch in loader:
+        take = min(len(batch["caption"]), count - seen)
+        captioned += sum(bool(c) for c in batch["caption"][:take])
+        bad.update(batch["skipped"])
+        seen += take
+        if seen >= count:
+            break
+    seconds = time.perf_counter() - started
+    print(f"{dataset!r}\nread {seen} items at {args.image_size} px in {seconds:.1f} s "
+          f"({seen / seconds:.0f} images/s, {args.workers} workers)\n"
+          f"captions: {captioned}/{seen} non-empty\nbad files: {len(bad)}")
+    for name in sorted(bad):
+        print(f"  {name}")
+
+
+def cache(args):
+    """Write the feature cache of --data to --out; under torchrun the ranks split the shards."""
+    from encoders import VAE, DINOEncoder  # only this command needs the encoders
+
+    if args.data.startswith("cache:"):
+        raise ValueError(f"--data {args.data} is a feature cache already; pass the images it came from")
+    if args.shard_size <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--shard-size ({args.shard_size}) and --batch-size ({args.batch_size}) must be positive")
+    dataset = open_dataset(args.data, args.image_size, args.seed)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    vae = VAE.from_pretrained(args.vae).to(device)
+    encoder = DINOEncoder.from_pretrained(args.encoder).to(device)
+    settings = {"data": args.data, "seed": args.seed, "image_size": args.image_size, "vae": args.vae,
+                "encoder": args.encoder}
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Long timeout: at the final barrier a rank may wait for another's last shard.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    try:
+        started = time.perf_counter()
+        write_feature_cache(dataset, args.out, vae, encoder, settings, args.shard_size,
+                                      args.batch_size, args.workers)
+        if dist.is_initialized():
+            dist.barrier()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"{FeatureCache(args.out)!r} complete after {time.perf_counter() - started:.0f} s")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_command(name, function, help_text):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("spec", help="a folder; tar shards (paths, globs, {a..b}, commas); "
+                                           "shapes[:N]")
+        command.add_argument("--image-size", type=int, default=64)
+        command.add_argument("--seed", type=int, default=0, help="seed of the shapes set")
+        command.set_defaults(function=function)
+        return command
+
+    show_command = add_command("show", show, "write a PNG grid of samples, print their captions")
+    show_command.add_argument("--n", type=int, default=16, help="number of images")
+    show_command.add_argument("--first", type=int, default=0, help="index of the first image")
+    show_command.add_argument("--out", default="samples.png")
+    stats_command = add_command("stats", stats, "read a dataset: bad files, captions, images/s")
+    stats_command.add_argument("--limit", type=int, default=1000, help="items to read, 0 = all")
+    stats_command.add_argument("--batch-size", type=int, default=64)
+    stats_command.add_argument("--workers", type=int, default=0)
+    cache_command = commands.add_parser("cache", help="run the frozen VAE and DINO once over a dataset")
+    cache_command.add_argument("--data", required=True, help="the images: a folder, tar shards, shapes[:N]")
+    cache_command.add_argument("--out", required=True, help="the cache folder (train with --data cache:DIR)")
+    cache_command.add_argument("--vae", required=True, help="SD-VAE repo or folder")
+    cache_command.add_argument("--encoder", required=True, help="DINO repo, folder or .pth")
+    cache_command.add_argument("--image-size", type=int, default=256)
+    cache_command.add_argument("--shard-size", type=int, default=10000, help="items per shard")
+    cache_command.add_argument("--batch-size", type=int, default=32)
+    cache_command.add_argument("--workers", type=int, default=4, help="data loader workers")
+    cache_command.add_argument("--seed", type=int, default=0, help="seed of the shapes set")
+    cache_command.set_defaults(function=cache)
+    args = parser.parse_args(argv)
+    try:
+        args.function(args)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""LumosDiT: the DiT backbone of Lumos, conditioned through cross-attention.
+
+Exact to the official Lumos checkpoints (key names, shapes, computation): see SPEC.md section 2.
+The timestep drives adaLN; the condition (one DINO CLS token for I2I, up to 120 T5 tokens for T2I)
+enters only through cross-attention, so the same blocks serve every condition.
+
+    model = DiT_models["DiT-XL/2"]()                       # I2I, 822,006,176 parameters
+    out = model(latent, t, cond_tokens, mask)              # (B, 2*4, 32, 32): epsilon, then v
+"""
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def attention(q, k, v, mask=None, fused=True):
+    """q (B, H, N, hd), k/v (B, H, M, hd), mask (B, 1, 1, M) bool, True = attend -> (B, H, N, hd).
+
+    `fused=False` is the plain-math path: the same function, visible to FlopCounterMode and
+    used by bench.py as the reference the fused kernel is compared against.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Conditions                   #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/p * W/p, D) by a strided convolution."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (B,) -> (B, D): sinusoidal features, then an MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """t (B,) float, possibly fractional -> (B, dim) as cat([cos, sin])."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class Mlp(nn.Module):
+    """Linear, GELU(tanh), Linear; used for the transformer MLP and the condition projection."""
+
+    def __init__(self, in_features, hidden_features, out_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Condition tokens (B, L, C_cond) -> (B, L, D); holds the null condition for CFG.
+
+    In training a sample's condition is replaced by `y_embedding` with probability `dropout_prob`.
+    The caption mask is kept, so the null tokens are cut to the caption's length (as the official
+    forward does, in training and under CFG alike).
+    """
+
+    def __init__(self, cond_dim, hidden_size, cond_tokens, dropout_prob):
+        super().__init__()
+        self.y_proj = Mlp(cond_dim, hidden_size, hidden_size)
+        # A buffer, not a parameter: the official checkpoints store it so, and it is not trained.
+        self.register_buffer("y_embedding", torch.randn(cond_tokens, cond_dim) / cond_dim ** 0.5)
+        self.dropout_prob = dropout_prob
+
+    def forward(self, y, drop_cond=None, generator=None):
+        """y (B, L, C_cond); drop_cond (B,) bool forces the null condition per sample (CFG, or a
+        training loop that draws its own per-sample randomness); otherwise in training mode the
+        drop is drawn here, from `generator` if given."""
+        if drop_cond is None and self.training and self.dropout_prob > 0:
+            draw = torch.rand(y.shape[0], generator=generator, device=generator.device if generator is not None else y.device)
+            drop_cond = draw.to(y.device) < self.dropout_prob
+        if drop_cond is not None:
+            null = self.y_embedding[: y.shape[1]].to(y.dtype)
+            y = torch.where(drop_cond.to(y.device)[:, None, None], null[None], y)
+        return self.y_proj(y)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Self-attention with fused QKV: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.fused = True
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, fused=self.fused)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens x (B, N, D) attend to their own condition tokens y (B, L, D) -> (B, N, D).
+
+    mask (B, L) bool, True for real tokens. A sample with no real token gets zero output
+    (attention over nothing), not the NaN that an all -inf softmax row would give.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.fused = True
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, y, mask=None):
+        B, N, D = x.shape
+        L, head_dim = y.shape[1], D // self.num_heads
+        q = self.q_linear(x).view(B, N, self.num_heads, head_dim).transpose(1, 2)
+        k, v = self.kv_linear(y).view(B, L, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        attn_mask = None
+        if mask is not None:
+            has_token = mask.any(dim=1)
+            attn_mask = (mask | ~has_token[:, None])[:, None, None, :]
+        out = attention(q, k, v, attn_mask, fused=self.fused).transpose(1, 2).reshape(B, N, D)
+        if mask is not None:
+            out = out * has_token[:, None, None].to(out.dtype)
+        return self.proj(out)
+
+
+class LumosBlock(nn.Module):
+    """adaLN-Zero self-attention, ungated cross-attention, adaLN-Zero MLP.
+
+    x (B, N, D), c (B, D) timestep embedding, y (B, L, D) condition tokens -> (B, N, D).
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, y, mask=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """(B, N, D), c (B, D) -> (B, N, p*p*C_pred), modulated by a learned table plus c."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c):
+        shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class LumosDiT(nn.Module):
+    """DiT with cross-attention conditioning, as in Lumos (I2I: one DINO token; T2I: T5 tokens).
+
+    `out_channels` defaults to `in_channels`; a model fed extra input channels (NVS concatenates
+    the source view) still predicts the latent channels. With `learn_sigma` the output has
+    2 * out_channels: epsilon (or v), then the variance interpolation.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, cond_dim=768, cond_tokens=1, learn_sigma=True,
+                 class_dropout_prob=0.1, lewei_scale=1.0, out_channels=None, grad_checkpointing=False):
+        super().__init__()
+        # Everything needed to rebuild this model (saved in checkpoints and exports).
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           cond_dim=cond_dim, cond_tokens=cond_tokens, learn_sigma=learn_sigma,
+                           class_dropout_prob=class_dropout_prob, lewei_scale=lewei_scale,
+                           out_channels=out_channels or in_channels)
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.lewei_scale = hidden_size, lewei_scale
+        self.cond_dim, self.cond_tokens, self.learn_sigma = cond_dim, cond_tokens, learn_sigma
+        self.out_channels = out_channels or in_channels
+        self.pred_channels = self.out_channels * 2 if learn_sigma else self.out_channels
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = ConditionEmbedder(cond_dim, hidden_size, cond_tokens, class_dropout_prob)
+        grid = input_size // patch_size
+        pos_embed = get_2d_sincos_pos_embed(hidden_size, grid, lewei_scale, base_size=grid)
+        self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float()[None])
+        self.blocks = nn.ModuleList([LumosBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.pred_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier_linear(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(xavier_linear)
+        # The patch conv is initialised like the Linear layer it is.
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2],
+                       self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(linear.weight, std=0.02)
+        for block in self.blocks:
+            # Zero adaLN: every gate starts at 0, so each block starts as the identity (adaLN-Zero).
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            # Zero cross-attention output: the ungated condition path also starts closed.
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        # Zero output layer: the first prediction is 0, i.e. the mean of the epsilon target.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # pos_embed is fixed by this model's size and lewei_scale: recompute instead of copying, so
+        # a 256 px checkpoint loads into a 512 px model.
+        if prefix + "pos_embed" in state_dict:
+            state_dict[prefix + "pos_embed"] = self.pos_embed.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def unpatchify(self, x):
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        p, c = self.patch_size, self.pred_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None):
+        """
+        x: (B, C_in, H, W) noisy input; t: (B,) float timesteps in [0, 1000);
+        y: (B, L, cond_dim) condition tokens; mask: (B, L) bool/0-1, True for real tokens, or None;
+        drop_cond: (B,) bool, True forces the null condition (CFG); generator: for the training
+        dropout draw when drop_cond is None.
+        Returns (B, pred_channels, H, W).
+        """
+        self._check_inputs(x, y, mask)
+        if mask is not None:
+            mask = mask.bool()
+        latent_tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t)
+        cond_tokens = self.y_embedder(y, drop_cond, generator)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                latent_tokens = checkpoint(block, latent_tokens, c, cond_tokens, mask, use_reentrant=False)
+            else:
+                latent_tokens = block(latent_tokens, c, cond_tokens, mask)
+        return self.unpatchify(self.final_layer(latent_tokens, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None):
+        """Classifier-free guidance in one batch: eps_u + s * (eps_c - eps_u) on the epsilon
+        channels only; the variance channels come from the conditional half. Shapes as forward."""
+        batch = x.shape[0]
+        drop_cond = torch.arange(2 * batch, device=x.device) >= batch
+        doubled = lambda a: None if a is None else torch.cat([a, a])
+        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond)
+        eps, rest = out[:, : self.out_channels], out[:, self.out_channels:]
+        eps_cond, eps_uncond = eps.chunk(2)
+        guided = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        return torch.cat([guided, rest[:batch]], dim=1)
+
+    def _check_inputs(self, x, y, mask):
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))})")
+        if y.ndim != 3 or y.shape[-1] != self.cond_dim or y.shape[1] > self.cond_tokens:
+            raise ValueError(f"LumosDiT condition y has shape {tuple(y.shape)}, expected (B, L<={self.cond_tokens}, {self.cond_dim})")
+        if mask is not None and tuple(mask.shape) != tuple(y.shape[:2]):
+            raise ValueError(f"LumosDiT mask has shape {tuple(mask.shape)}, expected {tuple(y.shape[:2])}")
+
+
+def forward_flops(model, batch_size=1, cond_len=None):
+    """Analytic forward FLOPs (2 per multiply-add) of the matmuls, convolution and attention;
+    elementwise work is left out, as in the DiT paper and nanoGPT."""
+    D, T = model.hidden_size, (model.input_size // model.patch_size) ** 2
+    L = cond_len or model.cond_tokens
+    patch_in = model.in_channels * model.patch_size ** 2
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    embed = T * patch_in * D + (256 * D + D * D) + L * (model.cond_dim * D + D * D)
+    per_block = (D * 6 * D                     # adaLN modulation
+                 + T * D * 3 * D + T * D * D   # self-attention qkv, proj
+                 + 2 * T * T * D               # self-attention scores and values
+                 + 2 * T * D * D + L * D * 2 * D  # cross-attention q, proj, kv
+                 + 2 * T * L * D               # cross-attention scores and values
+                 + 2 * T * D * mlp_hidden)     # MLP
+    final = T * D * model.patch_size ** 2 * model.pred_channels
+    return 2 * batch_size * (embed + len(model.blocks) * per_block + final)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, lewei_scale=1.0, base_size=16):
+    """-> (grid_size**2, embed_dim): first half encodes the column (x), second half the row (y)."""
+    coords = np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / lewei_scale
+    col, row = np.meshgrid(coords, coords)
+    return np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, col),
+                           get_1d_sincos_pos_embed(embed_dim // 2, row)], axis=1)
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """pos (any shape) -> (pos.size, embed_dim) as [sin, cos]."""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                   DiT Configs                                  #
+#################################################################################
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+DiT_models = {
+    f"DiT-{size}/{patch}": partial(LumosDiT, depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
+    for size, (depth, width, heads) in _SIZES.items() for patch in (2, 4, 8)
+}
+
+
+def build_model(name, **overrides):
+    """DiT_models[name](**overrides) with a clear error for an unknown name."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
+    return DiT_models[name](**overrides)

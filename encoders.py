@@ -1,0 +1,1218 @@
+"""Frozen encoders, re-implemented in plain PyTorch and loaded from Hugging Face Hub weights.
+
+DINO ViT (v1 and v2) gives the image condition, T5 the text condition, the SD-VAE the latent space.
+Each network is written out here and loads the published checkpoints as they are on the Hub
+(or in a local folder with the same files); the tests prove each computes the same function as
+the reference library. transformers/diffusers are never imported at run time.
+"""
+
+import json
+import math
+import pathlib
+import pickle
+import re
+import struct
+import unicodedata
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: one file of a Hub repo or local folder -> path; checkpoint files -> state dict.
+# ----------------------------------------------------------------------------------------------
+
+
+class HubFileUnavailable(FileNotFoundError):
+    """The Hub could not be asked (offline or unreachable) and the file is not in the local cache."""
+
+
+def _unavailable_message(repo, filenames, subfolder):
+    names = [f"{subfolder}/{name}" if subfolder else name for name in filenames]
+    return (
+        f"{repo}: no {' / '.join(names)} in the local Hugging Face cache and the Hub cannot be reached; "
+        f"unset HF_HUB_OFFLINE and connect, or run `hf download {repo} {names[0]}`, "
+        f"or pass a local folder that holds the file"
+    )
+
+
+def locate(repo_or_dir, filename, revision=None, subfolder=None):
+    """Local path of `filename` in a Hub repo id or a local folder (same layout); None if it has no such file.
+
+    An existing path is a local folder; anything else is a Hub repo id, fetched through
+    huggingface_hub (so its cache, HF_HUB_OFFLINE and revisions apply).
+    """
+    folder = pathlib.Path(repo_or_dir)
+    if folder.is_dir():
+        path = folder / (subfolder or "") / filename
+        return path if path.is_file() else None
+    repo = str(repo_or_dir)
+    try:
+        return pathlib.Path(hf_hub_download(repo, filename, subfolder=subfolder, revision=revision))
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
+    except LocalEntryNotFoundError:
+        raise HubFileUnavailable(_unavailable_message(repo, [filename], subfolder)) from None
+    except EntryNotFoundError:
+        return None
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo}: not a local folder, nor a valid Hub repo id") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{repo}: the Hub repo has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo}: no such Hub repo, or it is gated/private (log in with `hf auth login`)"
+        ) from None
+
+
+def read_config(repo_or_dir, revision=None, subfolder=None):
+    """The repo's config.json as a dict; {} when it has none."""
+    path = locate(repo_or_dir, "config.json", revision, subfolder)
+    return json.loads(path.read_text()) if path else {}
+
+
+def _locate_first(repo_or_dir, filenames, revision, subfolder):
+    """Path of the first of `filenames` the repo has. Offline, a file missing from the cache is
+    skipped in favour of a later cached one; the error comes only when none can be found."""
+    unavailable = False
+    for filename in filenames:
+        try:
+            path = locate(repo_or_dir, filename, revision, subfolder)
+        except HubFileUnavailable:
+            unavailable = True
+            continue
+        if path is not None:
+            return path
+    if unavailable:
+        raise HubFileUnavailable(_unavailable_message(repo_or_dir, filenames, subfolder))
+    where = f"{repo_or_dir}/{subfolder}" if subfolder else str(repo_or_dir)
+    raise FileNotFoundError(f"{where}: none of {', '.join(filenames)} found")
+
+
+def _read_tensor_file(path, keep):
+    """The tensors of one checkpoint file whose key passes `keep`; the others are never read."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
+    try:
+        # mmap: tensors stay on disk until used, so dropping a key below never reads its bytes.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{path}: refused, not a plain tensor checkpoint that torch.load(weights_only=True, mmap=True) "
+            f"accepts ({reason}); re-save it as a dict of tensors or as safetensors"
+        ) from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: holds a {type(payload).__name__}, expected a dict of tensors")
+    kept = {key: value for key, value in payload.items() if keep(key)}
+    not_tensors = [key for key, value in kept.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path}: entries that are not tensors: {', '.join(not_tensors[:5])}")
+    return kept
+
+
+def load_state_dict(repo_or_dir, filenames, revision=None, subfolder=None, keep=None):
+    """Tensors of the first checkpoint in `filenames` (candidates, most preferred first) the repo has.
+
+    An `*.index.json` names shards; only those holding a kept key are fetched and opened.
+    `keep(key) -> bool` filters keys before any tensor is read into memory.
+    """
+    keep = keep or (lambda key: True)
+    path = _locate_first(repo_or_dir, filenames, revision, subfolder)
+    if not path.name.endswith(".index.json"):
+        return _read_tensor_file(path, keep)
+    weight_map = json.loads(path.read_text())["weight_map"]
+    state = {}
+    for shard in sorted({shard for key, shard in weight_map.items() if keep(key)}):
+        shard_path = locate(repo_or_dir, shard, revision, subfolder)
+        if shard_path is None:
+            raise FileNotFoundError(f"{repo_or_dir}: shard {shard} named in {path.name} is missing")
+        state.update(_read_tensor_file(shard_path, keep))
+    return state
+
+
+def _summary(kind, keys):
+    shown = ", ".join(keys[:5])
+    return f"{len(keys)} {kind} ({shown}{', ...' if len(keys) > 5 else ''})"
+
+
+def load_into(module, state_dict, source, assign=False):
+    """Copy `state_dict` into `module`, strictly: any missing, unexpected or wrong-shape key is an error."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(param.shape)}"
+        for key, param in expected.items()
+        if key in state_dict and state_dict[key].shape != param.shape
+    ]
+    problems = [
+        _summary(kind, keys)
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong_shape))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def freeze(module):
+    """Eval mode and no gradients: the encoders are fixed feature extractors. Returns `module`."""
+    return module.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO ViT: v1 (facebook/dino-vitb16 or the original dino_vitbase16_pretrain.pth) and
+# v2 (facebook/dinov2-small/base/large). Our module names follow the original DINO code.
+# ----------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, tokens):
+        """tokens (B, T, D) -> (B, T, D)."""
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads)
+        return self.proj(attended.transpose(1, 2).flatten(2))
+
+
+class ViTMLP(nn.Module):
+    def __init__(self, width, hidden_width):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden_width)
+        self.fc2 = nn.Linear(hidden_width, width)
+
+    def forward(self, tokens):
+        """tokens (B, T, D) -> (B, T, D)."""
+        return self.fc2(F.gelu(self.fc1(tokens)))
+
+
+class LayerScale(nn.Module):
+    """DINOv2's learned per-channel gain on each residual branch."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, tokens):
+        """tokens (B, T, D) -> (B, T, D)."""
+        return tokens * self.gamma
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, width, heads, mlp_width, norm_eps, layer_scale):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = ViTAttention(width, heads)
+        self.ls1 = LayerScale(width) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = ViTMLP(width, mlp_width)
+        self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
+
+    def forward(self, tokens):
+        """tokens (B, T, D) -> (B, T, D), pre-norm residual attention then MLP."""
+        tokens = tokens + self.ls1(self.attn(self.norm1(tokens)))
+        return tokens + self.ls2(self.mlp(self.norm2(tokens)))
+
+
+# Hub (transformers ViTModel / Dinov2Model) parameter and module names -> ours. DINOv2's Hub names norm1, norm2,
+# mlp.fc1 and mlp.fc2 already match; q, k and v are fused into qkv separately.
+_HUB_TOP_LEVEL_NAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection": "patch_embed",
+    "layernorm": "norm",
+}
+_HUB_BLOCK_NAMES = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+}
+
+
+def _rename_hub_vit_key(key):
+    """e.g. encoder.layer.3.layernorm_before.weight -> blocks.3.norm1.weight, layernorm.bias -> norm.bias."""
+    if key in _HUB_TOP_LEVEL_NAMES:
+        return _HUB_TOP_LEVEL_NAMES[key]
+    module, _, param = key.rpartition(".")
+    block = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", module)
+    if block is None:
+        return f"{_HUB_TOP_LEVEL_NAMES.get(module, module)}.{param}"
+    index, name = block.groups()
+    return f"blocks.{index}.{_HUB_BLOCK_NAMES.get(name, name)}.{'gamma' if param == 'lambda1' else param}"
+
+
+def _vit_state_from_hub(hub_state):
+    state = {_rename_hub_vit_key(key): tensor for key, tensor in hub_state.items()}
+    for query_key in [key for key in state if ".attention.attention.query." in key]:
+        parts = [query_key.replace(".query.", f".{name}.") for name in ("query", "key", "value")]
+        if all(part in state for part in parts):  # otherwise load_into reports what is missing
+            fused_key = query_key.replace(".attention.attention.query.", ".attn.qkv.")
+            state[fused_key] = torch.cat([state.pop(part) for part in parts])
+    return state
+
+
+def _vit_state_from_original(original_state):
+    # `module.`: saved from DistributedDataParallel; `backbone.`: DINO's backbone/head wrapper.
+    state = {key.removeprefix("module.").removeprefix("backbone."): t for key, t in original_state.items()}
+    return {key.replace("patch_embed.proj.", "patch_embed."): t for key, t in state.items()}
+
+
+def _keep_encoder_key(key):
+    # The pooler is an untrained head, the mask token only serves DINOv2's masked-image training.
+    return not key.startswith("pooler.") and not key.endswith("mask_token")
+
+
+class DINOEncoder(nn.Module):
+    """A frozen DINO ViT: patch conv, CLS token, learned positions, pre-norm blocks, final LayerNorm.
+
+    `layer_scale=True` gives the DINOv2 block. Build with random weights from sizes, or load
+    published weights with `from_pretrained`. `encode` is the Lumos image condition.
+    """
+
+    HUB_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ORIGINAL_FILES = ("dino_vitbase16_pretrain.pth",)
+
+    def __init__(
+        self, image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_width=None, norm_eps=1e-6,
+        layer_scale=False,
+    ):
+        super().__init__()
+        if image_size % patch_size or width % heads:
+            raise ValueError(f"image_size {image_size} must divide by patch_size {patch_size}, width {width} by heads {heads}")
+        self.image_size = image_size
+        self.grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + self.grid**2, width))
+        self.blocks = nn.ModuleList(
+            ViTBlock(width, heads, mlp_width or 4 * width, norm_eps, layer_scale) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        freeze(self)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, revision=None, subfolder=None):
+        """Load a Hub repo id or local folder (Hub layout: config.json + model.safetensors / pytorch_model.bin,
+        e.g. facebook/dino-vitb16, facebook/dinov2-base; or the original layout: dino_vitbase16_pretrain.pth),
+        or a path to one checkpoint file, such as an original-layout .pth. Sizes are read off the tensors;
+        the layout is told by the key names."""
+        path = pathlib.Path(repo_or_dir)
+        if path.is_file():  # one checkpoint file; its folder is where a config.json would be
+            repo_or_dir, candidates, subfolder = path.parent, [path.name], None
+        else:
+            candidates = cls.HUB_FILES + cls.ORIGINAL_FILES
+        state = load_state_dict(repo_or_dir, candidates, revision, subfolder, keep=_keep_encoder_key)
+        config = {}
+        if "embeddings.cls_token" in state:
+            config = read_config(repo_or_dir, revision, subfolder)
+            if config.get("use_swiglu_ffn") or config.get("hidden_act", "gelu") != "gelu":
+                raise ValueError(f"{repo_or_dir}: only GELU-MLP ViTs are supported (not DINOv2-giant's SwiGLU)")
+            state = _vit_state_from_hub(state)
+        else:
+            state = _vit_state_from_original(state)
+        model = cls._sized_for(state, config, repo_or_dir)
+        load_into(model, state, repo_or_dir)
+        return model
+
+    @classmethod
+    def _sized_for(cls, state, config, source):
+        """An empty model with the sizes of `state`; heads and LayerNorm eps come from config.json when
+        there is one (the Hub's says eps 1e-12), else DINO's 64-wide heads and eps 1e-6."""
+        needed = ("cls_token", "pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight")
+        if any(key not in state for key in needed):
+            raise ValueError(f"{source}: not a DINO ViT checkpoint (it lacks one of {', '.join(needed)})")
+        width = state["cls_token"].shape[-1]
+        patch_size = state["patch_embed.weight"].shape[-1]
+        return cls(
+            image_size=patch_size * math.isqrt(state["pos_embed"].shape[1] - 1),
+            patch_size=patch_size,
+            width=width,
+            depth=1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks.")),
+            heads=config.get("num_attention_heads", width // 64),
+            mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0],
+            norm_eps=config.get("layer_norm_eps", 1e-6),
+            layer_scale="blocks.0.ls1.gamma" in state,
+        )
+
+    def _position_embedding(self, grid_h, grid_w):
+        """(1, 1 + grid_h * grid_w, D); the patch part bicubic-resized when the grid is not the native one."""
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls_position, patch_positions = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_positions = patch_positions.unflatten(1, (self.grid, self.grid)).permute(0, 3, 1, 2)
+        # float32: bicubic resampling in half precision shifts the embeddings.
+        resized = F.interpolate(patch_positions.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        resized = resized.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
+        return torch.cat([cls_position, resized], dim=1)
+
+    def forward(self, pixel_values):
+        """pixel_values (B, 3, H, W), ImageNet-normalised -> tokens after the final norm (B, 1 + N, D),
+        CLS first, then the N = (H / patch) * (W / patch) patches in row-major order."""
+        patches = self.patch_embed(pixel_values)  # (B, D, H / patch, W / patch)
+        grid_h, grid_w = patches.shape[-2:]
+        tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+        tokens = tokens + self._position_embedding(grid_h, grid_w)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    @torch.no_grad()
+    def encode(self, images, size=None):
+        """images (B, 3, H, W) in [-1, 1], any size -> L2-normalised final-norm CLS feature (B, D), float32.
+
+        Preprocessing as DINO's demo: shorter side resized to `size` (default: the native image size,
+        224 for DINO v1) with antialiased bilinear, center crop to size x size, ImageNet mean/std.
+        DINOv2's Hub config says 518 px; FD-DINOv2 conventionally uses size=224.
+        """
+        size = size or self.image_size
+        pixels = (images.float() + 1) / 2
+        pixels = TF.resize(pixels, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        pixels = TF.center_crop(pixels, [size, size])
+        pixels = TF.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+        cls_feature = self(pixels.to(self.pos_embed.dtype))[:, 0]
+        return F.normalize(cls_feature.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# SD VAE (diffusers AutoencoderKL layout, e.g. stabilityai/sd-vae-ft-mse). Module names follow
+# diffusers so that its checkpoints load unchanged (bar the old attention spelling).
+# ----------------------------------------------------------------------------------------------
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x):
+        """x (B, C_in, H, W) -> (B, C_out, H, W)."""
+        residual = self.conv1(F.silu(self.norm1(x)))
+        residual = self.conv2(F.silu(self.norm2(residual)))
+        return self.conv_shortcut(x) + residual
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over all positions of a feature map, added back to its input."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only to match the key `to_out.0`
+
+    def forward(self, x):
+        """x (B, C, H, W) -> (B, C, H, W)."""
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H * W, C)
+        q, k, v = (project(tokens)[:, None] for project in (self.to_q, self.to_k, self.to_v))  # one head
+        attended = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])
+        return x + attended.transpose(1, 2).reshape(x.shape)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+
+    def forward(self, x):
+        """x (B, C, H, W) -> (B, C, H, W)."""
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        """x (B, C, H, W) -> (B, C, H / 2, W / 2)."""
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # right/bottom padding only, as the SD VAE was trained
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        """x (B, C, H, W) -> (B, C, 2H, 2W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _resnet_stack(in_channels, out_channels, count, groups):
+    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(count))
+
+
+class DownLevel(nn.Module):
+    """One encoder resolution: ResNet blocks, then a 2x downsampling except at the last level."""
+
+    def __init__(self, in_channels, out_channels, num_resnets, groups, downsample):
+        super().__init__()
+        self.resnets = _resnet_stack(in_channels, out_channels, num_resnets, groups)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x):
+        """x (B, C_in, H, W) -> (B, C_out, H or H / 2, W or W / 2)."""
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class UpLevel(nn.Module):
+    """One decoder resolution: ResNet blocks, then a 2x upsampling except at the last level."""
+
+    def __init__(self, in_channels, out_channels, num_resnets, groups, upsample):
+        super().__init__()
+        self.resnets = _resnet_stack(in_channels, out_channels, num_resnets, groups)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(self, x):
+        """x (B, C_in, H, W) -> (B, C_out, H or 2H, W or 2W)."""
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, in_channels, latent_channels, channels, layers_per_block, groups):
+        super().__init__()
+        inputs = (channels[0], *channels[:-1])
+        last = len(channels) - 1
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownLevel(c_in, c_out, layers_per_block, groups, downsample=level < last)
+            for level, (c_in, c_out) in enumerate(zip(inputs, channels))
+        )
+        self.mid_block = MidBlock(channels[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, 3, padding=1)
+
+    def forward(self, images):
+        """images (B, C_in, H, W) -> posterior mean and log-variance, stacked (B, 2 * latent_channels, H / f, W / f)."""
+        x = self.conv_in(images)
+        for level in self.down_blocks:
+            x = level(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, latent_channels, out_channels, channels, layers_per_block, groups):
+        super().__init__()
+        channels = channels[::-1]  # the decoder climbs from the deepest level
+        inputs = (channels[0], *channels[:-1])
+        last = len(channels) - 1
+        self.conv_in = nn.Conv2d(latent_channels, channels[0], 3, padding=1)
+        self.mid_block = MidBlock(channels[0], groups)
+        self.up_blocks = nn.ModuleList(
+            UpLevel(c_in, c_out, layers_per_block + 1, groups, upsample=level < last)
+            for level, (c_in, c_out) in enumerate(zip(inputs, channels))
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, latents):
+        """latents (B, latent_channels, h, w) -> images (B, C_out, h * f, w * f)."""
+        x = self.mid_block(self.conv_in(latents))
+        for level in self.up_blocks:
+            x = level(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# Older diffusers checkpoints (e.g. the first upload of sd-vae-ft-mse) use these attention names.
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+# config.json values of AutoencoderKL variants this VAE does not implement.
+_VAE_REQUIRED_CONFIG = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+
+
+def _modern_attention_names(state):
+    renamed = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        parent, _, name = module.rpartition(".")
+        if ".attentions." in key and name in _OLD_ATTENTION_NAMES:
+            key = f"{parent}.{_OLD_ATTENTION_NAMES[name]}.{param}"
+        renamed[key] = tensor
+    return renamed
+
+
+class VAE(nn.Module):
+    """The frozen Stable Diffusion VAE (diffusers AutoencoderKL): images <-> latents, f = 8 for SD.
+
+    `encode`/`decode` work in raw latent units; the diffusion model sees `latent * scaling_factor`.
+    """
+
+    WEIGHT_FILES = (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors.index.json",
+    )
+
+    def __init__(
+        self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215,
+    ):
+        super().__init__()
+        channels = tuple(block_out_channels)
+        self.encoder = VAEEncoder(in_channels, latent_channels, channels, layers_per_block, norm_num_groups)
+        self.decoder = VAEDecoder(latent_channels, out_channels, channels, layers_per_block, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.scaling_factor = scaling_factor
+        freeze(self)
+
+    @classmethod
+    def from_config(cls, config, source="config"):
+        """A randomly initialised VAE from a diffusers AutoencoderKL config.json dict."""
+        unsupported = [f"{key}={config[key]!r}" for key, value in _VAE_REQUIRED_CONFIG.items() if config.get(key, value) != value]
+        unsupported += [name for name in config.get("down_block_types", []) if name != "DownEncoderBlock2D"]
+        unsupported += [name for name in config.get("up_block_types", []) if name != "UpDecoderBlock2D"]
+        if unsupported:
+            raise ValueError(f"{source}: unsupported AutoencoderKL config: {', '.join(unsupported)}")
+        sizes = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups")
+        kwargs = {key: config[key] for key in sizes if key in config}
+        return cls(**kwargs, scaling_factor=config.get("scaling_factor") or 0.18215)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, revision=None, subfolder=None):
+        """Load a Hub repo id or local folder in the diffusers layout (config.json + diffusion_pytorch_model.*)."""
+        config = read_config(repo_or_dir, revision, subfolder)
+        if not config:
+            raise FileNotFoundError(f"{repo_or_dir}: no config.json, expected a diffusers AutoencoderKL folder")
+        model = cls.from_config(config, source=repo_or_dir)
+        state = load_state_dict(repo_or_dir, cls.WEIGHT_FILES, revision, subfolder)
+        load_into(model, _modern_attention_names(state), repo_or_dir)
+        return model
+
+    @property
+    def dtype(self):
+        """Parameter dtype; inputs are cast to it."""
+        return self.quant_conv.weight.dtype
+
+    @torch.no_grad()
+    def encode(self, images, chunk_size=8):
+        """images (B, 3, H, W) in [-1, 1] -> posterior (mean, std), each (B, latent_channels, H / f, W / f),
+        in raw latent units. Runs `chunk_size` images at a time to bound activation memory."""
+        moments = torch.cat([self.quant_conv(self.encoder(chunk.to(self.dtype))) for chunk in images.split(chunk_size)])
+        mean, log_variance = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+
+    @torch.no_grad()
+    def decode(self, latents, chunk_size=8):
+        """latents (B, latent_channels, h, w) in raw units -> images (B, 3, h * f, w * f), about [-1, 1].
+        Decodes `chunk_size` samples at a time: at 256 px the default 8 peaks near 2 GiB of fp32
+        activations (measured), whatever the batch size."""
+        return torch.cat([self.decoder(self.post_quant_conv(chunk.to(self.dtype))) for chunk in latents.split(chunk_size)])
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 v1.1 encoder: the text condition for T2I (SPEC section 4).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """Sizes of a T5 v1.1 encoder, named as in the Hub's config.json; the defaults are XXL."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    num_heads: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    @classmethod
+    def from_hub_config(cls, config, source="config.json"):
+        """Read the sizes from a Hub config.json dict; keys it lacks keep the XXL defaults."""
+        feed_forward = config.get("feed_forward_proj", "gated-gelu")
+        if feed_forward != "gated-gelu":
+            raise ValueError(
+                f"{source}: feed_forward_proj={feed_forward!r}, but T5Encoder implements T5 v1.1 "
+                f"('gated-gelu'); use a t5-v1_1 checkpoint such as DeepFloyd/t5-v1_1-xxl"
+            )
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+# Most preferred first: safetensors never unpickles; the index forms fetch only the shards needed.
+T5_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def is_t5_encoder_key(key):
+    """Keys the encoder needs: everything else (decoder.*, lm_head.*) is never read from disk."""
+    return key == "shared.weight" or key.startswith("encoder.")
+
+
+def relative_position_bucket(relative_position, num_buckets, max_distance):
+    """T5's bidirectional bucketing of key-minus-query offsets (any shape, long) -> bucket ids.
+
+    Half the buckets are for keys after the query, half for keys before. Within a half, offsets
+    below a quarter of num_buckets get a bucket each; longer ones share log-spaced buckets, and
+    everything from max_distance on lands in the last one.
+    """
+    half = num_buckets // 2
+    bucket = (relative_position > 0).long() * half
+    distance = relative_position.abs()
+    exact = half // 2
+    # clamp: log(0) would be -inf; those offsets take the exact branch anyway.
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    log_spaced = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return bucket + torch.where(distance < exact, distance, log_spaced)
+
+
+class T5RMSNorm(nn.Module):
+    """T5's layer norm: scale only (no mean subtraction, no bias), statistics in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        """x (..., D) -> (..., D) in the weight's dtype."""
+        # In bf16 the mean of squares of 4096 activations loses too many bits: do it in fp32.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(self.weight.dtype)
+
+
+class T5SelfAttention(nn.Module):
+    """Multi-head self-attention without the 1/sqrt(d) scale (T5 folds it into the init).
+
+    Block 0's instance also owns the relative position bias table that every block uses.
+    """
+
+    def __init__(self, config, has_position_bias):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.d_kv
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_position_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    def forward(self, x, attn_bias):
+        """x (B, L, D), attn_bias (B, H, L, L) added to the scores -> (B, L, D)."""
+        batch, length, _ = x.shape
+
+        def heads(proj):
+            return proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q), heads(self.k), heads(self.v),
+                                             attn_mask=attn_bias, scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class T5GatedFeedForward(nn.Module):
+    """T5 v1.1 FFN: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.wi_0 = nn.Linear(d_model, d_ff, bias=False)
+        self.wi_1 = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        """x (B, L, D) -> (B, L, D)."""
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class T5Block(nn.Module):
+    """Pre-norm residual block; `layer.0` (attention) and `layer.1` (FFN) are the checkpoint's names."""
+
+    def __init__(self, config, has_position_bias):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.layer = nn.ModuleList([
+            nn.ModuleDict({"SelfAttention": T5SelfAttention(config, has_position_bias),
+                           "layer_norm": T5RMSNorm(config.d_model, eps)}),
+            nn.ModuleDict({"DenseReluDense": T5GatedFeedForward(config.d_model, config.d_ff),
+                           "layer_norm": T5RMSNorm(config.d_model, eps)}),
+        ])
+
+    def forward(self, x, attn_bias):
+        """x (B, L, D), attn_bias (B, H, L, L) -> (B, L, D)."""
+        attention, feed_forward = self.layer
+        x = x + attention["SelfAttention"](attention["layer_norm"](x), attn_bias)
+        return x + feed_forward["DenseReluDense"](feed_forward["layer_norm"](x))
+
+
+class T5Encoder(nn.Module):
+    """The encoder half of T5 v1.1; parameter names match the Hub checkpoints.
+
+        encoder = T5Encoder.from_pretrained("DeepFloyd/t5-v1_1-xxl", dtype=torch.bfloat16)
+        input_ids, mask = T5Tokenizer.from_pretrained("DeepFloyd/t5-v1_1-xxl")(captions)
+        cond_tokens = encoder(input_ids, mask)              # (B, 120, 4096)
+
+    Runs in fp32 or bf16, not fp16: T5 activations overflow fp16's range.
+    """
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config or T5Config()
+        self.shared = nn.Embedding(self.config.vocab_size, self.config.d_model)
+        self.encoder = nn.ModuleDict({
+            "block": nn.ModuleList([T5Block(self.config, has_position_bias=i == 0)
+                                    for i in range(self.config.num_layers)]),
+            "final_layer_norm": T5RMSNorm(self.config.d_model, self.config.layer_norm_epsilon),
+        })
+
+    def attention_bias(self, attention_mask):
+        """(B, L) mask, 1 = token, 0 = padding -> (B, H, L, L) additive bias for every block's scores.
+
+        The learned relative-position bias of block 0, plus the dtype's most negative value on
+        padded keys: finite, so a row with no valid key stays a uniform softmax instead of NaN.
+        """
+        length = attention_mask.shape[1]
+        position = torch.arange(length, device=attention_mask.device)
+        buckets = relative_position_bucket(position[None, :] - position[:, None],  # (L_query, L_key)
+                                           self.config.relative_attention_num_buckets,
+                                           self.config.relative_attention_max_distance)
+        table = self.encoder["block"][0].layer[0]["SelfAttention"].relative_attention_bias
+        position_bias = table(buckets).permute(2, 0, 1)[None]  # (1, H, L, L)
+        padded_key = (attention_mask == 0)[:, None, None, :]  # (B, 1, 1, L)
+        return position_bias.masked_fill(padded_key, torch.finfo(position_bias.dtype).min)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids (B, L) long, attention_mask (B, L) 1/0 or None (no padding) -> (B, L, d_model).
+
+        Every position gets a feature, padding included; the mask only keeps padding out of the
+        keys. The features are those after the final norm, as T5EncoderModel returns them.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape "
+                             f"of input_ids {tuple(input_ids.shape)}")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), the T5 vocabulary")
+        x = self.shared(input_ids)
+        attn_bias = self.attention_bias(attention_mask)
+        for block in self.encoder["block"]:
+            x = block(x, attn_bias)
+        return self.encoder["final_layer_norm"](x)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, revision=None, subfolder=None, dtype=torch.float32):
+        """Load the encoder of a T5 v1.1 Hub repo (or a local folder of the same files), frozen:
+        eval mode, no gradients, parameters in `dtype` (float32 or bfloat16).
+
+        `DeepFloyd/t5-v1_1-xxl` holds only the encoder (two .bin shards and an index);
+        `google/t5-v1_1-xxl` holds encoder and decoder in one .bin, of which only `shared.weight`
+        and `encoder.*` are read: the .bin is memory-mapped, so decoder bytes never enter memory.
+        """
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype={dtype}: T5Encoder runs in torch.float32 or torch.bfloat16 (fp16 overflows)")
+        config = T5Config.from_hub_config(read_config(repo_or_dir, revision, subfolder), f"{repo_or_dir}/config.json")
+        state = load_state_dict(repo_or_dir, T5_WEIGHT_FILES, revision, subfolder, keep=is_t5_encoder_key)
+        # Some exports store the tied input embedding (also) under the encoder's own name.
+        alias = state.pop("encoder.embed_tokens.weight", None)
+        if alias is not None:
+            state.setdefault("shared.weight", alias)
+        # Built on the meta device and given the loaded tensors themselves (assign): no random init
+        # of XXL's 4.7B parameters, and no second copy; fp32 weights stay memory-mapped.
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(model, state, f"T5 encoder weights of {repo_or_dir}", assign=True)
+        return freeze(model.to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 tokenizer: SentencePiece unigram, read and run without the sentencepiece library.
+# ----------------------------------------------------------------------------------------------
+
+# ModelProto.SentencePiece.Type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+FLT_MIN, FLT_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+SPACE_SYMBOL = "\u2581"  # "▁", SentencePiece's visible stand-in for a space
+
+
+def _varint(data, pos):
+    """Decode a protobuf varint at data[pos:] -> (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _proto_fields(data):
+    """Yield (field number, value) of a serialized protobuf message, in order.
+
+    Values are ints for varints, bytes for length-delimited fields (strings, sub-messages) and
+    raw little-endian bytes for the fixed 32/64-bit wire types.
+    """
+    pos = 0
+    while pos < len(data):
+        tag, pos = _varint(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+        elif wire_type == 2:
+            size, pos = _varint(data, pos)
+            value, pos = data[pos:pos + size], pos + size
+        elif wire_type in (1, 5):
+            size = 8 if wire_type == 1 else 4
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        if pos > len(data):
+            raise ValueError("truncated protobuf message")
+        yield number, value
+
+
+@dataclass
+class SentencePieceModel:
+    """The parts of a SentencePiece ModelProto (`spiece.model`) that encoding needs."""
+
+    pieces: list  # (piece, score, type) in id order
+    precompiled_charsmap: bytes = b""
+    normalizer_name: str = ""  # without a charsmap: "" or "identity" leave text as is, else NFKC
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+    treat_whitespace_as_suffix: bool = False
+    byte_fallback: bool = False
+    model_type: int = 1  # TrainerSpec.ModelType: 1 unigram, 2 BPE, 3 word, 4 char
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Parse a serialized ModelProto; unset fields keep the proto's defaults."""
+        model = cls(pieces=[])
+        for number, value in _proto_fields(data):
+            if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
+                piece = dict(_proto_fields(value))
+                model.pieces.append((piece.get(1, b"").decode("utf-8"),
+                                     struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0,
+                                     piece.get(3, NORMAL)))
+            elif number == 2:  # TrainerSpec
+                trainer = dict(_proto_fields(value))
+                model.model_type = trainer.get(3, 1)
+                model.treat_whitespace_as_suffix = bool(trainer.get(24, 0))
+                model.byte_fallback = bool(trainer.get(35, 0))
+            elif number == 3:  # NormalizerSpec
+                spec = dict(_proto_fields(value))
+                model.normalizer_name = spec.get(1, b"").decode("utf-8")
+                model.precompiled_charsmap = bytes(spec.get(2, b""))
+                model.add_dummy_prefix = bool(spec.get(3, 1))
+                model.remove_extra_whitespaces = bool(spec.get(4, 1))
+                model.escape_whitespaces = bool(spec.get(5, 1))
+        return model
+
+
+def _f32(x):
+    """Round to float32. SentencePiece adds path scores in float32; equal-scoring segmentations
+    (e.g. "9"+"99" vs "99"+"9") are then decided by its rounding, which we must reproduce."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _utf8_char_length(lead_byte):
+    return 1 if lead_byte < 0x80 else 2 if lead_byte < 0xE0 else 3 if lead_byte < 0xF0 else 4
+
+
+class CharsMap:
+    """SentencePiece's precompiled normalisation rules: a Darts-clone double-array trie over UTF-8
+    byte strings whose values are offsets of NUL-terminated replacements in a string blob.
+
+    Blob layout: uint32 trie size in bytes, the trie's uint32 units, then the replacement strings.
+    """
+
+    def __init__(self, blob):
+        if len(blob) <= 4:
+            raise ValueError("precompiled_charsmap is broken (no room for its trie)")
+        (trie_bytes,) = struct.unpack_from("<I", blob)
+        if trie_bytes % 4 or 4 + trie_bytes >= len(blob):
+            raise ValueError("precompiled_charsmap is broken (its trie size does not fit the blob)")
+        self.units = struct.unpack_from(f"<{trie_bytes // 4}I", blob, 4)
+        self.replacements = blob[4 + trie_bytes:]
+
+    @staticmethod
+    def _offset(unit):
+        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+    def longest_match(self, data, start):
+        """Longest rule matching a prefix of data[start:] -> (its length in bytes, replacement), or None."""
+        units, best = self.units, None
+        node = self._offset(units[0])
+        for end in range(start, len(data)):
+            node ^= data[end]
+            unit = units[node]
+            if unit & 0x800000FF != data[end]:  # the unit's label is not this byte: no deeper rule
+                break
+            node ^= self._offset(unit)
+            if unit >> 8 & 1:  # a rule ends here; its value sits in the leaf unit
+                value = units[node] & 0x7FFFFFFF
+                best = (end + 1 - start, self.replacements[value:self.replacements.index(b"\0", value)])
+        return best
+
+
+class SentencePieceNormalizer:
+    """Text -> the string SentencePiece segments: character rules, then whitespace handling.
+
+    Mirrors sentencepiece's normalizer.cc: each step rewrites the longest matching prefix
+    (user-defined pieces are left as they are); leading, trailing and repeated spaces are
+    dropped; a space is prepended (the "dummy prefix") and spaces become "▁".
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.charsmap = CharsMap(model.precompiled_charsmap) if model.precompiled_charsmap else None
+        # SentencePiece itself treats an empty charsmap as identity; that only happens for
+        # vocabularies built in memory, where "nmt_nfkc" means we apply NFKC up front.
+        self.nfkc_up_front = self.charsmap is None and model.normalizer_name not in ("", "identity")
+        user_defined = [piece for piece, _, kind in model.pieces if kind == USER_DEFINED]
+        self.user_defined = sorted((piece.encode("utf-8") for piece in user_defined), key=len, reverse=True)
+
+    def _rewrite_prefix(self, data, start):
+        """The replacement of the longest rule at data[start:] and how many input bytes it consumes."""
+        for piece in self.user_defined:
+            if data.startswith(piece, start):
+                return piece, len(piece)
+        match = self.charsmap.longest_match(data, start) if self.charsmap else None
+        if match:
+            length, replacement = match
+            return replacement, length
+        length = _utf8_char_length(data[start])
+        return data[start:start + length], length
+
+    def __call__(self, text):
+        """str -> normalized str (e.g. "  Héllo   wörld " -> "▁Héllo▁wörld")."""
+        model = self.model
+        if self.nfkc_up_front:
+            text = unicodedata.normalize("NFKC", text)
+        data, pos = text.encode("utf-8"), 0
+        if model.remove_extra_whitespaces:
+            while pos < len(data):
+                replacement, consumed = self._rewrite_prefix(data, pos)
+                if replacement != b" ":
+                    break
+                pos += consumed
+        if pos == len(data):
+            return ""
+        space = SPACE_SYMBOL.encode("utf-8") if model.escape_whitespaces else b" "
+        out = bytearray()
+        dummy_space = model.add_dummy_prefix
+        if dummy_space and not model.treat_whitespace_as_suffix:
+            out += space
+        prev_is_space = model.remove_extra_whitespaces
+        while pos < len(data):
+            replacement, consumed = self._rewrite_prefix(data, pos)
+            pos += consumed
+            if prev_is_space:
+                replacement = replacement.lstrip(b" ")
+            if replacement:
+                out += replacement.replace(b" ", space)
+                prev_is_space = replacement.endswith(b" ")
+            if not model.remove_extra_whitespaces:
+                prev_is_space = False
+        if model.remove_extra_whitespaces:
+            while out.endswith(space):
+                del out[-len(space):]
+        if dummy_space and model.treat_whitespace_as_suffix:
+            out += space
+        return out.decode("utf-8")
+
+
+class UnigramSegmenter:
+    """Best-scoring segmentation of a normalized string into vocabulary pieces (Viterbi).
+
+    Follows sentencepiece's optimised unigram encoder, so that ties and float rounding break the
+    same way: a character with no one-character piece also gets an unknown edge scored
+    min(piece scores) - 10, and user-defined pieces always win where they match.
+    """
+
+    def __init__(self, model):
+        self.unk_id = next((i for i, (_, _, kind) in enumerate(model.pieces) if kind == UNKNOWN), None)
+        if self.unk_id is None:
+            raise ValueError("the vocabulary has no unknown piece (type UNKNOWN, e.g. <unk>)")
+        self.piece_ids = {piece: i for i, (piece, _, kind) in enumerate(model.pieces)
+                          if kind in (NORMAL, USER_DEFINED)}
+        self.byte_ids = {piece: i for i, (piece, _, kind) in enumerate(model.pieces) if kind == BYTE}
+        normal_scores = [score for _, score, kind in model.pieces if kind == NORMAL]
+        self.min_score = min([FLT_MAX, *normal_scores])  # sentencepiece's initial values
+        self.max_score = max([FLT_MIN, *normal_scores])
+        self.unk_score = _f32(self.min_score - 10.0)
+        self.scores = [self._score(piece, score, kind) for piece, score, kind in model.pieces]
+        self.max_piece_chars = max((len(piece) for piece in self.piece_ids), default=1)
+        self.byte_fallback = model.byte_fallback
+
+    def _score(self, piece, score, kind):
+        if kind == USER_DEFINED:  # its byte length times the best piece score, minus 0.1
+            return _f32(_f32(len(piece.encode("utf-8")) * self.max_score) - 0.1)
+        return score
+
+    def segment(self, text):
+        """Normalized str -> [(piece text, id)] of the best path; unknown characters get unk_id."""
+        size = len(text)
+        # For each end position: score of the best path ending there, where its last piece starts, its id.
+        best_score, best_start, best_id = [0.0] * (size + 1), [-1] * (size + 1), [-1] * (size + 1)
+        for start in range(size):
+            score_so_far = best_score[start]
+            has_one_char_piece = False
+            for end in range(start + 1, min(size, start + self.max_piece_chars) + 1):
+                piece_id = self.piece_ids.get(text[start:end])
+                if piece_id is None:
+                    continue
+                candidate = _f32(self.scores[piece_id] + score_so_far)
+                if best_start[end] == -1 or candidate > best_score[end]:
+                    best_score[end], best_start[end], best_id[end] = candidate, start, piece_id
+                has_one_char_piece |= end == start + 1
+            if not has_one_char_piece:
+                candidate = _f32(self.unk_score + score_so_far)
+                if best_start[start + 1] == -1 or candidate > best_score[start + 1]:
+                    best_score[start + 1], best_start[start + 1], best_id[start + 1] = candidate, start, self.unk_id
+        path, end = [], size
+        while end > 0:
+            path.append((text[best_start[end]:end], best_id[end]))
+            end = best_start[end]
+        return path[::-1]
+
+    def encode(self, text):
+        """Normalized str -> ids, with runs of unknowns merged into one (or spelled as bytes)."""
+        ids, prev_is_unk = [], False
+        for piece, piece_id in self.segment(text):
+            is_unk = piece_id == self.unk_id
+            if is_unk and self.byte_fallback:
+                ids += [self.byte_ids.get(f"<0x{byte:02X}>", self.unk_id) for byte in piece.encode("utf-8")]
+            elif not (is_unk and prev_is_unk):
+                ids.append(piece_id)
+            prev_is_unk = is_unk
+        return ids
+
+
+class T5Tokenizer:
+    """T5's tokenizer: SentencePiece unigram ids, `</s>` appended, 100 sentinel ids after the pieces.
+
+        tokenizer = T5Tokenizer.from_pretrained("DeepFloyd/t5-v1_1-xxl")
+        tokenizer.encode("a cat")                    # unpadded ids, the last one </s> (1)
+        input_ids, mask = tokenizer(captions)        # (B, 120) each, padded with <pad> = 0
+
+    `<extra_id_N>` is id len(pieces) + 99 - N (32099 - N for T5); it, `</s>`, `<pad>` and `<unk>`
+    written in a text are read as those tokens, as Hugging Face's T5 tokenizer reads them.
+    """
+
+    def __init__(self, model, num_extra_ids=100):
+        if model.model_type != 1:
+            raise ValueError(f"SentencePiece model_type {model.model_type}: only unigram models (1) are supported")
+        piece_ids = {piece: i for i, (piece, _, _) in enumerate(model.pieces)}
+        missing = [name for name in ("<pad>", "</s>") if name not in piece_ids]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {', '.join(missing)}, which T5 needs for padding and end of text")
+        self.normalizer = SentencePieceNormalizer(model)
+        self.segmenter = UnigramSegmenter(model)
+        self.pad_id, self.eos_id, self.unk_id = piece_ids["<pad>"], piece_ids["</s>"], self.segmenter.unk_id
+        self.vocab_size = len(model.pieces) + num_extra_ids
+        self.special_ids = {"<pad>": self.pad_id, "</s>": self.eos_id, model.pieces[self.unk_id][0]: self.unk_id}
+        self.special_ids.update({f"<extra_id_{n}>": self.vocab_size - 1 - n for n in range(num_extra_ids)})
+        # Longest first, so that <extra_id_10> is not read as <extra_id_1> followed by "0>".
+        names = sorted(self.special_ids, key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, revision=None, subfolder=None, num_extra_ids=100):
+        """From a Hub repo or folder holding `spiece.model`, or the path of such a file."""
+        path = pathlib.Path(repo_or_dir)
+        if not path.is_file():
+            path = locate(repo_or_dir, "spiece.model", revision, subfolder)
+            if path is None:
+                raise FileNotFoundError(f"{repo_or_dir}: no spiece.model (T5's SentencePiece vocabulary) there")
+        try:
+            model = SentencePieceModel.from_bytes(path.read_bytes())
+        except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a readable SentencePiece model ({err})") from None
+        try:
+            return cls(model, num_extra_ids)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_pieces(cls, pieces, num_extra_ids=100, normalizer_name="nmt_nfkc"):
+        """A tokenizer from an in-memory vocabulary: `pieces` is [(piece, log-probability score)].
+
+        As in T5, ids 0, 1, 2 are <pad>, </s>, <unk> and pieces[i] gets id i + 3. Text is
+        NFKC-normalised ("identity": left as is) and spaces become "▁", so a word piece reads
+        "▁cat".
+        """
+        reserved = {"<pad>", "</s>", "<unk>"}
+        for piece, _ in pieces:
+            if not piece or piece in reserved:
+                raise ValueError(f"pieces: {piece!r} is not allowed (empty, or one of {sorted(reserved)}, "
+                                 f"which are added for you)")
+        specials = [("<pad>", 0.0, CONTROL), ("</s>", 0.0, CONTROL), ("<unk>", 0.0, UNKNOWN)]
+        model = SentencePieceModel(pieces=specials + [(piece, float(score), NORMAL) for piece, score in pieces],
+                                   normalizer_name=normalizer_name)
+        return cls(model, num_extra_ids)
+
+    def encode(self, text):
+        """One text -> its token ids, ending with </s>, unpadded and untruncated."""
+        ids = []
+        # Splitting on a capturing group alternates plain text (even) and special tokens (odd).
+        for i, chunk in enumerate(self._special_pattern.split(text)):
+            if i % 2:
+                ids.append(self.special_ids[chunk])
+            else:
+                ids += self.segmenter.encode(self.normalizer(chunk))
+        return ids + [self.eos_id]
+
+    def __call__(self, texts, max_length=120):
+        """A text or list of texts -> (input_ids, attention_mask), both (B, max_length) long.
+
+        Padded with <pad> (0) to max_length, mask 1 on tokens and 0 on padding; a longer text is
+        cut to its first max_length - 1 tokens plus </s> (Hugging Face's truncation for T5).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length}: must be at least 1 (room for </s>)")
+        input_ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)
+            if len(ids) > max_length:
+                ids = ids[:max_length - 1] + [self.eos_id]
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        return input_ids, attention_mask

@@ -1,0 +1,256 @@
+"""Generate images from a Lumos checkpoint: ours (export or training run) or the official release.
+
+    python sample.py i2i --ckpt runs/i2i/ema.safetensors --images a.png b.png --per-image 4
+    python sample.py interpolate --ckpt runs/i2i/ema.safetensors --images a.png b.png --frames 8
+    python sample.py t2i --ckpt runs/t2i/ema.safetensors --prompts "a red circle" "a blue star"
+    python sample.py nvs --ckpt runs/nvs/ema.safetensors --images view.png --poses 0,30,0 0,60,0
+    python sample.py i2i --ckpt Lumos_I2I.pth --images a.png        # official: XL/2, 256 px, SD-VAE, DINO
+    torchrun --nproc_per_node 8 sample.py t2i --ckpt runs/t2i/ema.safetensors \\
+        --prompt-file captions.txt --num-samples 30000 --out samples/coco  # many, for FID: -> samples/coco.npz
+
+Each sample's initial noise is seeded by (--seed, its global index), so a result does not depend
+on batch size or world size, and `--num-samples` runs resume: files that exist are skipped.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torchvision.utils import save_image
+
+import data
+import train_i2i
+from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, guided_model_fn
+from dit import LumosDiT, build_model
+from encoders import load_into
+from train_t2i import text_condition_from_metadata
+
+OFFICIAL_I2I = {"model": "DiT-XL/2", "image_size": 256, "vae": "stabilityai/sd-vae-ft-ema",
+                "encoder": "facebook/dino-vitb16", "space": "latent", "task": "i2i", "prediction": "epsilon"}
+
+
+#################################################################################
+#                               Loading a model                                 #
+#################################################################################
+
+def load_generator(ckpt, device):
+    """(model, info) from an export (.safetensors), a training run folder, or an official .pth.
+    info: task, space, vae, encoder, image_size, prediction, and the task's extra fields."""
+    if ckpt.endswith(".safetensors"):
+        model, metadata = train_i2i.load_export(ckpt, device)
+        return model, metadata["lumos"]
+    if os.path.isdir(ckpt):
+        return load_run(ckpt, device)
+    if ckpt.endswith((".pth", ".pt", ".bin")):
+        return load_official(ckpt, device)
+    raise ValueError(f"--ckpt {ckpt}: expected an ema.safetensors export, a run folder, or an official .pth")
+
+
+def load_run(folder, device):
+    """The EMA of the latest complete checkpoint of a training run folder (its --out)."""
+    path = train_i2i.latest_checkpoint(folder)
+    if path is None:
+        raise FileNotFoundError(f"--ckpt {folder}: no complete checkpoint in {folder}/checkpoints")
+    with open(os.path.join(path, "run_config.json")) as f:
+        run_config = json.load(f)
+    model = LumosDiT(**run_config["model_config"])
+    state = {"ema": model.state_dict()}
+    torch.distributed.checkpoint.load(state, checkpoint_id=path)
+    model.load_state_dict(state["ema"])
+    info = {"task": run_config.get("task", "i2i"), "space": "latent" if run_config["vae"] else "pixel", **run_config}
+    return model.to(device).eval().requires_grad_(False), info
+
+
+def load_official(path, device):
+    """The official Lumos I2I release (`Lumos_I2I.pth` in Xiaomabufei/lumos): DiT-XL/2 at 256 px."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    extra = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder", "resolution_embedder")))
+    if extra:
+        raise ValueError(f"{path}: a multi-scale model with {', '.join(extra[:2])} (PixArt-alpha 1024 px "
+                         f"size/aspect embedders), which this project does not implement")
+    cond_dim = state["y_embedder.y_embedding"].shape[-1]
+    cond_tokens = state["y_embedder.y_embedding"].shape[0]
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = build_model(OFFICIAL_I2I["model"], input_size=OFFICIAL_I2I["image_size"] // 8,
+                            cond_dim=cond_dim, cond_tokens=cond_tokens)
+    load_into(model, state, path, assign=True)
+    return model.to(device).eval().requires_grad_(False), dict(OFFICIAL_I2I, config=model.config)
+
+
+#################################################################################
+#                                Conditions                                     #
+#################################################################################
+
+def read_images(paths, image_size):
+    """Image files -> (N, 3, S, S) in [-1, 1], center-cropped as in training."""
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--images: no file {path}")
+        with Image.open(path) as image:
+            images.append(data.pixels_to_tensor(data.center_crop_arr(image, image_size)))
+    return torch.stack(images)
+
+
+def i2i_conditions(args, info, device):
+    """Reference images, each repeated --per-image times -> (batch of references, kwargs fn)."""
+    encoder = train_i2i.load_image_encoder(info["encoder"], info["image_size"], device)
+    references = read_images(args.images, info["image_size"]).repeat_interleave(args.per_image, dim=0)
+    features = encoder.encode(references.to(device))[:, None]
+    return references, lambda rows: {"y": features[rows], "mask": None}
+
+
+def interpolation_conditions(args, info, device):
+    """Two images, --frames mixes of their normalised DINO features (shared noise, as the demo)."""
+    if len(args.images) != 2:
+        raise ValueError(f"interpolate takes exactly two --images, got {len(args.images)}")
+    encoder = train_i2i.load_image_encoder(info["encoder"], info["image_size"], device)
+    first, second = encoder.encode(read_images(args.images, info["image_size"]).to(device))
+    weights = torch.linspace(0, 1, args.frames, device=device)[:, None]
+    features = ((1 - weights) * first + weights * second)[:, None]
+    references = read_images(args.images, info["image_size"])
+    return references, lambda rows: {"y": features[rows], "mask": None}
+
+
+def t2i_conditions(args, info, device):
+    """Prompts (--prompts, or --prompt-file: one a line), each repeated --per-image times, encoded a
+    batch at a time by the export's text encoder. The prompts stand where reference images would."""
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt-file: no file {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("t2i needs --prompts or --prompt-file")
+    prompts = [prompt for prompt in prompts for _ in range(args.per_image)]
+    encode = text_condition_from_metadata(info, device)
+    return prompts, lambda rows: encode([prompts[r] for r in rows])
+
+
+CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t2i": t2i_conditions}
+
+
+#################################################################################
+#                                 Sampling                                      #
+#################################################################################
+
+def initial_noise(indices, shape, seed, shared=False):
+    """(B, *shape) noise; sample i's from a generator seeded by (seed, i), or one noise for all."""
+    def one(i):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])))
+    return torch.stack([one(0 if shared else i) for i in indices])
+
+
+@torch.no_grad()
+def generate(model, info, space, cond_fn, indices, rows, args, device):
+    """Samples for global `indices`, conditioned on condition rows `rows` -> (B, 3, S, S) in [-1, 1]."""
+    size = info["image_size"] // space.downsampling
+    noise = initial_noise(indices, (space.channels, size, size), args.seed, shared=args.mode == "interpolate").to(device)
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=info.get("prediction", "epsilon"))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    with autocast:
+        model_fn = guided_model_fn(model, args.cfg_scale, **cond_fn(rows))
+        x0 = diffusion.sample(lambda x, t: model_fn(x, t).float(), noise, args.method, args.steps,
+                              clip_denoised=space.vae is None, generator=torch.Generator(device).manual_seed(args.seed))
+        return space.decode(x0)
+
+
+def to_uint8(images):
+    """(B, 3, S, S) in [-1, 1] -> (B, S, S, 3) uint8, rounded as the ADM evaluation expects."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_png(array, path):
+    Image.fromarray(array).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def sample_few(model, info, space, references, cond_fn, num_rows, args, device):
+    """All condition rows at once: single images and a grid (references on top)."""
+    os.makedirs(args.out, exist_ok=True)
+    images = []
+    for start in range(0, num_rows, args.batch_size):
+        rows = list(range(start, min(start + args.batch_size, num_rows)))
+        images.append(generate(model, info, space, cond_fn, rows, rows, args, device))
+    images = torch.cat(images)
+    for i, array in enumerate(to_uint8(images)):
+        write_png(array, os.path.join(args.out, f"{i:06d}.png"))
+    grid = torch.cat([references.float().cpu(), images.cpu()]) if torch.is_tensor(references) else images.cpu()
+    save_image(grid * 0.5 + 0.5, os.path.join(args.out, "grid.png"), nrow=args.grid_columns or len(references), padding=1)
+    print(f"wrote {len(images)} images and grid.png to {args.out}")
+
+
+def sample_many(model, info, space, cond_fn, num_rows, args, device, rank, world_size):
+    """--num-samples images, sample i conditioned on row i % num_rows; rank r makes i = r, r + W, ...
+    Existing files are skipped (restart-safe); rank 0 then packs all into <out>.npz (arr_0, NHWC)."""
+    os.makedirs(args.out, exist_ok=True)
+    path = lambda i: os.path.join(args.out, f"{i:06d}.png")
+    todo = [i for i in range(rank, args.num_samples, world_size) if not os.path.exists(path(i))]
+    for start in range(0, len(todo), args.batch_size):
+        indices = todo[start:start + args.batch_size]
+        images = generate(model, info, space, cond_fn, indices, [i % num_rows for i in indices], args, device)
+        for i, array in zip(indices, to_uint8(images)):
+            write_png(array, path(i))
+        if rank == 0:
+            print(f"rank 0: {start + len(indices)}/{len(todo)} of its samples", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        arrays = np.stack([np.asarray(Image.open(path(i)).convert("RGB")) for i in range(args.num_samples)])
+        np.savez(args.out + ".npz.tmp.npz", arr_0=arrays)
+        os.replace(args.out + ".npz.tmp.npz", args.out + ".npz")
+        print(f"wrote {args.out}.npz: {arrays.shape} uint8")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("mode", choices=sorted(CONDITIONS))
+    parser.add_argument("--ckpt", required=True, help="ema.safetensors, a run folder, or an official .pth")
+    parser.add_argument("--images", nargs="+", default=[], help="reference / source images")
+    parser.add_argument("--per-image", type=int, default=4, help="i2i, t2i: variations per reference / prompt")
+    parser.add_argument("--prompts", nargs="+", default=[], help="t2i: text prompts")
+    parser.add_argument("--prompt-file", help="t2i: a text file of prompts, one a line")
+    parser.add_argument("--frames", type=int, default=8, help="interpolate: frames")
+    parser.add_argument("--method", default="dpm++", choices=SAMPLING_METHODS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg-scale", type=float, default=4.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--num-samples", type=int, default=0, help="many samples for FID (0: one per condition)")
+    parser.add_argument("--grid-columns", type=int, default=0)
+    parser.add_argument("--out", default="samples")
+    parser.add_argument("--vae", help="override the checkpoint's VAE repo/folder")
+    parser.add_argument("--encoder", help="override the checkpoint's condition encoder repo/folder")
+    args = parser.parse_args(argv)
+    rank, world_size, device = train_i2i.setup_distributed()
+    try:
+        model, info = load_generator(args.ckpt, device)
+        info.update({k: getattr(args, k) for k in ("vae", "encoder") if getattr(args, k)})
+        space = train_i2i.ImageSpace(train_i2i.VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
+        references, cond_fn = CONDITIONS[args.mode](args, info, device)
+    except (ValueError, FileNotFoundError) as error:
+        if rank == 0:
+            print(f"sample.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    num_rows = len(references)
+    if args.num_samples:
+        sample_many(model, info, space, cond_fn, num_rows, args, device, rank, world_size)
+    else:
+        num_rows = args.frames if args.mode == "interpolate" else num_rows
+        sample_few(model, info, space, references, cond_fn, num_rows, args, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2273 @@
+"""The test suite: fast tests by default, `slow` ones (marked) also run in CI.
+
+Offline: every checkpoint is a tiny random one written in the Hub layout into a temporary folder."""
+import io
+import itertools
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import data
+import encoders
+import huggingface_hub
+import numpy as np
+import pytest
+import sample
+import sentencepiece
+import torch
+import torch.nn.functional as F
+import train_i2i
+import transformers
+from PIL import Image
+from diffusion import (GaussianDiffusion, beta_schedule, cosine_betas, guided_model_fn, linear_betas, spaced_timesteps)
+from dit import DiT_models, LumosDiT, build_model, forward_flops, get_2d_sincos_pos_embed
+from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+
+####################################################################################################
+# dit
+####################################################################################################
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
+            cond_dim=12, cond_tokens=5)
+
+
+def tiny_model(seed=0, **overrides):
+    """A tiny LumosDiT with every weight random (the zero inits would hide most of the maths)."""
+    torch.manual_seed(seed)
+    model = LumosDiT(**{**TINY, **overrides}).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    return model
+
+
+def tiny_inputs(model, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    t = torch.rand(batch, generator=g) * 999
+    y = torch.randn(batch, model.cond_tokens, model.cond_dim, generator=g)
+    mask = torch.ones(batch, model.cond_tokens, dtype=torch.bool)
+    mask[1, 3:] = False
+    return x, t, y, mask
+
+
+def reference_forward(model, x, t, y, mask):
+    """SPEC section 2 restated with plain ops on the state dict, one sample at a time, so that
+    cross-attention sees exactly that sample's real tokens."""
+    sd = model.state_dict()
+    D, H, p = model.hidden_size, model.blocks[0].attn.num_heads, model.patch_size
+    lin = lambda v, name: v @ sd[name + ".weight"].T + sd[name + ".bias"]
+    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)
+    gelu = lambda v: F.gelu(v, approximate="tanh")
+
+    def mha(q, k, v):
+        q, k, v = (a.view(a.shape[0], H, D // H).transpose(0, 1) for a in (q, k, v))
+        w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // H), dim=-1)
+        return (w @ v).transpose(0, 1).reshape(-1, D)
+
+    outs = []
+    for i in range(x.shape[0]):
+        tokens = F.conv2d(x[i:i + 1], sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
+        tokens = tokens.flatten(2)[0].T + sd["pos_embed"][0]
+        k = torch.arange(128, dtype=torch.float32)
+        args = t[i] * torch.exp(-math.log(10000) * k / 128)
+        c = lin(F.silu(lin(torch.cat([torch.cos(args), torch.sin(args)]), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+        cond = y[i][mask[i]]
+        cond = lin(gelu(lin(cond, "y_embedder.y_proj.fc1")), "y_embedder.y_proj.fc2")
+        for b in range(len(model.blocks)):
+            pre = f"blocks.{b}."
+            s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), pre + "adaLN_modulation.1").chunk(6)
+            q, kk, v = lin(ln(tokens) * (1 + sc1) + s1, pre + "attn.qkv").chunk(3, dim=-1)
+            tokens = tokens + g1 * lin(mha(q, kk, v), pre + "attn.proj")
+            ck, cv = lin(cond, pre + "cross_attn.kv_linear").chunk(2, dim=-1)
+            tokens = tokens + lin(mha(lin(tokens, pre + "cross_attn.q_linear"), ck, cv), pre + "cross_attn.proj")
+            hidden = gelu(lin(ln(tokens) * (1 + sc2) + s2, pre + "mlp.fc1"))
+            tokens = tokens + g2 * lin(hidden, pre + "mlp.fc2")
+        shift, scale = (sd["final_layer.scale_shift_table"] + c).chunk(2)
+        out = lin(ln(tokens) * (1 + scale) + shift, "final_layer.linear")
+        g, C = model.input_size // p, model.pred_channels
+        # token (h, w) holds its patch as (p, q, c): undo to (c, h*p, w*p)
+        outs.append(out.view(g, g, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, g * p, g * p))
+    return torch.stack(outs)
+
+
+def max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_parameter_counts_match_spec():
+    with torch.device("meta"):
+        i2i = DiT_models["DiT-XL/2"]()
+        t2i = DiT_models["DiT-XL/2"](cond_dim=4096, cond_tokens=120)
+    assert sum(p.numel() for p in i2i.parameters()) == 822_006_176
+    assert sum(p.numel() for p in t2i.parameters()) == 825_840_032
+    assert i2i.pos_embed.shape == (1, 256, 1152) and i2i.y_embedder.y_embedding.shape == (1, 768)
+
+
+def test_model_names_and_sizes():
+    assert len(DiT_models) == 12
+    with torch.device("meta"):
+        for name, (depth, width, heads) in {"DiT-S/8": (12, 384, 6), "DiT-B/4": (12, 768, 12),
+                                            "DiT-L/2": (24, 1024, 16), "DiT-XL/8": (28, 1152, 16)}.items():
+            model = DiT_models[name]()
+            assert (len(model.blocks), model.hidden_size, model.blocks[0].attn.num_heads) == (depth, width, heads)
+            assert model.patch_size == int(name[-1])
+    with pytest.raises(ValueError, match="unknown model 'DiT-XXL/2'"):
+        build_model("DiT-XXL/2")
+
+
+def test_state_dict_keys_are_the_official_ones():
+    model = LumosDiT(**TINY)
+    patterns = [r"pos_embed", r"x_embedder\.proj\.(weight|bias)", r"t_embedder\.mlp\.[02]\.(weight|bias)",
+                r"y_embedder\.y_embedding", r"y_embedder\.y_proj\.fc[12]\.(weight|bias)",
+                r"blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)",
+                r"blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)\.(weight|bias)",
+                r"blocks\.\d+\.mlp\.fc[12]\.(weight|bias)", r"blocks\.\d+\.adaLN_modulation\.1\.(weight|bias)",
+                r"final_layer\.scale_shift_table", r"final_layer\.linear\.(weight|bias)"]
+    keys = list(model.state_dict())
+    assert all(any(re.fullmatch(p, k) for p in patterns) for k in keys), keys
+    assert len(keys) == 1 + 2 + 4 + 1 + 4 + TINY["depth"] * 16 + 3
+    sd = model.state_dict()
+    assert sd["blocks.1.cross_attn.kv_linear.weight"].shape == (64, 32)
+    assert sd["final_layer.linear.weight"].shape == (2 * 2 * 8, 32)  # p*p*2*C_out with learn_sigma
+
+
+def test_forward_matches_reference_with_padding_mask():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    with torch.no_grad():
+        out = model(x, t, y, mask)
+        ref = reference_forward(model, x, t, y, mask)
+    assert out.shape == (3, 8, 8, 8)
+    assert max_rel_err(out, ref) < 1e-5
+
+
+def test_plain_math_attention_path_matches_fused():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    with torch.no_grad():
+        fused = model(x, t, y, mask)
+        for m in model.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+        assert max_rel_err(model(x, t, y, mask), fused) < 1e-5
+
+
+def test_padded_tokens_receive_no_attention_and_empty_condition_is_finite():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    mask[2] = False  # sample 2: nothing but padding
+    with torch.no_grad():
+        out = model(x, t, y, mask)
+        y_changed = y.clone()
+        y_changed[~mask] = 1e3 * torch.randn_like(y_changed[~mask])
+        assert torch.equal(model(x, t, y_changed, mask), out)
+    assert torch.isfinite(out).all()
+
+
+def test_output_channels_with_extra_inputs_and_without_learned_sigma():
+    model = tiny_model(in_channels=8, out_channels=4)
+    x, t, y, mask = tiny_inputs(model)
+    assert model(x, t, y, mask).shape == (3, 8, 8, 8)
+    model = tiny_model(learn_sigma=False)
+    assert model(*tiny_inputs(model)).shape == (3, 4, 8, 8)
+
+
+def test_condition_dropout_uses_null_embedding_cut_by_mask():
+    model = tiny_model(class_dropout_prob=1.0)
+    x, t, y, mask = tiny_inputs(model)
+    null = model.y_embedder.y_embedding.expand_as(y)
+    with torch.no_grad():
+        forced = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool))
+        assert torch.allclose(forced, model(x, t, null, mask))
+        assert max_rel_err(forced[1], reference_forward(model, x, t, null, mask)[1]) < 1e-5
+        model.train()
+        assert torch.allclose(model(x, t, y, mask), forced)  # p = 1: every sample dropped
+        drop = torch.tensor([True, False, True])
+        partial_drop = model(x, t, y, mask, drop_cond=drop)  # explicit choice wins over the draw
+        model.eval()
+        assert torch.allclose(partial_drop[1], model(x, t, y, mask)[1])
+        assert torch.allclose(partial_drop[0], forced[0])
+
+
+def test_condition_dropout_draw_comes_from_generator():
+    model = tiny_model(class_dropout_prob=0.5).train()
+    x, t, y, _ = tiny_inputs(model, batch=16)
+    with torch.no_grad():
+        first = model(x, t, y, generator=torch.Generator().manual_seed(7))
+        again = model(x, t, y, generator=torch.Generator().manual_seed(7))
+        other = model(x, t, y, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_cfg_guides_epsilon_channels_only():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    with torch.no_grad():
+        cond = model(x, t, y, mask)
+        uncond = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool))
+        guided = model.forward_with_cfg(x, t, y, 4.5, mask)
+    assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < 1e-5
+    assert torch.allclose(guided[:, 4:], cond[:, 4:], atol=1e-6)
+
+
+def test_pos_embed_formula_and_other_resolutions():
+    D, g = 16, 4
+    emb = get_2d_sincos_pos_embed(D, g, lewei_scale=2.0, base_size=2)
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    for row in range(g):
+        for col in range(g):
+            x_pos, y_pos = col / (g / 2) / 2.0, row / (g / 2) / 2.0
+            expected = np.concatenate([np.sin(x_pos * omega), np.cos(x_pos * omega),
+                                       np.sin(y_pos * omega), np.cos(y_pos * omega)])
+            np.testing.assert_allclose(emb[row * g + col], expected, atol=1e-6)
+    small = tiny_model()
+    big = LumosDiT(**{**TINY, "input_size": 16, "lewei_scale": 2.0})
+    big_pos = big.pos_embed.clone()
+    big.load_state_dict(small.state_dict(), strict=True)
+    assert torch.equal(big.pos_embed, big_pos) and big.pos_embed.shape == (1, 64, 32)
+    assert torch.equal(big.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
+
+
+def test_zero_init_makes_output_zero_and_blocks_identity():
+    torch.manual_seed(0)
+    model = LumosDiT(**TINY)
+    x, t, y, mask = tiny_inputs(model)
+    assert torch.count_nonzero(model(x, t, y, mask)) == 0
+    block = model.blocks[0]
+    tokens = torch.randn(3, 16, 32)
+    assert torch.equal(block(tokens, torch.randn(3, 32), torch.randn(3, 5, 32)), tokens)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    model.train()
+    model.y_embedder.dropout_prob = 0.0
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        model(x, t, y, mask).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_compiled_model_keeps_plain_state_dict_keys():
+    model = tiny_model()
+    keys = list(model.state_dict())
+    for block in model.blocks:
+        block.compile()
+    assert list(model.state_dict()) == keys
+    model.compile()
+    assert list(model.state_dict()) == keys
+
+
+def test_forward_flops_match_flop_counter():
+    for overrides in ({}, {"input_size": 16, "patch_size": 4, "cond_tokens": 7, "depth": 3}):
+        model = tiny_model(**overrides)
+        for m in model.modules():
+            if hasattr(m, "fused"):
+                m.fused = False  # the counter sees the plain-math attention matmuls
+        x, t, y, mask = tiny_inputs(model, batch=2)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x, t, y, mask)
+        counted = counter.get_total_flops()
+        assert abs(forward_flops(model, batch_size=2) - counted) / counted < 0.02
+
+
+def test_xl2_flops_match_spec():
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"]()
+    assert abs(forward_flops(model) / 1e9 - 275) < 2
+
+
+def test_bad_inputs_name_the_argument():
+    model = tiny_model()
+    x, t, y, mask = tiny_inputs(model)
+    with pytest.raises(ValueError, match="input x has shape"):
+        model(x[:, :3], t, y, mask)
+    with pytest.raises(ValueError, match="condition y has shape"):
+        model(x, t, y[..., :5], mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        model(x, t, y, mask[:, :2])
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        LumosDiT(input_size=9)
+
+
+####################################################################################################
+# diffusion
+####################################################################################################
+
+T = 1000
+REF_BETAS = np.linspace(1e-4, 0.02, T)
+REF_ABAR = np.cumprod(1 - REF_BETAS)
+
+# Gaussian data N(MU, S^2) per element: mean and spread both clearly unlike the N(0, 1) noise.
+MU, S = 0.3, 0.5
+
+
+def improved_ddpm_spacing(num_steps, steps):
+    """improved DDPM's space_timesteps for one section, restated: a fractional stride walk."""
+    stride, position, kept = (num_steps - 1) / (steps - 1), 0.0, []
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+def abar_at(t):
+    """alphas_cumprod at model timesteps t (B,), fractional ones too: log sqrt(abar) is linear
+    between steps, the discrete VP schedule DPM-Solver samples on."""
+    log_alpha = np.interp(t.double().numpy(), np.arange(T), 0.5 * np.log(REF_ABAR))
+    return torch.from_numpy(np.exp(2 * log_alpha))
+
+
+def gaussian_eps(x, t):
+    """The exact epsilon predictor E[eps | x_t] for data N(MU, S^2)."""
+    abar = abar_at(t).to(x.dtype).view(-1, 1, 1, 1)
+    return (1 - abar).sqrt() * (x - abar.sqrt() * MU) / (abar * S ** 2 + 1 - abar)
+
+
+def gaussian_v(x, t):
+    """The exact v predictor, sqrt(abar) E[eps | x_t] - sqrt(1 - abar) E[x0 | x_t]."""
+    abar = abar_at(t).to(x.dtype).view(-1, 1, 1, 1)
+    eps = gaussian_eps(x, t)
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+def exact_ode_solution(noise, abar_end):
+    """Where the probability-flow ODE takes x_T = noise for Gaussian data: the standardised
+    value z = (x - sqrt(abar) MU) / sqrt(abar S^2 + 1 - abar) is constant along it."""
+    abar_start = REF_ABAR[-1]
+    z = (noise - math.sqrt(abar_start) * MU) / math.sqrt(abar_start * S ** 2 + 1 - abar_start)
+    return math.sqrt(abar_end) * MU + z * math.sqrt(abar_end * S ** 2 + 1 - abar_end)
+
+
+def standard_noise(n, seed=0):
+    """n values shaped (n // 64, 1, 8, 8), shifted and scaled to mean 0 and std 1 exactly.
+
+    With the affine Gaussian predictor a deterministic sampler is an affine map per element,
+    so its samples' mean and std are exactly the map's offset and gain: the moment tests of
+    ddim and dpm++ below carry no sampling error, only the sampler's discretisation error.
+    """
+    noise = torch.randn(n // 64, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return (noise - noise.mean()) / noise.std()
+
+
+def diffusion(prediction="epsilon"):
+    return GaussianDiffusion(linear_betas(T), prediction)
+
+
+# ---- schedules ------------------------------------------------------------------------
+
+def test_linear_betas_follow_spec_and_scale_with_step_count():
+    betas = linear_betas(1000)
+    assert betas.dtype == torch.float64 and betas.shape == (1000,)
+    np.testing.assert_allclose(betas.numpy(), REF_BETAS, rtol=1e-12)
+    np.testing.assert_allclose(linear_betas(500).numpy(), np.linspace(2e-4, 0.04, 500),
+                               rtol=1e-12)
+    assert torch.equal(beta_schedule("linear", 1000), betas)
+    with pytest.raises(ValueError, match="'linear' or 'cosine'"):
+        beta_schedule("quadratic")
+
+
+def test_cosine_betas_follow_the_cosine_alphas_cumprod():
+    betas = cosine_betas(1000)
+    f = np.cos((np.arange(1001) / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+    expected = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    assert betas.dtype == torch.float64
+    np.testing.assert_allclose(betas.numpy(), expected, rtol=1e-12)
+    assert betas.max().item() == 0.999  # the last step is capped
+
+
+def test_spaced_timesteps_match_improved_ddpm():
+    for steps in (2, 50, 250, 1000):
+        kept = spaced_timesteps(1000, steps)
+        assert kept == improved_ddpm_spacing(1000, steps)
+        assert kept[0] == 0 and kept[-1] == 999 and len(set(kept)) == steps
+    with pytest.raises(ValueError, match="steps=1001"):
+        spaced_timesteps(1000, 1001)
+
+
+def test_respacing_keeps_alphas_cumprod_at_the_kept_steps():
+    base = diffusion()
+    spaced = base.respaced(250)
+    kept = improved_ddpm_spacing(1000, 250)
+    assert spaced.num_timesteps == 250
+    assert spaced.timestep_map.tolist() == kept
+    np.testing.assert_allclose(spaced.alphas_cumprod.numpy(), REF_ABAR[kept], rtol=1e-12)
+
+
+def test_q_sample_and_posterior_match_bayes_rule():
+    base = diffusion().respaced(250)  # a respaced chain: the posterior must use its own betas
+    abar = base.alphas_cumprod.numpy()
+    g = torch.Generator().manual_seed(0)
+    x0, noise, x_t = (torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 1, 120, 249])
+    a = torch.from_numpy(abar)[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(base.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
+
+    # q(x_{t-1} | x_t, x0)
+    #   ∝ N(x_{t-1}; sqrt(abar_prev) x0, 1 - abar_prev) N(x_t; sqrt(alpha) x_{t-1}, beta)
+    abar_prev = np.append(1.0, abar[:-1])
+    alpha = abar / abar_prev
+    mean, variance, log_variance = base.q_posterior(x0, x_t, t)
+    for i, step in enumerate(t.tolist()):
+        beta, prior_var = 1 - alpha[step], 1 - abar_prev[step]
+        if step == 0:  # x_{-1} is x0 itself: no variance, the log clipped to the next step's
+            expected_mean = x0[i]
+            assert variance[i].item() == 0
+            assert log_variance[i].item() == log_variance[1].item()
+        else:
+            precision = 1 / prior_var + alpha[step] / beta
+            expected_mean = (math.sqrt(abar_prev[step]) * x0[i] / prior_var
+                             + math.sqrt(alpha[step]) * x_t[i] / beta) / precision
+            assert variance[i].item() == pytest.approx(1 / precision, rel=1e-12)
+            assert log_variance[i].item() == pytest.approx(-math.log(precision), rel=1e-12)
+        torch.testing.assert_close(mean[i], expected_mean)
+
+
+# ---- training losses ------------------------------------------------------------------
+
+class FixedOutputModel(torch.nn.Module):
+    """Returns a given output and records what it was called with."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output, self.calls = output, []
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append((x, t, kwargs))
+        return self.output
+
+
+def tanh_normal_cdf(y):
+    return 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+
+
+def reference_vb_bits(betas, x0, x_t, t, eps, v):
+    """improved DDPM's VB term in bits per dimension, for one sample, element by element.
+
+    x0, x_t, eps, v: flat float lists; t the integer step; betas a numpy schedule.
+    """
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    alpha = 1 - betas
+    posterior_var = betas * (1 - abar_prev) / (1 - abar)
+    min_log = math.log(posterior_var[1] if t == 0 else posterior_var[t])  # clipped at t = 0
+    max_log = math.log(betas[t])
+    total = 0.0
+    for x0_i, xt_i, eps_i, v_i in zip(x0, x_t, eps, v):
+        x0_hat = (xt_i - math.sqrt(1 - abar[t]) * eps_i) / math.sqrt(abar[t])
+
+        def posterior_mean(x_start):
+            return (math.sqrt(abar_prev[t]) * betas[t] * x_start
+                    + math.sqrt(alpha[t]) * (1 - abar_prev[t]) * xt_i) / (1 - abar[t])
+
+        model_mean = posterior_mean(x0_hat)
+        frac = (v_i + 1) / 2
+        model_log_var = frac * max_log + (1 - frac) * min_log
+        if t == 0:  # decoder NLL: the probability of x0's bin of width 2/255
+            inv_std = math.exp(-0.5 * model_log_var)
+            upper = tanh_normal_cdf(inv_std * (x0_i - model_mean + 1 / 255))
+            lower = tanh_normal_cdf(inv_std * (x0_i - model_mean - 1 / 255))
+            if x0_i < -0.999:
+                prob = upper
+            elif x0_i > 0.999:
+                prob = 1 - lower
+            else:
+                prob = upper - lower
+            total += -math.log(prob)
+        else:  # KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) between two normals
+            true_mean, true_log_var = posterior_mean(x0_i), min_log
+            total += 0.5 * (-1 + model_log_var - true_log_var
+                            + math.exp(true_log_var - model_log_var)
+                            + (true_mean - model_mean) ** 2 * math.exp(-model_log_var))
+    return total / len(x0) / math.log(2)
+
+
+@pytest.mark.parametrize("num_steps", [1000, 500])
+def test_hybrid_loss_matches_improved_ddpm_formula(num_steps):
+    betas = np.linspace(1e-4, 0.02, num_steps) * 1000 / num_steps
+    model_diffusion = GaussianDiffusion(linear_betas(num_steps))
+    g = torch.Generator().manual_seed(0)
+    batch, channels = 4, 2
+    x0 = torch.rand(batch, channels, 3, 3, generator=g, dtype=torch.float64) * 2.2 - 1.1
+    x0[0, 0, 0, :] = torch.tensor([-1.0, 1.0, 0.9995])  # the open-ended edge bins at t = 0
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, num_steps // 2, num_steps - 1])
+    eps = noise + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    v = torch.rand(x0.shape, generator=g, dtype=torch.float64) * 2 - 1
+    model = FixedOutputModel(torch.cat([eps, v], dim=1))
+
+    terms = model_diffusion.training_losses(model, x0, t, {"y": "cond"}, noise)
+
+    x_t, model_t, kwargs = model.calls[0]
+    abar = torch.from_numpy(np.cumprod(1 - betas))[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    assert model_t.dtype == torch.float32 and model_t.tolist() == t.tolist()
+    assert kwargs == {"y": "cond"}
+    expected_mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    expected_vb = torch.tensor([
+        reference_vb_bits(betas, x0[i].flatten().tolist(), x_t[i].flatten().tolist(), int(t[i]),
+                          eps[i].flatten().tolist(), v[i].flatten().tolist())
+        for i in range(batch)], dtype=torch.float64) * num_steps / 1000
+    assert set(terms) == {"loss", "mse", "vb"}
+    torch.testing.assert_close(terms["mse"], expected_mse, rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms["vb"], expected_vb, rtol=1e-9, atol=0)
+    torch.testing.assert_close(terms["loss"], expected_mse + expected_vb, rtol=1e-9, atol=0)
+
+
+def test_vb_term_trains_only_the_variance():
+    output = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    x0 = torch.rand(3, 2, 2, 2, dtype=torch.float64) * 2 - 1
+    terms = diffusion().training_losses(FixedOutputModel(output), x0, torch.tensor([0, 5, 700]))
+    terms["vb"].sum().backward()
+    assert output.grad[:, :2].abs().max() == 0 and output.grad[:, 2:].abs().min() > 0
+    output.grad = None
+    terms = diffusion().training_losses(FixedOutputModel(output), x0, torch.tensor([0, 5, 700]))
+    terms["mse"].sum().backward()
+    assert output.grad[:, 2:].abs().max() == 0 and output.grad[:, :2].abs().min() > 0
+
+
+def test_mse_and_v_prediction_losses():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, output = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+                         for _ in range(3))
+    t = torch.tensor([0, 400, 999])
+    eps_terms = diffusion().training_losses(FixedOutputModel(output), x0, t, noise=noise)
+    assert set(eps_terms) == {"loss", "mse"}  # C output channels: no learned variance, no bound
+    torch.testing.assert_close(eps_terms["mse"], ((noise - output) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.equal(eps_terms["loss"], eps_terms["mse"])
+
+    v_terms = diffusion("v").training_losses(FixedOutputModel(output), x0, t, noise=noise)
+    abar = torch.from_numpy(REF_ABAR)[t].view(-1, 1, 1, 1)
+    v_target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(v_terms["loss"], ((v_target - output) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.equal(v_terms["loss"], v_terms["mse"])
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(linear_betas(), prediction="x0")
+    with pytest.raises(ValueError, match="betas"):
+        GaussianDiffusion(torch.tensor([0.1, 1.5]))
+    x0 = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="returned 3 channels; expected 4"):
+        diffusion().training_losses(FixedOutputModel(torch.zeros(2, 3, 2, 2)), x0,
+                                    torch.tensor([1, 2]))
+    noise = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="unknown sampling method 'euler'"):
+        diffusion().sample(gaussian_eps, noise, "euler", 10)
+    with pytest.raises(ValueError, match="skip_type"):
+        diffusion().sample(gaussian_eps, noise, "dpm++", 10, skip_type="quadratic")
+    with pytest.raises(ValueError, match="order=3"):
+        diffusion().sample(gaussian_eps, noise, "dpm++", 10, order=3)
+
+
+# ---- samplers on Gaussian data: moments ------------------------------------------------
+
+def exact_variance_model(steps):
+    """model_fn for ddpm with `steps` respaced steps: the exact epsilon and, in the variance
+    channels, the v that makes the model's variance the true reverse variance.
+
+    For Gaussian data q(x_{t-1} | x_t) is itself Gaussian: posterior variance plus coef1^2
+    Var[x0 | x_t], which lies between the clipped posterior variance (v = -1) and beta (v = 1)
+    for S < 1. With it, ancestral sampling is exact at any number of steps.
+    """
+    kept = improved_ddpm_spacing(T, steps)
+    abar = REF_ABAR[kept]
+    abar_prev = np.append(1.0, abar[:-1])
+    beta = 1 - abar / abar_prev
+    posterior_var = beta * (1 - abar_prev) / (1 - abar)
+    x0_var = S ** 2 * (1 - abar) / (abar * S ** 2 + 1 - abar)
+    true_var = posterior_var + (beta * np.sqrt(abar_prev) / (1 - abar)) ** 2 * x0_var
+    min_log = np.log(np.append(posterior_var[1], posterior_var[1:]))
+    v = 2 * (np.log(true_var) - min_log) / (np.log(beta) - min_log) - 1
+    v_at = dict(zip(kept, v))
+
+    def model_fn(x, t):
+        v_t = torch.tensor([v_at[int(step)] for step in t], dtype=x.dtype).view(-1, 1, 1, 1)
+        return torch.cat([gaussian_eps(x, t), v_t.expand_as(x)], dim=1)
+
+    return model_fn
+
+
+@pytest.mark.slow
+def test_ddpm_samples_have_the_data_moments():
+    n = 16384
+    noise = torch.randn(n // 64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def draw(model_fn):
+        return diffusion().sample(model_fn, noise, "ddpm", 250,
+                                  generator=torch.Generator().manual_seed(1))
+
+    # Sampling error of n draws: std err of the mean S/sqrt(n) = 0.0039, of the std
+    # S/sqrt(2n) = 0.0028; we allow 4 of them.
+    mean_tol, std_tol = 4 * S / math.sqrt(n), 4 * S / math.sqrt(2 * n)
+    # With the true reverse variance the chain is exact (see exact_variance_model); what is
+    # left besides sampling error is x_T ~ N(0, 1) instead of N(0.002, 1), shrunk by the chain.
+    exact = draw(exact_variance_model(250))
+    assert abs(exact.mean().item() - MU) < mean_tol
+    assert abs(exact.std().item() - S) < std_tol
+    # C channels: the fixed posterior variance leaves out coef1^2 Var[x0 | x_t] at every step;
+    # propagating N(mean, var) through the 250 affine steps puts the std 0.014 low.
+    fixed = draw(gaussian_eps)
+    assert abs(fixed.mean().item() - MU) < mean_tol
+    assert abs(fixed.std().item() - (S - 0.014)) < std_tol
+
+
+@pytest.mark.parametrize("method, steps, options, mean_tol, std_tol", [
+    # DDIM is first order: the std error halves with each doubling of steps (checked against
+    # the exact ODE solution below); at 50 steps it is 0.028 low here.
+    ("ddim", 50, {}, 0.003, 0.035),
+    # Second order, steps even in logSNR: 0.007 high at 20 steps, a quarter of that at 40.
+    ("dpm++", 20, {"skip_type": "logSNR"}, 0.003, 0.01),
+    # The Lumos setting. Even steps in t make the last step long in logSNR (1.7 -> 4.6) and its
+    # extrapolation from the step before, 4.4 times shorter, overshoots on this narrow Gaussian:
+    # the std comes out 0.114 high. The reference DPM-Solver code gives the same samples
+    # (checked to 1e-7 in float64 while writing this).
+    ("dpm++", 20, {"skip_type": "time_uniform"}, 0.003, 0.13),
+    # First order at 20 steps (DDIM on DPM-Solver's time grid): 0.057 to 0.066 low.
+    ("dpm++", 20, {"order": 1, "skip_type": "logSNR"}, 0.003, 0.08),
+    ("dpm++", 20, {"order": 1, "skip_type": "time_uniform"}, 0.003, 0.08),
+])
+def test_deterministic_samplers_get_the_data_moments(method, steps, options, mean_tol, std_tol):
+    # The mean is also off by the prior: x_T ~ N(0, 1) instead of N(0.002, 1), which the ODE
+    # maps to an offset of -0.001. No sampling error: see standard_noise.
+    samples = diffusion().sample(gaussian_eps, standard_noise(16384), method, steps, **options)
+    assert abs(samples.mean().item() - MU) < mean_tol
+    assert abs(samples.std().item() - S) < std_tol
+
+
+# ---- samplers on Gaussian data: the exact ODE solution ---------------------------------
+
+@pytest.mark.parametrize("method, options, order", [
+    ("ddim", {}, 1),
+    ("dpm++", {"order": 1, "skip_type": "time_uniform"}, 1),
+    ("dpm++", {"order": 1, "skip_type": "logSNR"}, 1),
+    ("dpm++", {"order": 2, "skip_type": "time_uniform"}, 2),
+    ("dpm++", {"order": 2, "skip_type": "logSNR"}, 2),
+])
+def test_solvers_converge_to_the_exact_ode_solution_at_their_order(method, options, order):
+    noise = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    # dpm++ stops at t = 1/N (step 0), ddim goes on to x0.
+    target = exact_ode_solution(noise, REF_ABAR[0] if method == "dpm++" else 1.0)
+    errors = [(diffusion().sample(gaussian_eps, noise, method, steps, **options) - target)
+              .abs().max().item() for steps in (40, 80)]
+    # Doubling the steps divides the error by 2^order once the steps are small; 40 -> 80
+    # gives 1.97-1.98 for the first-order solvers and 3.7-3.9 for the second-order ones.
+    assert 0.85 * 2 ** order < errors[0] / errors[1] < 1.1 * 2 ** order
+
+
+def test_dpm_solver_20_steps_agrees_with_ddim_1000_steps():
+    noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = diffusion().sample(gaussian_eps, noise, "ddim", 1000)
+    dpm = diffusion().sample(gaussian_eps, noise, "dpm++", 20, skip_type="logSNR")
+    # Per sample, each is within its discretisation error of the exact solution (values up
+    # to ~2): DDIM's first-order error is 0.0055 at most at 1000 steps, DPM-Solver++'s
+    # second-order one 0.024 at 20 (the convergence test above checks both orders). Where
+    # dpm++ stops (t = 1/N) and x0 differ by < 1e-3. Together: within 0.035 per sample.
+    assert (dpm - ddim).abs().max() < 0.035
+    # Most samples agree far better: the error grows with |x - MU|.
+    assert (dpm - ddim).pow(2).mean().sqrt() < 0.01
+
+
+def test_v_model_samples_like_the_epsilon_model():
+    noise = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    for method, options in [("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm++", {}), ("ddpm", {})]:
+        eps_samples = diffusion().sample(gaussian_eps, noise, method, 20, **options,
+                                         generator=torch.Generator().manual_seed(1))
+        v_samples = diffusion("v").sample(gaussian_v, noise, method, 20, **options,
+                                          generator=torch.Generator().manual_seed(1))
+        # float64 round-off, amplified where x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides
+        # by sqrt(abar) = 0.006 at the first step.
+        torch.testing.assert_close(v_samples, eps_samples, rtol=1e-7, atol=1e-7)
+
+
+# ---- samplers: interface ----------------------------------------------------------------
+
+class RecordingModel:
+    """A model_fn (gaussian_eps by default) that records the inputs and timesteps it gets."""
+
+    def __init__(self, model_fn=gaussian_eps):
+        self.model_fn, self.inputs, self.times = model_fn, [], []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        self.times.append(t.clone())
+        return self.model_fn(x, t)
+
+
+def test_samplers_hand_model_fn_original_scale_float_times():
+    noise = torch.randn(3, 1, 2, 2)
+    for method, steps, expected in [
+        ("ddpm", 250, improved_ddpm_spacing(T, 250)[::-1]),
+        ("ddim", 50, improved_ddpm_spacing(T, 50)[::-1]),
+        # DPM-Solver's time from t = 1 to 1/N, the network seeing (t - 1/N) * 1000; the last
+        # point needs no model call.
+        ("dpm++", 20, ((np.linspace(1, 1 / T, 21)[:20] - 1 / T) * 1000).tolist()),
+    ]:
+        model = RecordingModel()
+        diffusion().sample(model, noise, method, steps)
+        assert all(t.dtype == torch.float32 and t.shape == (3,) for t in model.times)
+        assert all(bool((t == t[0]).all()) for t in model.times)
+        np.testing.assert_allclose([t[0].item() for t in model.times], expected, atol=1e-4)
+
+    model = RecordingModel()
+    diffusion().sample(model, noise, "dpm++", 20, skip_type="logSNR")
+    times = [t[0].item() for t in model.times]
+    assert times[0] == 999.0 and all(a > b for a, b in zip(times, times[1:]))
+    # Even steps in half-logSNR lambda = log(sqrt(abar / (1 - abar))), between its ends.
+    lambdas = [0.5 * math.log(a / (1 - a)) for a in abar_at(torch.tensor(times + [0.0])).tolist()]
+    np.testing.assert_allclose(np.diff(lambdas), (lambdas[-1] - lambdas[0]) / 20, rtol=1e-3)
+
+
+@pytest.mark.parametrize("steps, last_order", [(9, 1), (10, 2)])
+def test_dpm_solver_last_step_is_first_order_below_10_steps(steps, last_order):
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    model = RecordingModel()
+    result = diffusion().sample(model, noise, "dpm++", steps)
+    # The last step, from the last two model calls to t = 1/N, restated from DPM-Solver++:
+    # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D, with D the x0 estimate at s (first
+    # order) or extrapolated from the one before it (2M), h and r measured in half-logSNR.
+    model_times = torch.from_numpy((np.linspace(1, 1 / T, steps + 1)[-3:] - 1 / T) * 1000)
+    abar = abar_at(model_times)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = torch.log(alpha / sigma)
+    x0_before, x0_last = ((x - sigma[i] * gaussian_eps(x, t)) / alpha[i]
+                          for i, (x, t) in enumerate(zip(model.inputs[-2:], model.times[-2:])))
+    x_last = model.inputs[-1]
+    h = (lam[2] - lam[1]).item()
+    estimate = x0_last
+    if last_order == 2:
+        r = (lam[1] - lam[0]).item() / h
+        estimate = x0_last + (x0_last - x0_before) / (2 * r)
+    expected = sigma[2] / sigma[1] * x_last - alpha[2] * math.expm1(-h) * estimate
+    torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_variance_channels_are_used_by_ddpm_only():
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def with_variance(v):
+        return lambda x, t: torch.cat([gaussian_eps(x, t), torch.full_like(x, v)], dim=1)
+
+    for method in ("ddim", "dpm++"):
+        assert torch.equal(diffusion().sample(with_variance(0.5), noise, method, 10),
+                           diffusion().sample(gaussian_eps, noise, method, 10))
+    draws = [diffusion().sample(model_fn, noise, "ddpm", 10,
+                                generator=torch.Generator().manual_seed(1))
+             for model_fn in (with_variance(-1.0), gaussian_eps, with_variance(1.0))]
+    assert torch.equal(draws[0], draws[1])  # v = -1 is the fixed posterior variance
+    assert not torch.allclose(draws[1], draws[2])
+
+
+def test_ddim_with_eta_one_is_ddpm_with_the_posterior_variance():
+    # With eta = 1 DDIM's noise is the posterior variance and its mean the posterior mean at
+    # the model's x0: the same chain as ddpm with C channels, drawing the same noise in turn.
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    ddim = diffusion().sample(gaussian_eps, noise, "ddim", 25, eta=1.0,
+                              generator=torch.Generator().manual_seed(1))
+    ddpm = diffusion().sample(gaussian_eps, noise, "ddpm", 25,
+                              generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-12, atol=1e-12)
+
+
+def test_samplers_are_deterministic_for_a_generator():
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for method, options in [("ddpm", {}), ("ddim", {"eta": 1.0})]:
+        def draw(seed):
+            return diffusion().sample(gaussian_eps, noise, method, 25, **options,
+                                      generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(draw(1), draw(1))
+        assert not torch.allclose(draw(1), draw(2))
+
+
+def test_samples_keep_the_noise_dtype():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        noise = torch.randn(2, 1, 4, 4).to(dtype)
+        for method in ("ddpm", "ddim", "dpm++"):
+            assert diffusion().sample(gaussian_eps, noise, method, 10).dtype == dtype
+
+
+def test_clip_denoised_holds_the_x0_estimates_in_range():
+    # A model whose x0 estimate is far above 1 at every step (for noise > -5). Clipped, each
+    # sampler sees x0 = 1 throughout: ddpm and ddim end on it, and the ODE samplers, with
+    # epsilon re-derived from the clipped x0, keep x = sqrt(abar) + sqrt(1 - abar) z exactly.
+    def wild(x, t):
+        return -5 * torch.ones_like(x)
+
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    z = (noise - math.sqrt(REF_ABAR[-1])) / math.sqrt(1 - REF_ABAR[-1])
+    for method in ("ddpm", "ddim"):
+        assert diffusion().sample(wild, noise, method, 10).abs().max() > 5
+        clipped = diffusion().sample(wild, noise, method, 10, clip_denoised=True)
+        torch.testing.assert_close(clipped, torch.ones_like(noise))
+
+    model = RecordingModel(wild)
+    diffusion().sample(model, noise, "ddim", 10, clip_denoised=True)
+    for x, t in zip(model.inputs, model.times):
+        abar = REF_ABAR[int(t[0])]
+        torch.testing.assert_close(x, math.sqrt(abar) + math.sqrt(1 - abar) * z)
+    clipped = diffusion().sample(wild, noise, "dpm++", 10, clip_denoised=True)
+    torch.testing.assert_close(clipped, math.sqrt(REF_ABAR[0]) + math.sqrt(1 - REF_ABAR[0]) * z)
+
+
+# ---- guidance ---------------------------------------------------------------------------
+
+class FakeConditionalModel(torch.nn.Module):
+    """dit.py's interface on a toy network: 2 output channels per input channel, both
+    depending on the condition; forward_with_cfg batches cond and null halves and guides the
+    epsilon channels, as LumosDiT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.null_tokens = torch.full((1, 3, 5), -2.0)
+        self.calls = []
+
+    def forward(self, x, t, y, mask=None, drop_cond=None):
+        self.calls.append(("forward", y, mask))
+        if drop_cond is not None:
+            y = torch.where(drop_cond[:, None, None], self.null_tokens, y)
+        pooled = y.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        eps = 0.5 * x + pooled + t.view(-1, 1, 1, 1) / 1000
+        variance = torch.tanh(x * pooled)
+        return torch.cat([eps, variance], dim=1)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None):
+        self.calls.append(("forward_with_cfg", cfg_scale, mask))
+        drop = torch.arange(2 * len(x)) >= len(x)
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), mask, drop)
+        cond, uncond = both.chunk(2)
+        channels = x.shape[1]
+        guided = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def test_guided_model_fn_guides_the_epsilon_channels_only():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 3, 5, generator=g)
+    t, mask = torch.tensor([10.0, 500.0]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    model = FakeConditionalModel()
+    cond = model(x, t, y)
+    uncond = model(x, t, y, drop_cond=torch.ones(2, dtype=torch.bool))
+    model.calls.clear()
+
+    guided = guided_model_fn(model, 4.5, y=y, mask=mask)(x, t)
+    assert model.calls[0] == ("forward_with_cfg", 4.5, mask)
+    torch.testing.assert_close(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4]))
+    torch.testing.assert_close(guided[:, 4:], cond[:, 4:])
+    assert not torch.allclose(guided[:, :4], cond[:, :4])
+
+    model.calls.clear()
+    unguided = guided_model_fn(model, y=y, mask=mask)(x, t)
+    assert [call[0] for call in model.calls] == ["forward"] and model.calls[0][2] is mask
+    torch.testing.assert_close(unguided, cond)
+
+    # The samplers take it as any other model_fn (2C channels: epsilon and variance).
+    samples = diffusion().sample(guided_model_fn(model, 4.5, y=y, mask=mask), x, "dpm++", 5)
+    assert samples.shape == x.shape and torch.isfinite(samples).all()
+
+
+####################################################################################################
+# encoders
+####################################################################################################
+
+def assert_close_to_scale(actual, expected, tolerance=1e-4):
+    """max |actual - expected| <= tolerance * max |expected|."""
+    error = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= tolerance * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
+
+
+def perturb_(model, seed=0):
+    """Move every parameter off its initial value (LayerNorm ones, zero biases, layer scale 1.0), so a
+    swapped or ignored tensor shows up in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def tiny_vit(folder, width=32, heads=2, layer_norm_eps=1e-12):
+    """A random transformers ViTModel (DINO v1 architecture, with its pooler) saved in the Hub layout."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=width, num_hidden_layers=2, num_attention_heads=heads, intermediate_size=3 * width,
+        image_size=32, patch_size=8, layer_norm_eps=layer_norm_eps,
+    )
+    reference = perturb_(ViTModel(config))
+    reference.save_pretrained(folder)
+    return reference
+
+
+def to_original_dino_layout(hub_state):
+    """Hub ViTModel keys -> the original DINO names, as they appear in dino_vitbase16_pretrain.pth."""
+    renames = {
+        "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+        "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    }
+    original = {
+        "cls_token": hub_state["embeddings.cls_token"],
+        "pos_embed": hub_state["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": hub_state["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hub_state["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hub_state["layernorm.weight"],
+        "norm.bias": hub_state["layernorm.bias"],
+    }
+    depth = 1 + max(int(key.split(".")[2]) for key in hub_state if key.startswith("encoder.layer."))
+    for i in range(depth):
+        hub, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for param in ("weight", "bias"):
+            for hub_name, our_name in renames.items():
+                original[f"{ours}{our_name}.{param}"] = hub_state[f"{hub}{hub_name}.{param}"]
+            qkv = [hub_state[f"{hub}attention.attention.{name}.{param}"] for name in ("query", "key", "value")]
+            original[f"{ours}attn.qkv.{param}"] = torch.cat(qkv)
+    return original
+
+
+def test_dino_matches_transformers_vit_hub_layout(tmp_path):
+    reference = tiny_vit(tmp_path)
+    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    assert model.norm.eps == 1e-12  # from config.json, not the original 1e-6
+    assert not any(param.requires_grad for param in model.parameters())
+    torch.manual_seed(1)
+    for height, width in ((32, 32), (48, 40)):  # native grid, then interpolated positions
+        pixels = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            expected = reference(pixels, interpolate_pos_encoding=True).last_hidden_state
+        tokens = model(pixels)
+        assert tokens.shape == (2, 1 + (height // 8) * (width // 8), 32)
+        assert_close_to_scale(tokens, expected)
+
+
+def test_dino_original_layout_gives_identical_outputs(tmp_path):
+    hub_folder, original_folder = tmp_path / "hub", tmp_path / "original"
+    tiny_vit(hub_folder, width=128, heads=2, layer_norm_eps=1e-6)  # original: 64-wide heads, eps 1e-6
+    original = to_original_dino_layout(load_file(hub_folder / "model.safetensors"))
+    original_folder.mkdir()
+    pth = original_folder / "dino_vitbase16_pretrain.pth"
+    torch.save({f"module.{key}": tensor for key, tensor in original.items()}, pth)
+
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = encoders.DINOEncoder.from_pretrained(hub_folder)(pixels)
+    for source in (pth, original_folder):
+        model = encoders.DINOEncoder.from_pretrained(source)
+        assert model.norm.eps == 1e-6 and len(model.blocks) == 2
+        assert torch.equal(model(pixels), expected)
+
+
+def test_dinov2_matches_transformers(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    reference = perturb_(Dinov2Model(config))
+    reference.save_pretrained(tmp_path)
+    # The .bin path: the same Hub-layout tensors (mask token included) as a pickled state dict.
+    hub_state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hub_state, tmp_path / "pytorch_model.bin")
+    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    assert isinstance(model.blocks[0].ls1, encoders.LayerScale)
+    torch.manual_seed(1)
+    for height, width in ((16, 16), (24, 20)):  # native grid, then interpolated positions
+        pixels = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            expected = reference(pixels).last_hidden_state
+        assert_close_to_scale(model(pixels), expected)
+
+
+def test_dino_encode_preprocessing(tmp_path):
+    tiny_vit(tmp_path)
+    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    mean = torch.tensor(encoders.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(encoders.IMAGENET_STD)[:, None, None]
+    torch.manual_seed(0)
+
+    # Shorter side already native (32): no resize, a center crop of columns 8..40.
+    images = torch.rand(3, 3, 32, 48) * 2 - 1
+    expected = model(((images[..., 8:40] + 1) / 2 - mean) / std)[:, 0]
+    features = model.encode(images)
+    assert features.shape == (3, 32) and features.dtype == torch.float32
+    assert torch.allclose(features.norm(dim=-1), torch.ones(3))
+    assert_close_to_scale(features, torch.nn.functional.normalize(expected, dim=-1), 1e-5)
+
+    # Larger image: agrees with DINO's demo pipeline on a PIL image (PIL resize differs slightly).
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 18), size=(96, 144), mode="bilinear")
+    pixels = (smooth[0] * 255).round().to(torch.uint8)
+    demo = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)])
+    pil_image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    expected = torch.nn.functional.normalize(model(demo(pil_image)[None])[:, 0], dim=-1)
+    features = model.encode(pixels[None].float() / 127.5 - 1)
+    assert (features - expected).abs().max() < 0.02
+
+    in_bf16 = model.to(torch.bfloat16).encode(pixels[None].float() / 127.5 - 1)
+    assert (in_bf16 - features).abs().max() < 0.05
+
+
+def tiny_autoencoder_kl(folder):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    reference = AutoencoderKL(
+        block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    perturb_(reference)
+    reference.save_pretrained(folder)
+    return reference
+
+
+def check_vae_matches(model, reference):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    latents = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        posterior = reference.encode(images).latent_dist
+        expected_images = reference.decode(latents).sample
+    mean, std = model.encode(images)
+    assert_close_to_scale(mean, posterior.mean)
+    assert_close_to_scale(std, posterior.std)
+    assert_close_to_scale(model.decode(latents, chunk_size=2), expected_images)
+
+
+def test_vae_matches_diffusers(tmp_path):
+    reference = tiny_autoencoder_kl(tmp_path)
+    model = encoders.VAE.from_pretrained(tmp_path)
+    assert model.scaling_factor == 0.18215
+    assert len(model.decoder.up_blocks[0].resnets) == 3  # layers_per_block + 1 in the decoder
+    check_vae_matches(model, reference)
+
+    latents = torch.randn(2, 4, 8, 8)
+    in_bf16 = model.to(torch.bfloat16).decode(latents)
+    assert in_bf16.dtype == torch.bfloat16
+    assert_close_to_scale(in_bf16.float(), model.float().decode(latents), 0.05)
+
+
+def test_vae_loads_old_attention_names(tmp_path):
+    reference = tiny_autoencoder_kl(tmp_path)
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    renamed = {}
+    for key, tensor in state.items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        renamed[key] = tensor
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in renamed
+    save_file(renamed, tmp_path / "diffusion_pytorch_model.safetensors")
+    check_vae_matches(encoders.VAE.from_pretrained(tmp_path), reference)
+
+
+def test_vae_posterior_std_clamps_log_variance():
+    model = encoders.VAE(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
+    with torch.no_grad():  # quant_conv output = 100 for mean and log-variance alike
+        model.quant_conv.weight.zero_()
+        model.quant_conv.bias.fill_(100.0)
+    mean, std = model.encode(torch.zeros(1, 3, 8, 8))
+    assert torch.all(mean == 100.0)
+    assert torch.allclose(std, torch.full_like(std, np.exp(10.0)))  # log-variance clamped to 20
+
+
+def test_sharded_safetensors_reads_only_needed_shards(tmp_path):
+    reference = tiny_vit(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for key, tensor in state.items():
+        shards["model-00002-of-00002.safetensors" if key.startswith("pooler.") else "model-00001-of-00002.safetensors"][key] = tensor
+    weight_map = {key: name for name, shard in shards.items() for key in shard}
+    for name, shard in shards.items():
+        save_file(shard, tmp_path / name)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    # Only the pooler lives in shard 2, and the pooler is not kept: shard 2 must never be opened.
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file")
+    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixels).last_hidden_state
+    assert_close_to_scale(model(pixels), expected)
+
+
+def test_bin_keep_filter_drops_keys_before_loading(tmp_path):
+    torch.save({"encoder.w": torch.ones(2), "decoder.w": torch.zeros(3)}, tmp_path / "pytorch_model.bin")
+    state = encoders.load_state_dict(tmp_path, ["model.safetensors", "pytorch_model.bin"], keep=lambda key: key.startswith("encoder."))
+    assert list(state) == ["encoder.w"] and torch.equal(state["encoder.w"], torch.ones(2))
+
+
+def test_offline_repo_not_in_cache_gives_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError) as error:
+        encoders.VAE.from_pretrained("no-such-user/no-such-vae")
+    message = str(error.value)
+    assert "\n" not in message
+    for needed in ("no-such-user/no-such-vae", "config.json", "HF_HUB_OFFLINE", "hf download", "local folder"):
+        assert needed in message
+    with pytest.raises(FileNotFoundError, match="no-such-user/no-such-dino: no model.safetensors / pytorch_model.bin"):
+        encoders.DINOEncoder.from_pretrained("no-such-user/no-such-dino")
+
+
+def test_missing_folder_file_returns_none_and_bad_path_errors(tmp_path):
+    assert encoders.locate(tmp_path, "config.json") is None
+    assert encoders.read_config(tmp_path) == {}
+    with pytest.raises(FileNotFoundError, match="none of model.safetensors, pytorch_model.bin found"):
+        encoders.load_state_dict(tmp_path, ["model.safetensors", "pytorch_model.bin"])
+    with pytest.raises(FileNotFoundError, match="not a local folder, nor a valid Hub repo id"):
+        encoders.locate(str(tmp_path / "no" / "such" / "folder"), "config.json")
+
+
+def test_key_mismatch_lists_missing_unexpected_and_wrong_shape():
+    model = encoders.DINOEncoder(image_size=16, patch_size=8, width=16, depth=1, heads=1)
+    state = dict(model.state_dict())
+    del state["norm.bias"]
+    state["head.weight"] = torch.zeros(1)
+    state["cls_token"] = torch.zeros(1, 1, 8)
+    with pytest.raises(ValueError) as error:
+        encoders.load_into(model, state, "ckpt.pth")
+    message = str(error.value)
+    assert message.startswith("ckpt.pth: checkpoint does not fit DINOEncoder")
+    for needed in ("1 missing (norm.bias)", "1 unexpected (head.weight)", "cls_token (1, 1, 8) vs model (1, 1, 16)"):
+        assert needed in message
+
+
+class NotATensor:
+    pass
+
+
+def test_pth_with_non_tensor_payload_is_refused(tmp_path):
+    path = tmp_path / "dino_vitbase16_pretrain.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "extra": NotATensor()}, path)
+    with pytest.raises(ValueError, match="dino_vitbase16_pretrain.pth: refused, not a plain tensor checkpoint"):
+        encoders.DINOEncoder.from_pretrained(path)
+
+
+####################################################################################################
+# t5
+####################################################################################################
+
+def _tiny_t5_config(**overrides):
+    """A T5 v1.1 config small enough for CPU tests, with T5's own bucket sizes (32, max 128)."""
+    sizes = dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=2,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+    return transformers.T5Config(**{**sizes, **overrides})
+
+
+def _padded_batch(vocab_size, length=140):
+    """Random ids (3, length) and a mask with one full row and two padded ones. 140 tokens reach
+    past max_distance=128, so every kind of relative-position bucket is used."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab_size, (3, length), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, 100:] = 0
+    mask[2, 7:] = 0
+    return input_ids, mask
+
+
+def _save_bin_shards(state, folder, num_shards=2):
+    """Write `state` as DeepFloyd/t5-v1_1-xxl does: .bin shards plus pytorch_model.bin.index.json."""
+    keys = list(state)
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        shard = {key: state[key] for key in keys[i * len(keys) // num_shards:(i + 1) * len(keys) // num_shards]}
+        torch.save(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _assert_close(ours, reference, tolerance=1e-4):
+    error = (ours.float() - reference.float()).abs().max().item()
+    scale = reference.abs().max().item()
+    assert error <= tolerance * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("layout", ["bin-shards", "safetensors-shards"])
+def test_t5_encoder_matches_transformers(tmp_path, layout):
+    torch.manual_seed(0)
+    reference = transformers.T5EncoderModel(_tiny_t5_config()).eval()
+    if layout == "bin-shards":
+        reference.config.to_json_file(tmp_path / "config.json")
+        _save_bin_shards(reference.state_dict(), tmp_path)
+    else:
+        reference.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+
+    model = encoders.T5Encoder.from_pretrained(tmp_path)
+    input_ids, mask = _padded_batch(reference.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    got = model(input_ids, mask)
+    assert got.shape == (3, 140, 32)
+    _assert_close(got, expected)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_t5_encoder_reads_only_encoder_tensors_of_a_full_checkpoint(tmp_path, monkeypatch):
+    # google/t5-v1_1-xxl layout: one pytorch_model.bin with encoder, decoder and lm_head.
+    torch.manual_seed(0)
+    full = transformers.T5ForConditionalGeneration(_tiny_t5_config()).eval()
+    full.config.to_json_file(tmp_path / "config.json")
+    torch.save(full.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded_keys = []
+    real_load_into = encoders.load_into
+
+    def recording_load_into(module, state_dict, source, **kwargs):
+        loaded_keys.extend(state_dict)
+        real_load_into(module, state_dict, source, **kwargs)
+
+    monkeypatch.setattr(encoders, "load_into", recording_load_into)
+    model = encoders.T5Encoder.from_pretrained(tmp_path)
+
+    assert set(loaded_keys) == set(model.state_dict())
+    assert not [key for key in loaded_keys if key.startswith(("decoder.", "lm_head."))]
+    input_ids, mask = _padded_batch(full.config.vocab_size, length=20)
+    with torch.no_grad():
+        expected = full.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    _assert_close(model(input_ids, mask), expected)
+
+
+def test_t5_encoder_accepts_embedding_stored_as_encoder_embed_tokens(tmp_path):
+    torch.manual_seed(0)
+    reference = transformers.T5EncoderModel(_tiny_t5_config()).eval()
+    reference.config.to_json_file(tmp_path / "config.json")
+    state = dict(reference.state_dict())
+    state["encoder.embed_tokens.weight"] = state.pop("shared.weight").clone()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+
+    model = encoders.T5Encoder.from_pretrained(tmp_path)
+    input_ids, mask = _padded_batch(reference.config.vocab_size, length=20)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    _assert_close(model(input_ids, mask), expected)
+
+
+def test_t5_encoder_bf16_tracks_fp32_and_fp16_is_refused(tmp_path):
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(_tiny_t5_config()).save_pretrained(tmp_path)
+    fp32 = encoders.T5Encoder.from_pretrained(tmp_path)
+    bf16 = encoders.T5Encoder.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    input_ids, mask = _padded_batch(64, length=20)
+    got = bf16(input_ids, mask)
+    assert got.dtype == torch.bfloat16
+    _assert_close(got, fp32(input_ids, mask), tolerance=5e-2)
+    with pytest.raises(ValueError, match="bfloat16"):
+        encoders.T5Encoder.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+def test_t5_encoder_load_errors_name_the_problem(tmp_path):
+    torch.manual_seed(0)
+    reference = transformers.T5EncoderModel(_tiny_t5_config())
+    missing_key = tmp_path / "missing_key"
+    missing_key.mkdir()
+    reference.config.to_json_file(missing_key / "config.json")
+    state = dict(reference.state_dict())
+    del state["encoder.final_layer_norm.weight"]
+    torch.save(state, missing_key / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="encoder.final_layer_norm.weight"):
+        encoders.T5Encoder.from_pretrained(missing_key)
+
+    original_t5 = tmp_path / "original_t5"
+    original_t5.mkdir()
+    (original_t5 / "config.json").write_text(json.dumps({"feed_forward_proj": "relu"}))
+    with pytest.raises(ValueError, match="gated-gelu"):
+        encoders.T5Encoder.from_pretrained(original_t5)
+
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        encoders.T5Encoder.from_pretrained(tmp_path)  # holds no weights at all
+
+
+def test_t5_encoder_rejects_bad_inputs():
+    model = encoders.T5Encoder(encoders.T5Config(vocab_size=10, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_layers=1))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(torch.tensor([[3, 10]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.tensor([[3, 4]]), torch.ones(1, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer against the sentencepiece library
+# ----------------------------------------------------------------------------------------------
+
+SYLLABLES = ["ka", "to", "ri", "mu", "sé", "lo", "ñe", "ba", "zü", "qi", "fa", "ço", "de", "an", "th", "er"]
+ODD_WORDS = ["ＡＢＣ", "１２３", "Ｈｅｌｌｏ", "😀", "👍🏽", "ﬁne", "①", "e\u0301"]
+PUNCTUATION = [",", ".", "!", "?", ";", ":", "(", ")", '"', "'", "-", "…"]
+
+
+def _sentences(seed, count):
+    """Made-up sentences: syllable words, numbers, punctuation, full-width forms, emoji, ligatures."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        words = []
+        for _ in range(rng.randint(1, 14)):
+            roll = rng.random()
+            if roll < 0.1:
+                word = str(rng.randint(0, 99999))
+            elif roll < 0.15:
+                word = rng.choice(ODD_WORDS)
+            else:
+                word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
+            if rng.random() < 0.2:
+                word = word.capitalize()
+            if rng.random() < 0.15:
+                word += rng.choice(PUNCTUATION)
+            words.append(word)
+        sentences.append(" ".join(words))
+    return sentences
+
+
+EDGE_CASES = [
+    "", " ", "   ", "  leading spaces", "trailing spaces   ", "runs    of     spaces", "\t tab\nnew\r\nline",
+    "ＦＵＬＬ　ｗｉｄｔｈ　１２３", "\u3000ideographic\u3000space\u3000", "漢字かな unseen", "\u200bzero\u200dwidth",
+    "\x00\x01control\x7f", "ﬁ ﬂ ﬃ", "①②③ ⁵ ½", "Å Å e\u0301 é", "   😀😀   👍🏽 ", "ǅ ǈ", "ñeñe, 87999",
+    "x" * 500, " ".join(_sentences(7, 40)), "<sep>ka<sep> [IMG]to", "ka  <sep>  to",
+]
+
+
+def _train_sentencepiece(folder, **options):
+    """Train a small unigram model on made-up sentences; returns the spiece.model path."""
+    settings = dict(model_type="unigram", vocab_size=300, normalization_rule_name="nmt_nfkc",
+                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
+    settings.update(options)
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(_sentences(0, 400)),
+                                             model_prefix=str(folder / "spiece"), **settings)
+    return folder / "spiece.model"
+
+
+@pytest.mark.parametrize("options", [
+    {},  # T5's setting: nmt_nfkc through the precompiled charsmap
+    {"byte_fallback": True, "user_defined_symbols": ["<sep>", "[IMG]"], "vocab_size": 400},
+    {"normalization_rule_name": "nfkc_cf", "remove_extra_whitespaces": False},
+    {"normalization_rule_name": "identity", "add_dummy_prefix": False, "split_digits": True},
+    {"normalization_rule_name": "nfkc", "treat_whitespace_as_suffix": True},
+], ids=["nmt_nfkc", "byte_fallback+user_defined", "nfkc_cf+keep_spaces", "identity+no_prefix", "suffix_space"])
+def test_tokenizer_matches_sentencepiece(tmp_path, options):
+    path = _train_sentencepiece(tmp_path, **options)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    tokenizer = encoders.T5Tokenizer.from_pretrained(path)
+    texts = _sentences(1, 300) + EDGE_CASES
+    expected = [reference.encode(text) + [reference.eos_id()] for text in texts]
+    assert [tokenizer.encode(text) for text in texts] == expected
+    # The texts do reach unknown characters (and runs of them), which must not go untested.
+    assert any(reference.unk_id() in ids for ids in expected) or options.get("byte_fallback")
+
+
+def test_tokenizer_pads_truncates_and_masks(tmp_path):
+    path = _train_sentencepiece(tmp_path)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    tokenizer = encoders.T5Tokenizer.from_pretrained(tmp_path)  # the folder, as a Hub repo lays it out
+    texts = ["kato rimu sé", "ka", "", "ba " * 50]
+    max_length = len(reference.encode(texts[0])) + 1  # the first text fills its row exactly
+    input_ids, mask = tokenizer(texts, max_length=max_length)
+
+    assert input_ids.shape == mask.shape == (4, max_length)
+    assert input_ids.dtype == mask.dtype == torch.long
+    for row, text in enumerate(texts):
+        ids = reference.encode(text) + [1]
+        if len(ids) > max_length:
+            ids = ids[:max_length - 1] + [1]
+        padding = max_length - len(ids)
+        assert input_ids[row].tolist() == ids + [0] * padding
+        assert mask[row].tolist() == [1] * len(ids) + [0] * padding
+    assert input_ids[3, -1] == 1  # truncation keeps </s> last
+    assert tokenizer("ka")[0].shape == (1, 120)  # one text, Lumos' default length
+    with pytest.raises(ValueError, match="max_length"):
+        tokenizer(texts, max_length=0)
+
+
+def test_tokenizer_extra_ids_and_special_tokens_in_text(tmp_path):
+    path = _train_sentencepiece(tmp_path)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    pieces = reference.get_piece_size()
+    tokenizer = encoders.T5Tokenizer.from_pretrained(path)
+
+    assert tokenizer.vocab_size == pieces + 100
+    assert tokenizer.encode("<extra_id_0>") == [pieces + 99, 1]  # 32099 for T5's 32000 pieces
+    assert tokenizer.encode("<extra_id_99>") == [pieces, 1]
+    assert tokenizer.encode("<extra_id_10>") == [pieces + 89, 1]
+    assert tokenizer.encode("ka <extra_id_0> to</s>") == (
+        reference.encode("ka") + [pieces + 99] + reference.encode("to") + [1, 1])
+    assert tokenizer.encode("<extra_id_100>") == reference.encode("<extra_id_100>") + [1]  # not a sentinel
+    assert encoders.T5Tokenizer.from_pretrained(path, num_extra_ids=0).vocab_size == pieces
+
+
+def _serialized_model(pieces):
+    """A ModelProto holding only `pieces` [(piece, score, type)] and an identity normalizer."""
+
+    def varint(value):
+        out = bytearray()
+        while True:
+            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    def submessage(number, payload):
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    def piece(text, score, kind):
+        return (submessage(1, text.encode("utf-8")) + varint(2 << 3 | 5) + struct.pack("<f", score)
+                + varint(3 << 3) + varint(kind))
+
+    return b"".join(submessage(1, piece(*p)) for p in pieces) + submessage(3, submessage(1, b"identity"))
+
+
+def test_tokenizer_from_in_memory_pieces():
+    pieces = [("▁", -3.0), ("a", -3.0), ("b", -3.0), ("c", -3.0), ("▁a", -1.5), ("▁ab", -1.0), ("bc", -1.0)]
+    tokenizer = encoders.T5Tokenizer.from_pieces(pieces)
+    ids = {piece: i + 3 for i, (piece, _) in enumerate(pieces)}
+    # Viterbi, not greedy: "▁a" + "bc" (-2.5) beats the longest first match "▁ab" + "c" (-4).
+    assert tokenizer.encode("abc") == [ids["▁a"], ids["bc"], 1]
+    # A run of unknown characters is one <unk> (2).
+    assert tokenizer.encode("ab zz c") == [ids["▁ab"], ids["▁"], 2, ids["▁"], ids["c"], 1]
+    assert tokenizer.encode("ａｂ") == [ids["▁ab"], 1]  # NFKC folds full-width letters
+
+    specials = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)]
+    reference = sentencepiece.SentencePieceProcessor(
+        model_proto=_serialized_model(specials + [(piece, score, 1) for piece, score in pieces]))
+    for text in ["abc", "ab", "a b c", "abzz c", "zz", "  cab  bca ", "c" * 30, ""]:
+        assert tokenizer.encode(text) == reference.encode(text) + [1], text
+
+    with pytest.raises(ValueError, match="</s>"):
+        encoders.T5Tokenizer.from_pieces([("</s>", 0.0)])
+
+
+def test_tokenizer_breaks_ties_with_float32_rounding_as_sentencepiece():
+    # "9"+"99" and "99"+"9" score the same in exact arithmetic; sentencepiece sums in float32 and
+    # its rounding picks "▁", "99", "9" here, where summing in double would pick "9", "99".
+    pieces = [("▁", -6.540001392364502), ("9", -1.4331657886505127), ("99", -2.110133647918701),
+              ("▁9", -11.870586395263672)]
+    specials = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)]
+    reference = sentencepiece.SentencePieceProcessor(
+        model_proto=_serialized_model(specials + [(piece, score, 1) for piece, score in pieces]))
+    tokenizer = encoders.T5Tokenizer.from_pieces(pieces)
+    for text in ["999", "99999", "9999999"]:
+        assert tokenizer.encode(text) == reference.encode(text) + [1], text
+    assert tokenizer.encode("999") == [3, 5, 4, 1]
+
+
+def test_tokenizer_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        encoders.T5Tokenizer.from_pretrained(tmp_path)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model\n")
+    with pytest.raises(ValueError, match="junk.model"):
+        encoders.T5Tokenizer.from_pretrained(junk)
+    bpe = tmp_path / "bpe"
+    bpe.mkdir()
+    with pytest.raises(ValueError, match="unigram"):
+        encoders.T5Tokenizer.from_pretrained(_train_sentencepiece(bpe, model_type="bpe", vocab_size=200))
+
+
+####################################################################################################
+# data
+####################################################################################################
+
+def encode(image, format, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def noise_image(width, height, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def write_files(folder, files):
+    """files: {relative name: bytes}; returns folder."""
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return folder
+
+
+def write_tar(path, members):
+    """members: {member name: bytes}, stored in this order."""
+    with tarfile.open(path, "w") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return path
+
+
+def png_header_only(width, height):
+    """A PNG that announces width x height pixels (an IHDR, no image data): opening it costs
+    nothing, so it probes the decompression-bomb limit cheaply."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def expected_tensor(rgb, size):
+    return (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(3, 1, 1).expand(3, size, size)
+
+
+# Five good images of several formats and shapes, with captions for some of them.
+def good_images():
+    return {
+        "000": ("png", encode(noise_image(40, 30, 0), "PNG"), "a noisy landscape"),
+        "001": ("jpg", encode(noise_image(20, 50, 1), "JPEG", quality=90), None),
+        "002": ("webp", encode(noise_image(64, 64, 2), "WEBP", lossless=True), "ünïcode caption"),
+        "003": ("png", encode(noise_image(100, 37, 3), "PNG"), None),
+        "004": ("jpeg", encode(noise_image(16, 16, 4), "JPEG"), "last one"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# folder and tar sources
+
+
+def test_folder_and_tar_read_the_same_images_and_captions(tmp_path):
+    folder_files, tar_members = {}, {}
+    for key, (extension, content, caption) in good_images().items():
+        folder_files[f"{key}.{extension}"] = content
+        tar_members[f"{key}.{extension}"] = content
+        if caption is not None:
+            folder_files[f"{key}.txt"] = caption.encode()
+            # captions in the tar alternate between the .txt and the .json layout
+            if int(key) % 2:
+                tar_members[f"{key}.json"] = json.dumps({"text": caption}).encode()
+            else:
+                tar_members[f"{key}.txt"] = caption.encode()
+    folder = data.open_dataset(str(write_files(tmp_path / "images", folder_files)), 24)
+    shards = data.open_dataset(str(write_tar(tmp_path / "shard.tar", tar_members)), 24)
+    assert isinstance(folder, data.ImageFolder) and isinstance(shards, data.TarShards)
+    assert len(folder) == len(shards) == 5
+    for i, (key, (extension, _, caption)) in enumerate(good_images().items()):
+        from_folder, from_tar = folder[i], shards[i]
+        assert from_folder["image"].shape == (3, 24, 24)
+        assert torch.equal(from_folder["image"], from_tar["image"])
+        assert from_folder["caption"] == from_tar["caption"] == (caption or "")
+        assert from_folder["name"].endswith(f"{key}.{extension}")
+        assert from_tar["name"].endswith(f"shard.tar:{key}.{extension}")
+        assert from_folder["skipped"] == from_tar["skipped"] == [] and from_tar["index"] == i
+
+
+def test_folder_listing_is_recursive_sorted_case_insensitive_and_skips_hidden(tmp_path):
+    png = encode(noise_image(8, 8, 0), "PNG")
+    write_files(tmp_path, {"b/x.PNG": png, "a/z.Jpg": encode(noise_image(8, 8, 1), "JPEG"),
+                           "a/y.png": png, "c.webp": encode(noise_image(8, 8, 2), "WEBP"),
+                           "notes.md": b"not an image", ".hidden.png": png,
+                           ".cache/w.png": png, "a/y.txt": b"  caption of y \n"})
+    dataset = data.open_dataset(str(tmp_path), 8)
+    names = [os.path.relpath(dataset.name(j), tmp_path) for j in range(len(dataset))]
+    assert names == [os.path.join("a", "y.png"), os.path.join("a", "z.Jpg"),
+                     os.path.join("b", "x.PNG"), "c.webp"]
+    assert [dataset[j]["caption"] for j in range(4)] == ["caption of y", "", "", ""]
+
+
+def test_tar_groups_members_by_key_and_ignores_samples_without_image(tmp_path):
+    image = encode(noise_image(8, 8, 0), "PNG")
+    shard = write_tar(tmp_path / "s.tar", {
+        "dir/a.txt": b"caption a", "dir/a.png": image,       # caption before image: same key
+        "dir/b.cls": b"3",                                   # no image: not a sample
+        "dir/c.seg.png": image,                              # extension "seg.png": not an image
+        "dir/d.JPG": encode(noise_image(8, 8, 1), "JPEG"),
+        "dir/d.json": json.dumps({"caption": "from json", "text": "ignored"}).encode(),
+        "e.png": image, "e.json": json.dumps(["not", "a", "dict"]).encode(),
+        "f.json": json.dumps({"caption": "json loses"}).encode(), "f.txt": b"txt wins", "f.png": image,
+    })
+    dataset = data.open_dataset(str(shard), 8)
+    assert [dataset.name(j).split(":")[-1] for j in range(len(dataset))] == \
+        ["dir/a.png", "dir/d.JPG", "e.png", "f.png"]
+    assert [dataset[j]["caption"] for j in range(4)] == ["caption a", "from json", "", "txt wins"]
+
+
+def test_brace_expansion():
+    assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
+    assert data.expand_braces("{1..3}") == ["1", "2", "3"]
+    assert data.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert data.expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    assert data.expand_braces("plain{x}.tar") == ["plain{x}.tar"]
+    assert data.split_top_level("a/{0..2}.tar,b/{x,y}.tar, c.tar") == \
+        ["a/{0..2}.tar", "b/{x,y}.tar", " c.tar"]
+
+
+def test_shards_from_brace_ranges_globs_and_lists(tmp_path):
+    for shard in range(4):
+        write_tar(tmp_path / f"{shard:05d}.tar",
+                  {f"k{shard}_{j}.png": encode(noise_image(8, 8, 10 * shard + j), "PNG")
+                   for j in range(shard + 1)})  # shard s holds s + 1 samples
+
+    def member_keys(spec):
+        dataset = data.open_dataset(spec, 8)
+        return [dataset.name(j).split(":")[-1][:-4] for j in range(len(dataset))]
+
+    assert member_keys(f"{tmp_path}/{{00001..00002}}.tar") == ["k1_0", "k1_1", "k2_0", "k2_1", "k2_2"]
+    assert member_keys(f"{tmp_path}/*.tar") == \
+        [f"k{shard}_{j}" for shard in range(4) for j in range(shard + 1)]  # globs sorted
+    assert member_keys(f"{tmp_path}/00003.tar,{tmp_path}/0000[0].tar") == \
+        ["k3_0", "k3_1", "k3_2", "k3_3", "k0_0"]
+    with pytest.raises(FileNotFoundError, match="not found: .*00004.tar and 5 more"):
+        data.open_dataset(f"{tmp_path}/{{00002..00009}}.tar", 8)
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        data.open_dataset(f"{tmp_path}/*.tgz", 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad files
+
+
+def bad_and_good_files():
+    """(name, bytes, is_good) in dataset order; the last file is bad, so skipping wraps."""
+    jpeg = encode(noise_image(64, 64, 5), "JPEG", quality=95)
+    png = encode(noise_image(64, 64, 6), "PNG")
+    return [
+        ("00.png", encode(noise_image(20, 20, 0), "PNG"), True),
+        ("01.jpg", b"", False),                                   # zero bytes
+        ("02.jpg", jpeg[: len(jpeg) // 2], False),                # truncated jpeg
+        ("03.png", encode(noise_image(30, 20, 1), "PNG"), True),
+        ("04.jpg", np.random.default_rng(0).bytes(3000), False),  # random bytes
+        ("05.png", png[: len(png) // 2], False),                  # truncated png
+        ("06.png", png_header_only(100_000, 100_000), False),     # decompression bomb
+        ("07.jpg", jpeg, True),
+        ("08.webp", b"RIFF\x00\x00\x00\x00WEBP", False),          # a header and nothing else
+    ]
+
+
+@pytest.mark.parametrize("source", ["folder", "tar"])
+def test_bad_files_are_skipped_deterministically_and_named(tmp_path, source):
+    files = bad_and_good_files()
+    if source == "folder":
+        spec = str(write_files(tmp_path / "images", {name: content for name, content, _ in files}))
+    else:
+        spec = str(write_tar(tmp_path / "shard.tar", {name: content for name, content, _ in files}))
+    dataset = data.open_dataset(spec, 16)
+    assert len(dataset) == len(files)
+    good = [j for j, (_, _, is_good) in enumerate(files) if is_good]
+    all_skipped = set()
+    for i in range(len(files)):
+        item = dataset[i]
+        replacement = next(j % len(files) for j in range(i, i + len(files)) if j % len(files) in good)
+        bad_run = [files[j % len(files)][0] for j in range(i, i + len(files))][
+            : (replacement - i) % len(files)]
+        assert item["index"] == i
+        assert item["name"].endswith(files[replacement][0])
+        assert [name.rsplit("/", 1)[-1].rsplit(":", 1)[-1] for name in item["skipped"]] == bad_run
+        assert torch.equal(item["image"], dataset[replacement]["image"])
+        all_skipped.update(item["skipped"])
+    assert len(all_skipped) == len(files) - len(good)
+    reopened = data.open_dataset(spec, 16)
+    assert all(torch.equal(reopened[i]["image"], dataset[i]["image"]) for i in range(len(files)))
+
+
+@pytest.mark.parametrize("cut_inside", ["2.png", "2.txt"])
+def test_sample_cut_off_by_a_truncated_shard_is_skipped(tmp_path, cut_inside):
+    members = {f"{j}.png": encode(noise_image(32, 32, j), "PNG") for j in range(3)}
+    members["2.txt"] = b"a caption long enough to be cut in the middle " * 4
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: whole.index(members[cut_inside]) + 100])
+    with pytest.warns(UserWarning, match="cut.tar"):
+        dataset = data.open_dataset(str(tmp_path / "cut.tar"), 8)
+    assert len(dataset) == 3
+    assert dataset[2]["skipped"] == [f"{tmp_path / 'cut.tar'}:2.png"]
+    assert dataset[2]["name"].endswith(":0.png")
+
+
+def test_bad_json_caption_skips_the_sample(tmp_path):
+    image = encode(noise_image(8, 8, 0), "PNG")
+    shard = write_tar(tmp_path / "s.tar", {"a.png": image, "a.json": b"{not json",
+                                           "b.png": image, "b.json": b'{"caption": "ok"}'})
+    item = data.open_dataset(str(shard), 8)[0]
+    assert item["caption"] == "ok" and item["skipped"] == [f"{shard}:a.png"]
+
+
+def test_images_over_the_pixel_limit_are_bad_even_where_pil_only_warns(monkeypatch):
+    # PIL raises above 2 x MAX_IMAGE_PIXELS and only warns between 1x and 2x.
+    content = encode(noise_image(40, 30, 0), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(data.BadSampleError, match="DecompressionBomb"):
+        data.decode_image(content, 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    assert data.decode_image(content, 8).shape == (3, 8, 8)
+
+
+def test_dataset_without_a_readable_file_is_a_clear_error(tmp_path):
+    write_files(tmp_path, {"a.jpg": b"", "b.png": b"junk"})
+    dataset = data.open_dataset(str(tmp_path), 8)
+    with pytest.raises(RuntimeError, match="no readable image.*all 2 files failed"):
+        dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# image modes and the centre crop
+
+
+def palette_image(transparent):
+    image = Image.new("P", (12, 9), 1)
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * (3 * 254))
+    return encode(image, "PNG", **({"transparency": 1} if transparent else {}))
+
+
+ODD_MODES = {
+    # label: (encoded file, expected RGB everywhere, tolerance in [-1, 1] units)
+    "L": (encode(Image.new("L", (40, 30), 200), "PNG"), (200, 200, 200), 1e-6),
+    "1": (encode(Image.new("1", (40, 30), 1), "PNG"), (255, 255, 255), 1e-6),
+    "LA transparent": (encode(Image.new("LA", (20, 20), (100, 0)), "PNG"), (255, 255, 255), 1e-6),
+    "LA opaque": (encode(Image.new("LA", (20, 20), (100, 255)), "PNG"), (100, 100, 100), 1e-6),
+    "P": (palette_image(transparent=False), (10, 200, 30), 1e-6),
+    "P transparent": (palette_image(transparent=True), (255, 255, 255), 1e-6),
+    "RGBA transparent": (encode(Image.new("RGBA", (20, 20), (0, 0, 255, 0)), "PNG"), (255, 255, 255), 1e-6),
+    "RGBA half": (encode(Image.new("RGBA", (20, 20), (0, 0, 255, 128)), "PNG"), (127, 127, 255), 1e-6),
+    "RGB with transparency key": (encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG",
+                                         transparency=(1, 2, 3)), (255, 255, 255), 1e-6),
+    "CMYK jpeg": (encode(Image.new("CMYK", (24, 24), (0, 255, 0, 0)), "JPEG", quality=95),
+                  (255, 0, 255), 0.04),
+    "I;16 png": (encode(Image.fromarray(np.full((20, 30), 128 * 257, np.uint16)), "PNG"),
+                 (128, 128, 128), 1e-6),
+    "tiny 1x1": (encode(Image.new("RGB", (1, 1), (30, 60, 90)), "PNG"), (30, 60, 90), 1e-6),
+    "very tall 10x1000": (encode(Image.new("RGB", (10, 1000), (5, 250, 120)), "PNG"), (5, 250, 120), 1e-6),
+    "very wide webp": (encode(Image.new("RGB", (3000, 7), (90, 20, 200)), "WEBP", lossless=True),
+                       (90, 20, 200), 1e-6),
+}
+
+
+@pytest.mark.parametrize("label", list(ODD_MODES))
+def test_every_good_file_in_an_odd_mode_is_read(tmp_path, label):
+    content, rgb, tolerance = ODD_MODES[label]
+    extension = {b"\x89P": "png", b"\xff\xd8": "jpg", b"RI": "webp"}[content[:2]]
+    write_files(tmp_path, {f"image.{extension}": content})
+    item = data.open_dataset(str(tmp_path), 16)[0]
+    assert item["skipped"] == []
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    torch.testing.assert_close(item["image"], expected_tensor(rgb, 16), atol=tolerance, rtol=0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[:20] = (255, 0, 0)  # red top half, blue bottom half, as stored
+    pixels[20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: stored upside down, show rotated by 180 degrees
+    write_files(tmp_path, {"photo.jpg": encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif)})
+    image = (data.open_dataset(str(tmp_path), 16)[0]["image"] + 1) * 127.5
+    assert image[2, 2, 8] > 200 and image[0, 2, 8] < 50  # blue on top once turned
+    assert image[0, 13, 8] > 200 and image[2, 13, 8] < 50
+
+
+@pytest.mark.parametrize("width, height", [(300, 100), (100, 300), (3000, 1000), (40, 4000)])
+def test_center_crop_keeps_the_centre_square(width, height):
+    # A red image whose central square (side = short side) is green: the crop must be green.
+    short = min(width, height)
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[...] = (255, 0, 0)
+    top, left = (height - short) // 2, (width - short) // 2
+    pixels[top : top + short, left : left + short] = (0, 255, 0)
+    crop = data.center_crop_arr(Image.fromarray(pixels), 32)
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    inner = crop[2:-2, 2:-2].astype(int)  # bicubic may blend the outermost pixels
+    assert np.abs(inner - np.array([0, 255, 0])).max() <= 2
+
+
+def test_extreme_strips_are_trimmed_around_the_centre_before_resizing(monkeypatch):
+    # Upscaled whole, a 1 x 100000 strip would need 32 x 3.2M pixels; trimmed, 32 x 128.
+    strip = np.zeros((100_000, 1, 3), np.uint8)
+    strip[49_998:50_002] = 255  # the central 4 pixels: what the trim to 1:4 keeps
+    resized_to = []
+    original_resize = Image.Image.resize
+
+    def recording_resize(image, size, *args, **kwargs):
+        resized_to.append(size)
+        return original_resize(image, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    crop = data.center_crop_arr(Image.fromarray(strip), 32)
+    assert crop.shape == (32, 32, 3) and crop.min() == 255
+    assert resized_to == [(32, 128)]
+
+
+def test_center_crop_matches_box_halving_then_bicubic():
+    image = noise_image(130, 70, 0)  # short side 70 >= 2 * 32: one BOX halving to 65 x 35
+    halved = image.resize((65, 35), Image.BOX)
+    resized = np.array(halved.resize((round(65 * 32 / 35), 32), Image.BICUBIC))
+    left = (resized.shape[1] - 32) // 2
+    np.testing.assert_array_equal(data.center_crop_arr(image, 32), resized[:, left : left + 32])
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+
+CAPTION = re.compile(r"a (\w+) (\w+) (\w+) at the ([\w ]+) on an? (\w+) background")
+
+
+def test_shapes_is_deterministic_by_seed_and_index():
+    first, again = data.ShapesDataset(50, 32, seed=3), data.ShapesDataset(50, 32, seed=3)
+    for i in (0, 7, 49):
+        assert torch.equal(first[i]["image"], again[i]["image"])
+        assert first[i]["caption"] == again[i]["caption"] and first[i]["attrs"] == again[i]["attrs"]
+    other = data.ShapesDataset(50, 32, seed=4)
+    assert sum(first[i]["caption"] != other[i]["caption"] for i in range(50)) > 40
+    assert not torch.equal(torch.stack([first[i]["image"] for i in range(50)]),
+                           torch.stack([other[i]["image"] for i in range(50)]))
+
+
+def test_shapes_captions_state_the_attributes_and_cover_the_vocabulary():
+    dataset = data.ShapesDataset(600, 16, seed=0)
+    seen = {key: set() for key in ("shape", "color", "size", "position", "background")}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        attrs = item["attrs"]
+        size, color, shape, position, background = CAPTION.fullmatch(item["caption"]).groups()
+        assert (size, color, shape, position, background) == (
+            attrs["size"], attrs["color"], attrs["shape"], attrs["position"], attrs["background"])
+        assert attrs["background"] != attrs["color"]
+        for key in seen:
+            seen[key].add(attrs[key])
+    assert seen["shape"] == set(data.SHAPES) and seen["size"] == set(data.SIZES)
+    assert seen["color"] == seen["background"] == set(data.COLORS)
+    assert seen["position"] == set(data.POSITIONS)
+
+
+def test_shapes_caption_wording():
+    attrs = {"shape": "star", "color": "red", "size": "small", "position": "top left",
+             "background": "orange"}
+    assert data.shapes_caption(attrs) == "a small red star at the top left on an orange background"
+    attrs.update(shape="square", color="white", size="large", position="center", background="blue")
+    assert data.shapes_caption(attrs) == "a large white square at the center on a blue background"
+
+
+def test_shapes_pixels_show_the_attributes():
+    size = 64
+    dataset = data.ShapesDataset(200, size, seed=1)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        attrs, image = item["attrs"], (item["image"] + 1) * 127.5
+        cx, cy = attrs["cx"] * size, attrs["cy"] * size
+        object_pixel = image[:, int(cy), int(cx)]
+        # the image corner farthest from the object is background
+        corner_x, corner_y = (0 if cx > size / 2 else size - 1), (0 if cy > size / 2 else size - 1)
+        torch.testing.assert_close(object_pixel, torch.tensor(data.COLORS[attrs["color"]],
+                                   dtype=torch.float32), atol=1e-3, rtol=0)
+        torch.testing.assert_close(image[:, corner_y, corner_x], torch.tensor(
+            data.COLORS[attrs["background"]], dtype=torch.float32), atol=1e-3, rtol=0)
+        # the object stays inside the frame
+        half = attrs["extent"] / 2
+        assert half <= attrs["cx"] <= 1 - half and half <= attrs["cy"] <= 1 - half
+
+
+def test_shapes_is_fast_enough():
+    dataset = data.ShapesDataset(500, 32, seed=0)
+    import time
+    started = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    assert time.perf_counter() - started < 2.5  # ~0.3 s on one CPU core
+
+
+def test_shapes_specs():
+    assert len(data.open_dataset("shapes", 16)) == data.DEFAULT_SHAPES_IMAGES
+    dataset = data.open_dataset("shapes:7", 16, seed=5)
+    assert len(dataset) == 7 and dataset.seed == 5 and dataset[6]["image"].shape == (3, 16, 16)
+    for spec in ("shapes:0", "shapes:ten", "shapes:-3"):
+        with pytest.raises(ValueError, match="shapes:N"):
+            data.open_dataset(spec, 16)
+    with pytest.raises(IndexError):
+        dataset[7]
+
+
+# ---------------------------------------------------------------------------------------------
+# GlobalSampler and the loader
+
+
+def take(sampler, count):
+    return list(itertools.islice(iter(sampler), count))
+
+
+def test_sampler_epochs_are_permutations_that_reshuffle():
+    pairs = take(data.GlobalSampler(10, 4, seed=0), 30)
+    assert [g for g, _ in pairs] == list(range(30))
+    epochs = [[i for _, i in pairs[e * 10 : (e + 1) * 10]] for e in range(3)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    other_seed = [i for _, i in take(data.GlobalSampler(10, 4, seed=1), 10)]
+    assert other_seed != epochs[0]
+    in_order = [i for _, i in take(data.GlobalSampler(10, 4, shuffle=False), 12)]
+    assert in_order == list(range(10)) + [0, 1]
+
+
+def test_sampler_ranks_split_each_global_batch_into_contiguous_disjoint_slices():
+    global_batch, steps = 12, 5
+    single = take(data.GlobalSampler(17, global_batch, seed=2), global_batch * steps)
+    for world in (2, 3, 4):
+        per_rank = global_batch // world
+        shares = [take(data.GlobalSampler(17, global_batch, rank, world, seed=2), per_rank * steps)
+                  for rank in range(world)]
+        for step in range(steps):
+            batch = [pair for share in shares for pair in share[step * per_rank : (step + 1) * per_rank]]
+            assert batch == single[step * global_batch : (step + 1) * global_batch]
+        global_indices = [g for share in shares for g, _ in share]
+        assert len(set(global_indices)) == len(global_indices)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sampler_resumes_the_same_stream(world):
+    global_batch = 8
+    for rank in range(world):
+        straight = take(data.GlobalSampler(13, global_batch, rank, world, seed=7), 40 // world)
+        position = 3 * global_batch  # three optimizer steps consumed, as the checkpoint stores
+        resumed = take(data.GlobalSampler(13, global_batch, rank, world, seed=7, start=position),
+                       16 // world)
+        assert resumed == straight[3 * global_batch // world :]
+
+
+def test_sampler_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        data.GlobalSampler(10, 6, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="outside world size"):
+        data.GlobalSampler(10, 8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        data.GlobalSampler(0, 8)
+    with pytest.raises(ValueError, match="does not divide"):
+        data.make_loader(data.ShapesDataset(10, 8), 8, 3, world_size=2)
+
+
+def test_collate_keeps_global_index_and_flattens_skipped(tmp_path):
+    write_files(tmp_path, {"a.png": encode(noise_image(8, 8, 0), "PNG"), "b.png": b"",
+                           "c.png": encode(noise_image(8, 8, 1), "PNG")})
+    wrapped = data.WithGlobalIndex(data.open_dataset(str(tmp_path), 8))
+    batch = data.collate_samples([wrapped[(40, 1)], wrapped[(41, 2)], wrapped[(42, 1)]])
+    assert batch["image"].shape == (3, 3, 8, 8)
+    assert batch["global_index"].tolist() == [40, 41, 42] and batch["index"].tolist() == [1, 2, 1]
+    assert [os.path.basename(n) for n in batch["skipped"]] == ["b.png", "b.png"]
+    assert batch["caption"] == ["", "", ""]
+    shapes = data.collate_samples([data.ShapesDataset(3, 8)[i] for i in range(3)])
+    assert [a["shape"] for a in shapes["attrs"]] == [data.ShapesDataset(3, 8)[i]["attrs"]["shape"]
+                                                   for i in range(3)]
+
+
+def test_tar_dataset_pickles_with_open_files(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", {f"{j}.png": encode(noise_image(8, 8, j), "PNG") for j in range(3)})
+    dataset = data.open_dataset(str(shard), 8)
+    first = dataset[0]["image"]  # opens a file handle
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy._files == {} and torch.equal(copy[0]["image"], first)
+
+
+def test_loader_with_two_workers_reads_this_ranks_share_of_a_tar_source(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", {f"{j:02d}.png": encode(noise_image(10, 12, j), "PNG")
+                                           for j in range(12)})
+    dataset = data.open_dataset(str(shard), 8)
+    global_batch, micro, rank, world, start = 8, 2, 1, 2, 8
+    sampler = data.GlobalSampler(len(dataset), global_batch, rank, world, seed=3, start=start)
+    loader = data.make_loader(dataset, global_batch, micro, rank, world, seed=3, start=start,
+                              num_workers=2)
+    batches = list(itertools.islice(loader, 4))  # two steps, two accumulation micro-batches each
+    expected_global = [12, 13, 14, 15, 20, 21, 22, 23]  # rank 1's halves of global batches 1 and 2
+    assert torch.cat([b["global_index"] for b in batches]).tolist() == expected_global
+    for batch in batches:
+        assert batch["image"].shape == (micro, 3, 8, 8) and batch["skipped"] == []
+        for g, index, image in zip(batch["global_index"], batch["index"], batch["image"]):
+            assert index == sampler.dataset_index(int(g))
+            assert torch.equal(image, dataset[int(index)]["image"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad specs and the command line
+
+
+def test_empty_or_missing_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no images .* found under .*empty"):
+        data.open_dataset(str(tmp_path / "empty"), 8)
+    with pytest.raises(FileNotFoundError, match="data path not found: .*nowhere"):
+        data.open_dataset(str(tmp_path / "nowhere"), 8)
+    (tmp_path / "tars").mkdir()
+    write_tar(tmp_path / "tars" / "0.tar", {"a.png": encode(noise_image(8, 8, 0), "PNG")})
+    with pytest.raises(FileNotFoundError, match=r"pass them as DIR/\*\.tar"):
+        data.open_dataset(str(tmp_path / "tars"), 8)
+    (tmp_path / "x.zip").write_bytes(b"zip")
+    with pytest.raises(ValueError, match="neither a folder nor a .tar"):
+        data.open_dataset(str(tmp_path / "x.zip"), 8)
+
+
+def test_compressed_shard_is_reported(tmp_path):
+    import gzip
+    raw = write_tar(tmp_path / "s.tar", {"a.png": encode(noise_image(8, 8, 0), "PNG")}).read_bytes()
+    (tmp_path / "s.tar").write_bytes(gzip.compress(raw))
+    with pytest.warns(UserWarning, match="plain .tar"):
+        with pytest.raises(FileNotFoundError, match="no images in the 1 tar shard"):
+            data.open_dataset(str(tmp_path / "s.tar"), 8)
+
+
+def test_cli_show_and_stats(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    data.main(["show", "shapes:10", "--image-size", "32", "--n", "4", "--out", str(out)])
+    with Image.open(out) as grid:
+        assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    printed = capsys.readouterr().out
+    assert all(data.ShapesDataset(10, 32)[i]["caption"] in printed for i in range(4))
+
+    files = {name: content for name, content, _ in bad_and_good_files()}
+    write_files(tmp_path / "images", files)
+    data.main(["stats", str(tmp_path / "images"), "--image-size", "16", "--limit", "0",
+               "--batch-size", "3"])
+    printed = capsys.readouterr().out
+    assert "read 9 items" in printed and "bad files: 6" in printed and "04.jpg" in printed
+    with pytest.raises(SystemExit, match="data path not found"):
+        data.main(["stats", str(tmp_path / "nowhere")])
+
+
+####################################################################################################
+# train
+####################################################################################################
+
+TINY_RUN = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+            "--image-size", "16", "--data", "shapes:256", "--global-batch-size", "8",
+            "--log-every", "1", "--sample-every", "1000", "--sample-steps", "2", "--num-samples", "4",
+            "--warmup-steps", "2", "--lr", "1e-3"]
+
+
+def run(out, *extra):
+    train_i2i.main(TINY_RUN + ["--out", str(out), *extra])
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [line["loss"] for line in map(json.loads, f) if "loss" in line]
+
+
+def checkpoint_model_weights(path):
+    model = train_i2i.load_export(os.path.join(os.path.dirname(os.path.dirname(path)), "ema.safetensors"))[0]
+    state = {"model": model.state_dict()}
+    torch.distributed.checkpoint.load(state, checkpoint_id=path)
+    return state["model"]
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_shapes(tmp_path):
+    run(tmp_path, "--steps", "40", "--global-batch-size", "16")
+    values = losses(tmp_path)
+    assert len(values) == 40
+    assert sum(values[-5:]) / 5 < 0.7 * sum(values[:5]) / 5
+    assert os.path.exists(tmp_path / "samples" / "step_0000040.png")
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path):
+    run(tmp_path / "straight", "--steps", "6")
+    run(tmp_path / "split", "--steps", "3")
+    run(tmp_path / "split", "--steps", "6", "--resume")
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    straight = load_file(tmp_path / "straight" / "ema.safetensors")
+    split = load_file(tmp_path / "split" / "ema.safetensors")
+    for key in straight:
+        torch.testing.assert_close(split[key], straight[key], rtol=1e-6, atol=1e-7)
+    weights = [checkpoint_model_weights(train_i2i.latest_checkpoint(tmp_path / name)) for name in ("straight", "split")]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_resumes_from_previous(tmp_path, monkeypatch):
+    run(tmp_path / "straight", "--steps", "4")
+    real_replace = os.replace
+
+    def die_on_second_commit(src, dst):
+        if str(src).endswith("step_0000004.tmp"):
+            raise KeyboardInterrupt("killed while saving")  # the shards are written, the commit is not
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_i2i.os, "replace", die_on_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", "--steps", "4", "--ckpt-every", "2")
+    monkeypatch.setattr(train_i2i.os, "replace", real_replace)
+    assert train_i2i.latest_checkpoint(tmp_path / "killed").endswith("step_0000002")
+    assert (tmp_path / "killed" / "checkpoints" / "step_0000004.tmp").is_dir()
+    run(tmp_path / "killed", "--steps", "4", "--ckpt-every", "2", "--resume")
+    assert losses(tmp_path / "killed")[-2:] == pytest.approx(losses(tmp_path / "straight")[-2:], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_i2i.py", *TINY_RUN, "--out", str(out), "--steps", "100000", "--ckpt-every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(train_i2i.__file__)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or len(losses(out)) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    latest = train_i2i.latest_checkpoint(out)
+    assert latest is not None and "signal" in output
+    saved_step = int(os.path.basename(latest).split("_")[1])
+    assert saved_step >= 3
+    run(out, "--steps", str(saved_step + 2), "--resume")
+    assert train_i2i.latest_checkpoint(out).endswith(f"step_{saved_step + 2:07d}")
+
+
+@pytest.mark.slow
+def test_export_rebuilds_model_from_metadata_alone(tmp_path):
+    run(tmp_path, "--steps", "2")
+    model, metadata = train_i2i.load_export(tmp_path / "ema.safetensors")
+    info = metadata["lumos"]
+    assert info["space"] == "pixel" and info["image_size"] == 16 and info["encoder"] == "random-vit"
+    assert info["config"]["depth"] == 2 and info["config"]["in_channels"] == 3
+    assert metadata["step"] == 2
+    x = torch.randn(2, 3, 16, 16)
+    y = torch.randn(2, 1, info["config"]["cond_dim"])
+    assert model(x, torch.tensor([10.0, 500.0]), y).shape == (2, 6, 16, 16)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "6", "--grad-accum", "4"], "--global-batch-size 6 must be divisible"),
+    (["--image-size", "18"], "--image-size 18 must be divisible by 4"),
+    (["--model", "DiT-Huge/2"], "unknown --model 'DiT-Huge/2'"),
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+])
+def test_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_i2i.py: error:") and message in err and "\n" not in err
+
+
+def test_per_sample_randomness_does_not_depend_on_batching():
+    whole = train_i2i.sample_randomness(torch.arange(8), 3, (3, 4, 4), 1000, 0.5, latent=True)
+    halves = [train_i2i.sample_randomness(torch.arange(4) + 4 * k, 3, (3, 4, 4), 1000, 0.5, latent=True) for k in range(2)]
+    for i, draw in enumerate(whole):
+        assert torch.equal(draw, torch.cat([h[i] for h in halves]))
+    other_seed = train_i2i.sample_randomness(torch.arange(8), 4, (3, 4, 4), 1000, 0.5, latent=False)
+    assert not torch.equal(other_seed[3], whole[3]) and other_seed[4] is None
+
+
+####################################################################################################
+# sample
+####################################################################################################
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A 1-step tiny I2I run's ema.safetensors and two reference images."""
+    out = tmp_path_factory.mktemp("run")
+    train_i2i.main(["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+                    "--image-size", "16", "--data", "shapes:64", "--global-batch-size", "4", "--steps", "1",
+                    "--sample-steps", "2", "--num-samples", "2", "--out", str(out)])
+    images = []
+    for i in range(2):
+        path = out / f"ref{i}.png"
+        Image.fromarray(data.center_crop_arr(Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)), 16)).save(path)
+        images.append(str(path))
+    return str(out / "ema.safetensors"), images
+
+
+def test_i2i_and_interpolate_write_images_and_grid(tmp_path, tiny_export):
+    export, images = tiny_export
+    sample.main(["i2i", "--ckpt", export, "--images", *images, "--per-image", "2", "--steps", "2",
+                 "--out", str(tmp_path / "i2i")])
+    assert sorted(os.listdir(tmp_path / "i2i")) == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"]
+    sample.main(["interpolate", "--ckpt", export, "--images", *images, "--frames", "3", "--steps", "2",
+                 "--method", "ddim", "--out", str(tmp_path / "interp")])
+    frames = [np.asarray(Image.open(tmp_path / "interp" / f"{i:06d}.png")) for i in range(3)]
+    assert frames[0].shape == (16, 16, 3)
+
+
+def test_interpolation_shares_noise_and_mixes_features(tiny_export):
+    export, images = tiny_export
+    args = sample.main.__globals__["argparse"].Namespace(images=images, frames=3)
+    model, info = sample.load_generator(export, torch.device("cpu"))
+    _, cond_fn = sample.interpolation_conditions(args, info, torch.device("cpu"))
+    y = cond_fn([0, 1, 2])["y"][:, 0]
+    torch.testing.assert_close(y[1], (y[0] + y[2]) / 2)
+    noise = sample.initial_noise([0, 1, 2], (3, 4, 4), seed=0, shared=True)
+    assert torch.equal(noise[0], noise[2])
+    assert not torch.equal(*sample.initial_noise([0, 1], (3, 4, 4), seed=0))
+
+
+@pytest.mark.slow
+def test_many_samples_under_torchrun_no_overlap_no_gaps_restart_safe(tmp_path, tiny_export):
+    export, images = tiny_export
+    out = tmp_path / "many"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "sample.py", "i2i", "--ckpt", export, "--images", *images, "--num-samples", "7",
+               "--steps", "2", "--batch-size", "2", "--out", str(out)]
+    subprocess.run(command, cwd=HERE, check=True, capture_output=True)
+    first = np.load(str(out) + ".npz")["arr_0"]
+    assert first.shape == (7, 16, 16, 3) and first.dtype == np.uint8
+    assert sorted(os.listdir(out)) == [f"{i:06d}.png" for i in range(7)]
+    kept = os.path.getmtime(out / "000000.png")
+    os.remove(out / "000003.png")
+    os.remove(out / "000006.png")
+    subprocess.run(command, cwd=HERE, check=True, capture_output=True)
+    assert os.path.getmtime(out / "000000.png") == kept  # existing samples are not redone
+    np.testing.assert_array_equal(np.load(str(out) + ".npz")["arr_0"], first)
+    # Seeds are per global index: one rank with another batch size makes the same samples.
+    sample.main(["i2i", "--ckpt", export, "--images", *images, "--num-samples", "7", "--steps", "2",
+                 "--batch-size", "3", "--out", str(tmp_path / "one")])
+    single = np.load(str(tmp_path / "one") + ".npz")["arr_0"]
+    assert np.abs(single.astype(int) - first.astype(int)).max() <= 1
+
+
+def tiny_hub_encoders(folder):
+    """A DINO-layout ViT of width 768 (the official condition width) and a 3-level SD-VAE layout
+    (8x downsampling), both random, in the Hub file layouts."""
+    from diffusers import AutoencoderKL
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64,
+                       image_size=32, patch_size=16)).save_pretrained(folder / "dino")
+    AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32,
+                  latent_channels=4).save_pretrained(folder / "vae")
+    return str(folder / "dino"), str(folder / "vae")
+
+
+@pytest.mark.slow
+def test_official_layout_checkpoint_loads_and_samples(tmp_path):
+    torch.manual_seed(0)
+    official = DiT_models["DiT-XL/2"]().state_dict()  # the official keys and shapes, random values
+    torch.save({"state_dict": official}, tmp_path / "Lumos_I2I.pth")
+    del official
+    dino, vae = tiny_hub_encoders(tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    sample.main(["i2i", "--ckpt", str(tmp_path / "Lumos_I2I.pth"), "--images", str(tmp_path / "ref.png"),
+                 "--per-image", "1", "--steps", "2", "--method", "ddim", "--vae", vae, "--encoder", dino,
+                 "--out", str(tmp_path / "out")])
+    assert np.asarray(Image.open(tmp_path / "out" / "000000.png")).shape == (256, 256, 3)
+
+
+def test_official_multiscale_checkpoint_gets_a_clear_message(tmp_path, capsys):
+    torch.save({"csize_embedder.mlp.0.weight": torch.zeros(2, 2)}, tmp_path / "t2i_1024.pth")
+    with pytest.raises(SystemExit):
+        sample.main(["i2i", "--ckpt", str(tmp_path / "t2i_1024.pth"), "--images", "x.png"])
+    assert "multi-scale" in capsys.readouterr().err

@@ -1,0 +1,707 @@
+"""Lumos stage 1: image-to-image pre-training of the DiT on unlabeled images, conditioned on the
+frozen DINO CLS feature through cross-attention. One loop for one CPU, one GPU and many nodes.
+
+    python train_i2i.py                    # offline default: a small DiT on `shapes`, 32 px pixels, CPU
+    python train_i2i.py --resume           # continue from the latest complete checkpoint in --out
+    torchrun --nproc_per_node=8 train_i2i.py --model DiT-XL/2 --data /data/images \\
+        --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256 \\
+        --global-batch-size 256 --lr 1e-4 --precision bf16 --grad-checkpointing --out runs/xl2
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py ...
+
+The offline default conditions on a small ViT of the DINO class with frozen *random* weights
+(`--encoder random-vit`): it shows the pipeline end to end; the prior comes from the real DINO.
+
+Real runs encode each image anew at every step unless the frozen encoders ran once beforehand:
+    torchrun --nproc_per_node=8 data.py cache --data /data/images --out /data/cache256 \
+        --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256
+    torchrun ... train_i2i.py --data cache:/data/cache256 --vae stabilityai/sd-vae-ft-mse \
+        --encoder facebook/dino-vitb16 --image-size 256 ...
+reads the VAE posteriors (both flips) and DINO features from the cache and never runs the
+encoders; the VAE is still loaded, since its decoder draws the sample grids.
+
+Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a `Task`:
+    build_model() -> nn.Module       LumosDiT, or a module with the same forward(x, t, **cond) and
+                                     forward_with_cfg(x, t, cfg_scale=..., **cond), and `.config`
+    condition(batch, space) -> dict  the model's keyword arguments for this batch, e.g.
+                                     {"y": (B, L, C) condition tokens, "mask": (B, L) or None};
+                                     `batch` is a dict from data.collate_samples ("image":
+                                     (B, 3, S, S) in [-1, 1], unflipped, "caption", ...) on the
+                                     device, or from a data.FeatureCache ("latent_mean",
+                                     "latent_std", "cond" in place of "image"); `space` is the
+                                     ImageSpace (e.g. to encode a source view)
+    dataset                          a map-style dataset of such items (data.py)
+    eval_items                       a few held-out items: conditions and references of the grids
+    evaluate(model, step) -> dict    optional extra metrics of the EMA model, logged with the loss
+    metadata                         extra fields for the exported safetensors
+    hflip                            random horizontal flips of the target image (off for NVS,
+                                     where a flip would also mirror the camera)
+Per-sample randomness (flip, timestep, noise, condition dropout, VAE posterior noise) is drawn
+from a generator seeded by (--seed, the sample's global index), so results do not depend on how
+samples are split across ranks, loader workers or accumulation steps.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import data
+from diffusion import GaussianDiffusion, beta_schedule, guided_model_fn
+from dit import DiT_models, LumosDiT, build_model, forward_flops
+from encoders import VAE, DINOEncoder
+
+# Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
+               "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+RANDOM_VIT = "random-vit"
+
+# torch.distributed.checkpoint works in a single process too, and warns about it at every save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class UsageError(ValueError):
+    """Bad arguments found once the run has started (e.g. a --resume with another configuration):
+    one line on rank 0, and every rank exits with status 2."""
+
+
+@dataclasses.dataclass
+class Task:
+    build_model: Callable
+    condition: Callable
+    dataset: object
+    eval_items: list
+    evaluate: Optional[Callable] = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+    hflip: bool = True
+
+
+#################################################################################
+#                                 Arguments                                     #
+#################################################################################
+
+def add_train_args(parser):
+    """The loop's arguments; train_t2i.py / train_nvs.py add theirs and change defaults."""
+    a = parser.add_argument
+    a("--out", default="runs/i2i", help="run folder: checkpoints, sample grids, metrics.jsonl, ema.safetensors")
+    a("--data", default="shapes:20000",
+      help="image folder, tar shards (globs, {000..099} ranges), shapes[:N], or cache:DIR (data.py cache)")
+    a("--model", default="DiT-S/2", help="a name from dit.DiT_models")
+    a("--depth", type=int, help="override the model's depth")
+    a("--hidden-size", type=int, help="override the model's width")
+    a("--num-heads", type=int, help="override the model's head count")
+    a("--image-size", type=int, default=32)
+    a("--vae", default=None, help="SD-VAE repo or folder (latent space); none: pixel space")
+    a("--encoder", default=RANDOM_VIT, help=f"DINO repo/folder/.pth, or {RANDOM_VIT} (small frozen random ViT)")
+    a("--prediction", default="epsilon", choices=["epsilon", "v"])
+    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
+    a("--steps", type=int, default=1500, help="optimizer steps in total")
+    a("--global-batch-size", type=int, default=64)
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
+    a("--lr", type=float, default=1e-3)
+    a("--warmup-steps", type=int, default=100)
+    a("--weight-decay", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--ema-decay", type=float, default=0.999)
+    a("--precision", default="fp32", choices=["fp32", "bf16"])
+    a("--grad-checkpointing", action="store_true")
+    a("--compile", action="store_true", help="torch.compile each block")
+    a("--seed", type=int, default=0)
+    a("--num-workers", type=int, default=None, help="data loader workers (default: 8 on GPU, 0 on CPU)")
+    a("--log-every", type=int, default=25)
+    a("--sample-every", type=int, default=500, help="steps between sample grids; 0: never, not even at the end")
+    a("--ckpt-every", type=int, default=500, help="steps between checkpoints; 0: only on a signal (benchmarks)")
+    a("--keep-last", type=int, default=2, help="complete checkpoints kept")
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    a("--num-samples", type=int, default=16, help="held-out conditions in each sample grid")
+    a("--sample-method", default="ddim", choices=["ddpm", "ddim", "dpm++"])
+    a("--sample-steps", type=int, default=50)
+    a("--cfg-scale", type=float, default=1.0)
+    a("--peak-tflops", type=float, default=None, help="device peak for MFU (known for common GPUs)")
+    a("--max-nonfinite", type=int, default=20, help="consecutive non-finite steps before stopping")
+    return parser
+
+
+def check_args(args, world_size):
+    """One clear line for every argument problem that would otherwise fail deep inside a run."""
+    per_rank = args.global_batch_size // world_size if args.global_batch_size % world_size == 0 else 0
+    if args.global_batch_size <= 0 or per_rank == 0 or per_rank % args.grad_accum:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by world size "
+                         f"{world_size} x --grad-accum {args.grad_accum}")
+    if args.model not in DiT_models:
+        raise ValueError(f"unknown --model {args.model!r}: choose one of {', '.join(DiT_models)}")
+    multiple = (8 if args.vae else 1) * int(args.model.rsplit("/", 1)[1])
+    if args.image_size % multiple:
+        raise ValueError(f"--image-size {args.image_size} must be divisible by {multiple} "
+                         f"({'8 (VAE) x ' if args.vae else ''}patch size of {args.model})")
+
+
+#################################################################################
+#                       Frozen encoders and the image space                     #
+#################################################################################
+
+class ImageSpace:
+    """Where the diffusion runs: pixels in [-1, 1] (no VAE), or SD-VAE latents times its scale."""
+
+    def __init__(self, vae=None):
+        self.vae = vae
+        self.channels = vae.post_quant_conv.in_channels if vae else 3
+        self.downsampling = 8 if vae else 1
+
+    def encode(self, images, posterior_noise=None):
+        """images (B, 3, S, S) in [-1, 1] -> (B, C, S/f, S/f); a posterior sample given its noise."""
+        if self.vae is None:
+            return images
+        return self.from_posterior(*self.vae.encode(images), posterior_noise)
+
+    def from_posterior(self, mean, std, posterior_noise=None):
+        """VAE posterior mean, std (B, C, h, w) in raw units -> the diffusion's latent: the sample
+        given by the noise (or the mean without one), times the VAE's scale."""
+        latent = mean if posterior_noise is None else mean + std * posterior_noise.to(mean)
+        return latent.float() * self.vae.scaling_factor
+
+    def decode(self, x):
+        """(B, C, S/f, S/f) -> images (B, 3, S, S) in [-1, 1]."""
+        images = x if self.vae is None else self.vae.decode(x / self.vae.scaling_factor)
+        return images.float().clamp(-1, 1)
+
+
+def load_image_encoder(spec, image_size, device):
+    """The frozen DINO condition encoder: Hub repo / folder / .pth, or a small random ViT of the same
+    class (seeded, so sample.py rebuilds the identical one from the export's metadata)."""
+    if spec == RANDOM_VIT:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = DINOEncoder(**random_vit_config(image_size))
+    else:
+        encoder = DINOEncoder.from_pretrained(spec)
+    return encoder.to(device)
+
+
+def random_vit_config(image_size):
+    return dict(image_size=image_size, patch_size=max(4, image_size // 8), width=192, depth=4, heads=3)
+
+
+def image_condition(encoder):
+    """The I2I condition: the L2-normalised DINO CLS of the (unflipped) image, as one token."""
+    def condition(batch, space):
+        return {"y": encoder.encode(batch["image"])[:, None], "mask": None}
+    return condition
+
+
+def cached_condition(batch, space):
+    """The I2I condition read from a feature cache: the same DINO CLS token, computed beforehand."""
+    return {"y": batch["cond"][:, None].float(), "mask": None}
+
+
+def diffusion_targets(batch, flips, posterior_noise, space):
+    """x0 (B, C, h, w): each image, mirrored where `flips` (B,) is True, in the diffusion's space
+    (a VAE posterior sample drawn with `posterior_noise`). A feature-cache batch holds the
+    posteriors of both mirror images, so the VAE does not run."""
+    if "latent_mean" in batch:
+        rows, which = torch.arange(len(flips), device=flips.device), flips.long()
+        return space.from_posterior(batch["latent_mean"][rows, which], batch["latent_std"][rows, which],
+                                    posterior_noise)
+    images = torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"])
+    return space.encode(images, posterior_noise)
+
+
+def reference_images(batch, space):
+    """(B, 3, S, S) in [-1, 1]: the batch's images, or the VAE decoding of their cached posterior means."""
+    if "image" in batch:
+        return batch["image"].float().clamp(-1, 1)
+    return space.decode(space.from_posterior(batch["latent_mean"][:, 0], batch["latent_std"][:, 0]))
+
+
+#################################################################################
+#                       Distributed set-up and parallelism                      #
+#################################################################################
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs as a world of one. Idempotent."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def parallelize(model, args, world_size, train=True):
+    """torchtitan's order: activation checkpointing, then compile each block, then FSDP2 per block
+    and at the root. The backward pass recomputes each block by calling it again, compiled graph
+    and FSDP all-gather included; compile per block, since the blocks are identical and one graph
+    serves all; shard per block, so each block's all-gather overlaps the previous block's compute.
+    `Module.compile` compiles in place, so state-dict keys stay plain (no `_orig_mod.`). bf16
+    keeps fp32 master weights: FSDP computes in bf16 and reduces gradients in fp32."""
+    model.grad_checkpointing = train and args.grad_checkpointing
+    if train and args.compile:
+        for block in model.blocks:
+            block.compile()
+    if world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        bf16 = args.precision == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                      reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    return model
+
+
+def local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def all_reduce(values, device, op=None):
+    """Sum (or `op`) a list of floats over ranks; identity in a world of one."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def device_peak_tflops(device, override=None):
+    """bf16 peak TFLOP/s for MFU: the flag if given, else looked up from the GPU's name, else None."""
+    if override or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+#################################################################################
+#                        Per-sample randomness                                  #
+#################################################################################
+
+def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob, latent):
+    """Every random choice of a training sample, from a generator seeded by (seed, global index).
+
+    Returns flips (B,) bool, t (B,) int64, drop_cond (B,) bool, noise (B, *x_shape), and the VAE
+    posterior noise (B, *x_shape) or None in pixel space. Drawn in this fixed order on the CPU.
+    """
+    flips, timesteps, drops, noises, posterior = [], [], [], [], []
+    for g in global_indices.tolist():
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, g]).generate_state(1)[0]))
+        flips.append(torch.rand((), generator=gen) < 0.5)
+        timesteps.append(torch.randint(num_timesteps, (), generator=gen))
+        drops.append(torch.rand((), generator=gen) < dropout_prob)
+        noises.append(torch.randn(x_shape, generator=gen))
+        if latent:
+            posterior.append(torch.randn(x_shape, generator=gen))
+    return (torch.stack(flips), torch.stack(timesteps), torch.stack(drops), torch.stack(noises),
+            torch.stack(posterior) if latent else None)
+
+
+#################################################################################
+#                                Checkpoints                                    #
+#################################################################################
+
+def checkpoint_dir(out):
+    return os.path.join(out, "checkpoints")
+
+
+def latest_checkpoint(out):
+    """Path of the latest complete checkpoint, or None. A save killed midway leaves only a
+    `.tmp` folder, which is never "latest" (the rename to the final name is the commit point)."""
+    pointer = os.path.join(checkpoint_dir(out), "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(checkpoint_dir(out), f.read().strip())
+        if os.path.isdir(path):
+            return path
+    complete = sorted(d for d in os.listdir(checkpoint_dir(out)) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(checkpoint_dir(out)) else []
+    return os.path.join(checkpoint_dir(out), complete[-1]) if complete else None
+
+
+def training_state(model, ema, optimizer, counters):
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "ema": get_model_state_dict(ema), "optim": optim_state,
+            "counters": counters, "rng": torch.get_rng_state()}
+
+
+def save_checkpoint(args, model, ema, optimizer, counters, rank, run_config):
+    """Every rank writes its shards into step_N.tmp; rank 0 renames it to step_N (atomic), points
+    `latest` at it (atomic replace) and deletes the oldest beyond --keep-last."""
+    name = f"step_{int(counters[0]):07d}"
+    final = os.path.join(checkpoint_dir(args.out), name)
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    dcp.save(training_state(model, ema, optimizer, counters), checkpoint_id=tmp)
+    if rank == 0:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(run_config, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomically(os.path.join(checkpoint_dir(args.out), "latest"), name.encode())
+        complete = sorted(d for d in os.listdir(checkpoint_dir(args.out)) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in complete[:-args.keep_last]:
+            shutil.rmtree(os.path.join(checkpoint_dir(args.out), old), ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path, model, ema, optimizer, run_config):
+    """Restore everything from `path` in place; returns the counters tensor."""
+    with open(os.path.join(path, "run_config.json")) as f:
+        saved = json.load(f)
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run_config.items() if saved.get(k) != v]
+    if changed:
+        raise UsageError(f"--resume: {path} was made with another configuration ({'; '.join(changed)}); "
+                         f"use the same arguments or another --out")
+    state = training_state(model, ema, optimizer, torch.zeros(4, dtype=torch.int64))
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(ema, state["ema"])
+    torch.set_rng_state(state["rng"])
+    return state["counters"]
+
+
+def export_ema(args, ema, rank, metadata):
+    """The EMA weights as one safetensors file with plain LumosDiT keys; its metadata holds all that
+    sample.py needs to rebuild the model and its inputs."""
+    full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        path = os.path.join(args.out, "ema.safetensors")
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in full.items()}
+        save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
+        os.replace(path + ".tmp", path)
+
+
+def load_export(path, device="cpu"):
+    """(EMA model, metadata) from an `ema.safetensors` export, with nothing else needed."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        raw = f.metadata() or {}
+        if "lumos" not in raw:
+            raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
+        metadata = {k: json.loads(v) for k, v in raw.items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model = LumosDiT(**metadata["lumos"]["config"])
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False), metadata
+
+
+def write_atomically(path, payload):
+    with open(path + ".tmp", "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+@torch.no_grad()
+def sample_grid(ema, task, space, diffusion, eval_batch, noise, args, path):
+    """EMA samples from fixed noise and fixed held-out conditions, written under their references."""
+    ema.eval()
+    cond = task.condition(eval_batch, space)
+    model_fn = guided_model_fn(ema, args.cfg_scale, **cond)
+    x0 = diffusion.sample(model_fn, noise, args.sample_method, args.sample_steps, clip_denoised=space.vae is None,
+                          generator=torch.Generator(noise.device).manual_seed(args.seed))
+    images = space.decode(x0)
+    if path is not None:
+        references = reference_images(eval_batch, space)
+        rows = [t for pair in zip(references.split(8), images.split(8)) for t in pair]
+        save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=8, padding=1)
+    return images
+
+
+#################################################################################
+#                                 The loop                                      #
+#################################################################################
+
+def train(args, task):
+    """Train `task` with `args` (add_train_args); every rank runs this same function."""
+    rank, world_size, device = setup_distributed()
+    try:
+        _train(args, task, rank, world_size, device)
+    except UsageError as error:
+        exit_with_usage_error(error, os.path.basename(sys.argv[0]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, task, rank, world_size, device):
+    torch.manual_seed(args.seed)
+    space = ImageSpace(VAE.from_pretrained(args.vae).to(device) if args.vae else None)
+    model = task.build_model().to(device)
+    ema = task.build_model().to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    config = model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_image = 3 * forward_flops(model)  # forward + backward (2x), nanoGPT's accounting
+    parallelize(model, args, world_size)
+    parallelize(ema, args, world_size, train=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999))
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=args.prediction)
+
+    run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
+                                                 "prediction", "data", "seed", "learn_sigma")}
+    run_config["model_config"] = config
+    counters = torch.zeros(4, dtype=torch.int64)  # step, skipped files, non-finite steps, spare
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if ckpt:
+        counters = load_checkpoint(ckpt, model, ema, optimizer, run_config)
+    step = int(counters[0])
+    if rank == 0:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        print(f"{args.model} ({num_params:,} parameters, {flops_per_image / 3e9:.2f} GFLOPs/image forward) "
+              f"on {task.dataset!r}; world {world_size}, device {device}; "
+              + (f"resumed from {ckpt} at step {step}" if ckpt else "from scratch"), flush=True)
+
+    per_rank = args.global_batch_size // world_size
+    micro = per_rank // args.grad_accum
+    workers = args.num_workers if args.num_workers is not None else (8 if device.type == "cuda" else 0)
+    loader = data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
+                              start=step * args.global_batch_size, num_workers=workers)
+    batches = iter(loader)
+    x_size = args.image_size // space.downsampling
+    x_shape = (space.channels, x_size, x_size)
+    dropout_prob = config["class_dropout_prob"]
+    eval_batch = to_device(data.collate_samples(task.eval_items[: args.num_samples]), device)
+    num_eval = len(task.eval_items[: args.num_samples])
+    eval_noise = torch.randn((num_eval, *x_shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    peak = device_peak_tflops(device, args.peak_tflops)
+    metadata = {"lumos": {"task": task.metadata.get("task", "i2i"), "model": args.model, "config": config,
+                          "space": "latent" if args.vae else "pixel", "vae": args.vae, "image_size": args.image_size,
+                          "encoder": args.encoder, "prediction": args.prediction, **task.metadata}}
+
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+
+    def model_fn(x, t, **kwargs):
+        return model(x, t, **kwargs).float()
+
+    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "samples": 0, "time": time.perf_counter(), "steps": 0,
+              "skipped": []}
+    consecutive_nonfinite = 0
+    model.train()
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(args.grad_accum):
+            batch = to_device(next(batches), device)
+            window["skipped"] += batch.get("skipped", [])
+            flips, t, drop, noise, posterior = sample_randomness(
+                batch["global_index"], args.seed, x_shape, diffusion.num_timesteps, dropout_prob, space.vae is not None)
+            flips, t, drop, noise = flips.to(device), t.to(device), drop.to(device), noise.to(device)
+            with torch.no_grad(), autocast():
+                x0 = diffusion_targets(batch, flips & task.hflip, posterior, space)
+                cond = task.condition(batch, space)
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(micro_step == args.grad_accum - 1)
+            with autocast():
+                losses = diffusion.training_losses(model_fn, x0.float(), t, {**cond, "drop_cond": drop}, noise=noise)
+            (losses["loss"].sum() / per_rank).backward()
+            window["loss"] += losses["loss"].detach().sum().item()
+            window["mse"] += losses["mse"].detach().sum().item()
+            window["vb"] += losses["vb"].detach().sum().item() if "vb" in losses else 0.0
+            window["samples"] += len(t)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = float(local(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm))
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            update_ema(ema, model, args.ema_decay)
+            consecutive_nonfinite = 0
+        else:
+            counters[2] += 1
+            consecutive_nonfinite += 1
+            if consecutive_nonfinite >= args.max_nonfinite:
+                raise RuntimeError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                                   f"at step {step}: lower --lr, use --precision fp32, or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counters[0] = step
+        window["steps"] += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            path = os.path.join(args.out, "samples", f"step_{step:07d}.png") if rank == 0 else None
+            sample_grid(ema, task, space, diffusion, eval_batch, eval_noise, args, path)
+            if task.evaluate:
+                log_line(args, rank, {"step": step, **task.evaluate(ema, step)})
+            model.train()
+        stop_now = all_reduce([float(stop["signal"] is not None)], device, dist.ReduceOp.MAX)[0] > 0
+        if stop_now or args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
+            count_skipped_files(window, counters, rank)
+            save_checkpoint(args, model, ema, optimizer, counters, rank, run_config)
+            export_ema(args, ema, rank, {**metadata, "step": step})
+        if stop_now:
+            if rank == 0:
+                tqdm.write(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting")
+            break
+    progress.close()
+
+
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP."""
+    ema_params = [local(p) for p in ema.parameters()]
+    model_params = [local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def count_skipped_files(window, counters, rank):
+    """Add the bad files every rank skipped since the last call to counters[1]; rank 0 names them."""
+    names = [window["skipped"]]
+    if dist.is_initialized():
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, window["skipped"])
+    for name in (name for rank_names in names for name in rank_names):
+        counters[1] += 1
+        if rank == 0:
+            tqdm.write(f"skipped bad file {name}")
+    window["skipped"] = []
+
+
+def peak_memory_gib(device):
+    """GPU: the most memory tensors have held. CPU: this process's peak resident set, VmHWM from
+    /proc (Linux; None elsewhere), which exec resets, where getrusage's would keep a parent's peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if not os.path.exists("/proc/self/status"):
+        return None
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) / 2**20
+
+
+def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress):
+    count_skipped_files(window, counters, rank)
+    loss, mse, vb, samples = all_reduce([window["loss"], window["mse"], window["vb"], window["samples"]], device)
+    elapsed = time.perf_counter() - window["time"]
+    images_per_s = samples / elapsed
+    tflops = flops_per_image * images_per_s / 1e12
+    line = {"step": step, "loss": loss / samples, "mse": mse / samples, "vb": vb / samples, "grad_norm": grad_norm,
+            "lr": lr, "images_per_s": images_per_s, "tflops": tflops,
+            "mfu": tflops / (peak * world_size) if peak else None,
+            "skipped_files": int(counters[1]), "nonfinite_steps": int(counters[2]),
+            "peak_memory_gib": peak_memory_gib(device)}
+    log_line(args, rank, line)
+    progress.set_postfix(loss=f"{line['loss']:.4f}", gnorm=f"{grad_norm:.2f}", img_s=f"{images_per_s:.1f}",
+                         mfu="-" if peak is None else f"{100 * line['mfu']:.1f}%")
+    window.update(loss=0.0, mse=0.0, vb=0.0, samples=0, time=time.perf_counter(), steps=0)
+
+
+def log_line(args, rank, line):
+    if rank == 0:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+#################################################################################
+#                                    I2I                                        #
+#################################################################################
+
+def held_out_items(dataset, image_size, seed, count):
+    """Conditions and references of the sample grids. For `shapes`: images past the training set,
+    never trained on. For real data: `count` items spread evenly over the dataset (pass a separate
+    folder to --data of an evaluation run for truly held-out ones)."""
+    if isinstance(dataset, data.ShapesDataset):
+        extended = data.ShapesDataset(len(dataset) + count, image_size, seed)
+        return [extended[len(dataset) + k] for k in range(count)]
+    return [dataset[k * len(dataset) // count] for k in range(min(count, len(dataset)))]
+
+
+def i2i_task(args, device):
+    """I2I: the condition is one DINO CLS token of the image itself, computed on the fly, or read
+    from a feature cache (--data cache:DIR), where the encoder is never loaded."""
+    dataset = data.open_dataset(args.data, args.image_size, seed=args.seed)
+    if isinstance(dataset, data.FeatureCache):
+        check_cache_settings(dataset, args)
+        condition, cond_dim = cached_condition, dataset.cond_dim
+    else:
+        encoder = load_image_encoder(args.encoder, args.image_size, device)
+        condition, cond_dim = image_condition(encoder), encoder.norm.normalized_shape[0]
+    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
+    build = lambda: build_model(args.model, input_size=args.image_size // (8 if args.vae else 1),
+                                in_channels=4 if args.vae else 3, learn_sigma=args.learn_sigma,
+                                cond_dim=cond_dim, cond_tokens=1, **overrides)
+    encoder_config = random_vit_config(args.image_size) if args.encoder == RANDOM_VIT else None
+    return Task(build_model=build, condition=condition, dataset=dataset,
+                eval_items=held_out_items(dataset, args.image_size, args.seed, args.num_samples),
+                metadata={"task": "i2i", "encoder_config": encoder_config})
+
+
+def check_cache_settings(cache, args):
+    """The run names the encoders the cache was made with: the VAE decodes the grids, and the
+    export records both for sample.py."""
+    made = (cache.info["vae"], cache.info["encoder"])
+    if (args.vae, args.encoder) != made:
+        raise ValueError(f"--data cache:{cache.root} was made with --vae {made[0]} --encoder {made[1]}; "
+                         f"pass those (given: --vae {args.vae} --encoder {args.encoder})")
+
+
+def exit_with_usage_error(error, prog):
+    """One line on rank 0's stderr, then every rank exits with status 2 (argparse's). Under torchrun
+    the ranks meet at a barrier first: the first rank to exit gets the others killed, and that
+    must not happen before rank 0 has printed."""
+    rank = setup_distributed()[0]
+    if rank == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(2)
+
+
+def main(argv=None):
+    parser = add_train_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        check_args(args, world_size)
+        task = i2i_task(args, device)
+    except (ValueError, FileNotFoundError) as error:
+        exit_with_usage_error(error, "train_i2i.py")
+    train(args, task)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,21 +27,7 @@ from safetensors.torch import save_file
 import data
 from dit import build_model, forward_flops
 from encoders import VAE, DINOEncoder, T5Config, T5Encoder, is_t5_encoder_key
-
-# Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0, "L40S": 362.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
-
-
-def device_peak_tflops(device, override=None):
-    """bf16 peak TFLOP/s for MFU: the flag if given, else looked up from the GPU's name, else None."""
-    if override:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-    return None
-
+from train_i2i import device_peak_tflops
 
 def synchronize(device):
     if device.type == "cuda":
@@ -119,7 +105,6 @@ def bench_model(args):
         rows.append({"variant": variant, "img/s": f"{images_per_s:.1f}", "ms/step": f"{1e3 * seconds:.1f}",
                      "TFLOP/s": f"{achieved:.2f}", "MFU": f"{100 * achieved / peak:.1f}%" if peak else "-",
                      "peak GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"})
-        del model
     params = sum(p.numel() for p in build_model(args.model, input_size=latent_size, in_channels=channels).parameters())
     print(f"{args.model} on {channels}x{latent_size}x{latent_size} inputs, batch {args.batch_size}, {device}: "
           f"{params:,} parameters, {forward_flops_of(args.model, latent_size, channels) / 1e9:.1f} GFLOPs/image forward, "
@@ -322,14 +307,16 @@ def bench_train(args):
             seconds = sum(batch / line["images_per_s"] for line in timed) / len(timed)
             mfu_per_image_s = timed[-1]["mfu"] / timed[-1]["images_per_s"] if timed[-1]["mfu"] else None
             peak_gib = timed[-1]["peak_memory_gib"]  # a running maximum
-            rows.append({"variant": name, **{key: str(value) for key, value in variant.items()},
+            yes_no = {key: "yes" if variant[key] else "no" for key in ("compile", "ckpt")}
+            rows.append({"variant": name, **variant, **yes_no,
                          "img/s": f"{batch / seconds:.2f}", "ms/step": f"{1e3 * seconds:.0f}",
                          "MFU": f"{100 * mfu_per_image_s * batch / seconds:.1f}%" if mfu_per_image_s else "-",
                          "peak GiB": "-" if peak_gib is None else f"{peak_gib:.2f}"})
             print(f"  {name}: {rows[-1]['img/s']} img/s", flush=True)
     print_table(rows, list(rows[0]))
     if not cuda:
-        print("peak GiB: peak RSS of the rank-0 process. One rank uses every core; each of two ranks one core.")
+        print(f"peak GiB: the peak RSS of the rank-0 process. Threads: {torch.get_num_threads()} for one rank, "
+              f"{os.environ.get('OMP_NUM_THREADS', 1)} per rank for two (torchrun's default: 1)")
     elif torch.cuda.device_count() == 1:
         print("fsdp2: left out, it needs two GPUs")
 

@@ -12,7 +12,6 @@ Each sample's initial noise is seeded by (--seed, its global index), so a result
 on batch size or world size, and `--num-samples` runs resume: files that exist are skipped.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -25,12 +24,14 @@ from torchvision.utils import save_image
 import data
 import train_i2i
 from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, guided_model_fn
-from dit import LumosDiT, build_model
+from dit import LumosDiT
 from encoders import load_into
+from train_nvs import NVSDiT, nvs_condition, pose_vector
 from train_t2i import text_condition_from_metadata
 
-OFFICIAL_I2I = {"model": "DiT-XL/2", "image_size": 256, "vae": "stabilityai/sd-vae-ft-ema",
-                "encoder": "facebook/dino-vitb16", "space": "latent", "task": "i2i", "prediction": "epsilon"}
+# The official release gives weights only: the rest of its set-up (SPEC sections 2 and 4).
+OFFICIAL_SETUP = {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "facebook/dino-vitb16", "prediction": "epsilon"}
+MODEL_CLASSES = {"i2i": LumosDiT, "t2i": LumosDiT, "nvs": NVSDiT}
 
 
 #################################################################################
@@ -38,50 +39,21 @@ OFFICIAL_I2I = {"model": "DiT-XL/2", "image_size": 256, "vae": "stabilityai/sd-v
 #################################################################################
 
 def load_generator(ckpt, device):
-    """(model, info) from an export (.safetensors), a training run folder, or an official .pth.
-    info: task, space, vae, encoder, image_size, prediction, and the task's extra fields."""
+    """(model, info) from an export (ema.safetensors of any task), an I2I training run folder, or the
+    official `Lumos_I2I.pth`. info: task, space, vae, encoder, image_size, prediction, and the
+    task's own fields (text encoder, pose, ...)."""
     if ckpt.endswith(".safetensors"):
-        model, metadata = train_i2i.load_export(ckpt, device)
+        task = train_i2i.export_metadata(ckpt)["lumos"].get("task", "i2i")
+        model, metadata = train_i2i.load_export(ckpt, device, MODEL_CLASSES[task])
         return model, metadata["lumos"]
-    if os.path.isdir(ckpt):
-        return load_run(ckpt, device)
-    if ckpt.endswith((".pth", ".pt", ".bin")):
-        return load_official(ckpt, device)
-    raise ValueError(f"--ckpt {ckpt}: expected an ema.safetensors export, a run folder, or an official .pth")
-
-
-def load_run(folder, device):
-    """The EMA of the latest complete checkpoint of a training run folder (its --out)."""
-    path = train_i2i.latest_checkpoint(folder)
-    if path is None:
-        raise FileNotFoundError(f"--ckpt {folder}: no complete checkpoint in {folder}/checkpoints")
-    with open(os.path.join(path, "run_config.json")) as f:
-        run_config = json.load(f)
-    model = LumosDiT(**run_config["model_config"])
-    state = {"ema": model.state_dict()}
-    torch.distributed.checkpoint.load(state, checkpoint_id=path)
-    model.load_state_dict(state["ema"])
-    info = {"task": run_config.get("task", "i2i"), "space": "latent" if run_config["vae"] else "pixel", **run_config}
+    state, info = train_i2i.load_i2i_init(ckpt)
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = LumosDiT(**info["config"])
+    load_into(model, state, ckpt, assign=True)
+    if os.path.isfile(ckpt):  # the official file: weights only
+        info.update({k: v for k, v in OFFICIAL_SETUP.items() if info.get(k) is None})
+    info.update(task="i2i", space="latent" if info["vae"] else "pixel")
     return model.to(device).eval().requires_grad_(False), info
-
-
-def load_official(path, device):
-    """The official Lumos I2I release (`Lumos_I2I.pth` in Xiaomabufei/lumos): DiT-XL/2 at 256 px."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key in ("ema", "model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    extra = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder", "resolution_embedder")))
-    if extra:
-        raise ValueError(f"{path}: a multi-scale model with {', '.join(extra[:2])} (PixArt-alpha 1024 px "
-                         f"size/aspect embedders), which this project does not implement")
-    cond_dim = state["y_embedder.y_embedding"].shape[-1]
-    cond_tokens = state["y_embedder.y_embedding"].shape[0]
-    with torch.device("meta"):  # no random init: every tensor comes from the file
-        model = build_model(OFFICIAL_I2I["model"], input_size=OFFICIAL_I2I["image_size"] // 8,
-                            cond_dim=cond_dim, cond_tokens=cond_tokens)
-    load_into(model, state, path, assign=True)
-    return model.to(device).eval().requires_grad_(False), dict(OFFICIAL_I2I, config=model.config)
 
 
 #################################################################################
@@ -99,19 +71,19 @@ def read_images(paths, image_size):
     return torch.stack(images)
 
 
-def i2i_conditions(args, info, device):
+def i2i_conditions(args, info, space, device):
     """Reference images, each repeated --per-image times -> (batch of references, kwargs fn)."""
-    encoder = train_i2i.load_image_encoder(info["encoder"], info["image_size"], device)
+    encoder = condition_encoder(info, device)
     references = read_images(args.images, info["image_size"]).repeat_interleave(args.per_image, dim=0)
     features = encoder.encode(references.to(device))[:, None]
     return references, lambda rows: {"y": features[rows], "mask": None}
 
 
-def interpolation_conditions(args, info, device):
+def interpolation_conditions(args, info, space, device):
     """Two images, --frames mixes of their normalised DINO features (shared noise, as the demo)."""
     if len(args.images) != 2:
         raise ValueError(f"interpolate takes exactly two --images, got {len(args.images)}")
-    encoder = train_i2i.load_image_encoder(info["encoder"], info["image_size"], device)
+    encoder = condition_encoder(info, device)
     first, second = encoder.encode(read_images(args.images, info["image_size"]).to(device))
     weights = torch.linspace(0, 1, args.frames, device=device)[:, None]
     features = ((1 - weights) * first + weights * second)[:, None]
@@ -119,7 +91,7 @@ def interpolation_conditions(args, info, device):
     return references, lambda rows: {"y": features[rows], "mask": None}
 
 
-def t2i_conditions(args, info, device):
+def t2i_conditions(args, info, space, device):
     """Prompts (--prompts, or --prompt-file: one a line), each repeated --per-image times, encoded a
     batch at a time by the export's text encoder. The prompts stand where reference images would."""
     prompts = list(args.prompts)
@@ -135,7 +107,28 @@ def t2i_conditions(args, info, device):
     return prompts, lambda rows: encode([prompts[r] for r in rows])
 
 
-CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t2i": t2i_conditions}
+def nvs_conditions(args, info, space, device):
+    """One source view (--images) seen from each of --poses "d_polar,d_azimuth,d_radius" (degrees,
+    degrees, distance; Zero-1-to-3's relative camera). The source stands where references would."""
+    if len(args.images) != 1 or not args.poses:
+        raise ValueError("nvs takes one source image (--images) and one or more --poses")
+    try:
+        poses = [[float(v) for v in pose.split(",")] for pose in args.poses]
+        poses = torch.stack([pose_vector(np.radians(p), np.radians(a), r) for p, a, r in poses]).to(device)
+    except ValueError:
+        raise ValueError(f"--poses {' '.join(args.poses)}: each must be d_polar,d_azimuth,d_radius") from None
+    source = read_images(args.images, info["image_size"]).expand(len(poses), -1, -1, -1)
+    cond = nvs_condition(condition_encoder(info, device))({"source": source.to(device), "pose": poses}, space)
+    return source, lambda rows: {key: value[rows] if value is not None else None for key, value in cond.items()}
+
+
+def condition_encoder(info, device):
+    """The frozen DINO of the checkpoint: its repo or folder, or its seeded random ViT."""
+    return train_i2i.load_image_encoder(info["encoder"], info["image_size"], device, info.get("encoder_config"))
+
+
+CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t2i": t2i_conditions,
+              "nvs": nvs_conditions}
 
 
 #################################################################################
@@ -219,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--per-image", type=int, default=4, help="i2i, t2i: variations per reference / prompt")
     parser.add_argument("--prompts", nargs="+", default=[], help="t2i: text prompts")
     parser.add_argument("--prompt-file", help="t2i: a text file of prompts, one a line")
+    parser.add_argument("--poses", nargs="+", default=[], help="nvs: target cameras d_polar,d_azimuth,d_radius")
     parser.add_argument("--frames", type=int, default=8, help="interpolate: frames")
     parser.add_argument("--method", default="dpm++", choices=SAMPLING_METHODS)
     parser.add_argument("--steps", type=int, default=20)
@@ -237,7 +231,7 @@ def main(argv=None):
         model, info = load_generator(args.ckpt, device)
         info.update({k: getattr(args, k) for k in ("vae", "encoder") if getattr(args, k)})
         space = train_i2i.ImageSpace(train_i2i.VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
-        references, cond_fn = CONDITIONS[args.mode](args, info, device)
+        references, cond_fn = CONDITIONS[args.mode](args, info, space, device)
     except (ValueError, FileNotFoundError) as error:
         if rank == 0:
             print(f"sample.py: error: {error}", file=sys.stderr)

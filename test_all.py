@@ -1,11 +1,15 @@
 """The test suite: fast tests by default, `slow` ones (marked) also run in CI.
 
 Offline: every checkpoint is a tiny random one written in the Hub layout into a temporary folder."""
+import argparse
+import functools
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -15,24 +19,34 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import zlib
+from functools import partial
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bench
 import data
+import dit
 import encoders
+import evaluate
 import huggingface_hub
 import numpy as np
 import pytest
 import sample
 import sentencepiece
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import train_i2i
+import train_nvs
+import train_t2i
 import transformers
 from PIL import Image
-from diffusion import (GaussianDiffusion, beta_schedule, cosine_betas, guided_model_fn, linear_betas, spaced_timesteps)
+from diffusion import GaussianDiffusion, beta_schedule, cosine_betas, guided_model_fn, linear_betas, spaced_timesteps
 from dit import DiT_models, LumosDiT, build_model, forward_flops, get_2d_sincos_pos_embed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
@@ -899,8 +913,8 @@ def test_guided_model_fn_guides_the_epsilon_channels_only():
 
 def assert_close_to_scale(actual, expected, tolerance=1e-4):
     """max |actual - expected| <= tolerance * max |expected|."""
-    error = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
     assert error <= tolerance * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
 
 
@@ -2169,6 +2183,238 @@ def test_per_sample_randomness_does_not_depend_on_batching():
 
 
 ####################################################################################################
+# scale
+####################################################################################################
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SCALE_RUN = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+            "--image-size", "16", "--data", "shapes:256", "--log-every", "1", "--sample-steps", "2",
+            "--num-samples", "4", "--warmup-steps", "2", "--lr", "1e-3",
+            # Clipping active at every step (norms are ~0.2) and an EMA that moves visibly.
+            "--max-grad-norm", "0.1", "--ema-decay", "0.5"]
+# Small VAE with the SD-VAE's structure (4 levels: f = 8) and a small DINO ViT, random weights.
+TINY_VAE = {**bench.SD_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
+TINY_DINO = {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 1}
+# Float32 sums taken in another order (per-rank sums plus an all-reduce; fused compiled kernels;
+# convolutions over other batch compositions) differ by ~1e-7 relative; a wrong sample, flip,
+# scale or update differs by more than 1e-2.
+TOLERANCE = 1e-5
+
+
+def torchrun(script, *args):
+    """`torchrun --standalone --nproc_per_node 2 script args` on the CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+               *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def logged(out, key):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [line[key] for line in map(json.loads, f) if key in line]
+
+
+def checkpoint(out, step):
+    return os.path.join(out, "checkpoints", f"step_{step:07d}")
+
+
+def checkpoint_weights(path, part):
+    """The "model" or "ema" weights of a DCP checkpoint as full tensors, whatever world wrote it."""
+    with open(os.path.join(path, "run_config.json")) as f:
+        state = {part: LumosDiT(**json.load(f)["model_config"]).state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    return state[part]
+
+
+def assert_same_weights(actual, expected):
+    """Relative TOLERANCE, and 1e-7 absolute for entries near 0: a step moves a weight by up to
+    the learning rate, 1e-3, so a wrong gradient or update shows far above 1e-7."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=TOLERANCE, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+def tiny_encoders(folder):
+    """(vae folder, dino folder): small random encoders in the layouts --vae / --encoder read."""
+    return bench.write_random_encoders(folder, TINY_VAE, TINY_DINO)
+
+
+def write_cache(folder, vae_dir, dino_dir, spec="shapes:10", shard_size=4):
+    """A feature cache of `spec` at 32 px, written in this process; returns the FeatureCache."""
+    settings = {"data": spec, "seed": 0, "image_size": 32, "vae": vae_dir, "encoder": dino_dir}
+    data.write_feature_cache(data.open_dataset(spec, 32), folder, encoders.VAE.from_pretrained(vae_dir),
+                             encoders.DINOEncoder.from_pretrained(dino_dir), settings, shard_size, batch_size=3,
+                             log=lambda line: None)
+    return data.FeatureCache(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 under torchrun
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_and_their_checkpoint_resumes_in_one_rank(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = SCALE_RUN + ["--global-batch-size", "8", "--ckpt-every", "2", "--sample-every", "2"]
+    train_i2i.main(common + ["--out", str(one), "--steps", "4"])
+    # 2 ranks x 2 micro-batches of 2 (gradient sync only on the last) = 1 rank x 8.
+    result = torchrun("train_i2i.py", *common, "--out", two, "--steps", "2", "--grad-accum", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("from scratch") == 1  # rank 0 alone prints and writes
+    assert sorted(os.listdir(two)) == ["checkpoints", "ema.safetensors", "metrics.jsonl", "samples"]
+    assert os.listdir(two / "samples") == ["step_0000002.png"] and logged(two, "step") == [1, 2]
+    export_at_2 = load_file(two / "ema.safetensors")  # gathered from both ranks' shards by rank 0
+    train_i2i.main(common + ["--out", str(two), "--steps", "4", "--resume"])  # 1 rank continues
+    assert logged(two, "step") == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):  # the loss all-reduced, the norm clipped over all shards
+        assert logged(two, key) == pytest.approx(logged(one, key), rel=TOLERANCE)
+    assert_same_weights(export_at_2, checkpoint_weights(checkpoint(one, 2), "ema"))
+    for step in (2, 4):
+        for part in ("model", "ema"):
+            assert_same_weights(checkpoint_weights(checkpoint(two, step), part),
+                                checkpoint_weights(checkpoint(one, step), part))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["batch", "resume"])
+def test_bad_arguments_under_torchrun_give_one_line_and_every_rank_exits(tmp_path, case):
+    if case == "batch":
+        extra, message = ["--global-batch-size", "6", "--grad-accum", "2"], \
+            "--global-batch-size 6 must be divisible by world size 2 x --grad-accum 2"
+    else:
+        train_i2i.main(SCALE_RUN + ["--out", str(tmp_path), "--steps", "1", "--global-batch-size", "8"])
+        extra, message = ["--resume", "--global-batch-size", "16"], "global_batch_size: 8 -> 16"
+    result = torchrun("train_i2i.py", *SCALE_RUN, "--out", tmp_path, "--steps", "2", *extra)
+    errors = [line for line in result.stderr.splitlines() if "train_i2i.py: error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    # torchrun's failure report names each rank with its exit code: 2, or SIGTERM (-15) from
+    # torchrun itself when the other rank's exit came first; the one line was printed before.
+    exit_codes = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)", result.stderr))
+    assert result.returncode != 0 and set(exit_codes) == {"0", "1"}, result.stderr[-3000:]
+    assert "2" in exit_codes.values() and set(exit_codes.values()) <= {"2", "-15"}
+    assert "Traceback" not in result.stderr.split("train_i2i.py: error:")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager_and_keeps_plain_keys(tmp_path):
+    common = SCALE_RUN + ["--steps", "1", "--global-batch-size", "4", "--sample-every", "0"]
+    train_i2i.main(common + ["--out", str(tmp_path / "eager")])
+    torch._dynamo.utils.counters.clear()
+    train_i2i.main(common + ["--out", str(tmp_path / "compiled"), "--compile", "--grad-checkpointing"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    assert logged(tmp_path / "compiled", "loss") == pytest.approx(logged(tmp_path / "eager", "loss"), rel=TOLERANCE)
+    eager, compiled = (checkpoint(tmp_path / name, 1) for name in ("eager", "compiled"))
+    assert_same_weights(checkpoint_weights(compiled, "model"), checkpoint_weights(eager, "model"))
+    saved_keys = [set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata) for path in (eager, compiled)]
+    assert saved_keys[1] == saved_keys[0] and "model.blocks.0.attn.qkv.weight" in saved_keys[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache
+
+
+def test_cached_batches_equal_encoding_on_the_fly(tmp_path):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    cache = write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:12", shard_size=5)
+    images = data.open_dataset("shapes:12", 32)
+    space = train_i2i.ImageSpace(encoders.VAE.from_pretrained(vae_dir))
+    condition = train_i2i.image_condition(encoders.DINOEncoder.from_pretrained(dino_dir))
+    batches = [next(iter(data.make_loader(source, 12, 12, seed=3))) for source in (images, cache)]
+    assert torch.equal(batches[0]["index"], batches[1]["index"]) and batches[0]["caption"] == batches[1]["caption"]
+    flips, _, _, _, posterior = train_i2i.sample_randomness(batches[0]["global_index"], 0, (4, 4, 4), 1000, 0.1, True)
+    assert flips.any() and not flips.all()
+    on_the_fly = train_i2i.diffusion_targets(batches[0], flips, posterior, space)
+    assert_close_to_scale(train_i2i.diffusion_targets(batches[1], flips, posterior, space), on_the_fly, TOLERANCE)
+    assert_close_to_scale(train_i2i.cached_condition(batches[1], space)["y"], condition(batches[0], space)["y"], TOLERANCE)
+    # The grids' references: decoded cached means, what the VAE makes of the images.
+    references = space.decode(space.encode(batches[0]["image"]))
+    assert_close_to_scale(train_i2i.reference_images(batches[1], space), references, TOLERANCE)
+
+
+def test_restart_skips_finished_shards_and_refuses_other_settings(tmp_path):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    root = tmp_path / "cache"
+    first = write_cache(root, vae_dir, dino_dir)  # 10 items in shards of 4, 4, 2
+    before = {shard: load_file(data.cache_shard_path(root, shard)) for shard in range(3)}
+    os.remove(data.cache_shard_path(root, 1))
+    with open(data.cache_shard_path(root, 1) + ".tmp", "wb") as f:
+        f.write(b"cut off by a kill")
+    with pytest.raises(FileNotFoundError, match="incomplete: 1 of 3 shards missing"):
+        data.FeatureCache(root)
+    finished = {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2)}
+    settings = {"data": "shapes:10", "seed": 0, "image_size": 32, "vae": vae_dir, "encoder": dino_dir}
+    vae, dino = encoders.VAE.from_pretrained(vae_dir), encoders.DINOEncoder.from_pretrained(dino_dir)
+    written = data.write_feature_cache(data.open_dataset("shapes:10", 32), root, vae, dino, settings, 4,
+                                       log=lambda line: None)
+    assert written == [1]
+    assert {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2)} == finished
+    for key, tensor in load_file(data.cache_shard_path(root, 1)).items():
+        assert_close_to_scale(tensor, before[1][key], TOLERANCE)
+    assert len(data.FeatureCache(root)) == len(first) == 10
+    with pytest.raises(ValueError, match="image_size: 32 -> 64"):
+        data.write_feature_cache(data.open_dataset("shapes:10", 64), root, vae, dino,
+                                 {**settings, "image_size": 64}, 4)
+
+
+def test_training_refuses_a_cache_of_other_encoders_or_size(tmp_path, capsys):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    write_cache(tmp_path / "cache", vae_dir, dino_dir)
+    run = SCALE_RUN + ["--data", f"cache:{tmp_path / 'cache'}", "--out", str(tmp_path / "run")]
+    for extra, message in [(["--image-size", "32", "--vae", vae_dir], f"was made with --vae {vae_dir} --encoder {dino_dir}"),
+                           (["--image-size", "64", "--vae", vae_dir, "--encoder", dino_dir], "pass --image-size 32")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_i2i.main(run + extra)
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in error and "\n" not in error
+
+
+@pytest.mark.slow
+def test_two_rank_extraction_covers_every_image_once(tmp_path):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    root = tmp_path / "cache"
+    result = torchrun("data.py", "cache", "--data", "shapes:10", "--out", root, "--vae", vae_dir, "--encoder", dino_dir,
+                      "--image-size", "32", "--shard-size", "3", "--batch-size", "2", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    writes = [line.split(" ")[:4] for line in result.stdout.splitlines() if ": wrote " in line]
+    assert sorted(path for *_, path in writes) == [data.cache_shard_path(str(root), k) for k in range(4)]
+    assert {rank for _, rank, *_ in writes} == {"0:", "1:"}  # both ranks wrote, no shard twice
+    assert sorted(os.listdir(root)) == ["cache.json"] + [f"shard_{k:05d}.safetensors" for k in range(4)]
+    indices = torch.cat([load_file(data.cache_shard_path(root, k))["index"] for k in range(4)])
+    assert indices.tolist() == list(range(10))
+    single = write_cache(tmp_path / "single", vae_dir, dino_dir, shard_size=3)
+    cache = data.FeatureCache(root)
+    for i in range(10):
+        for key in ("latent_mean", "latent_std", "cond"):
+            assert_close_to_scale(cache[i][key], single[i][key], TOLERANCE)
+        assert cache[i]["caption"] == single[i]["caption"]
+
+
+def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:16")
+    run = SCALE_RUN + ["--image-size", "32", "--vae", vae_dir, "--encoder", dino_dir, "--global-batch-size", "4",
+                      "--steps", "3", "--sample-every", "3"]
+    train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an encoder ran during training from the cache")
+
+    monkeypatch.setattr(train_i2i, "load_image_encoder", must_not_run)
+    monkeypatch.setattr(encoders.VAE, "encode", must_not_run)
+    train_i2i.main(run + ["--data", f"cache:{tmp_path / 'cache'}", "--out", str(tmp_path / "cached")])
+    assert logged(tmp_path / "cached", "loss") == pytest.approx(logged(tmp_path / "on_the_fly", "loss"), rel=TOLERANCE)
+    assert_same_weights(load_file(tmp_path / "cached" / "ema.safetensors"),
+                        load_file(tmp_path / "on_the_fly" / "ema.safetensors"))
+    assert os.path.exists(tmp_path / "cached" / "samples" / "step_0000003.png")
+    with safe_open(tmp_path / "cached" / "ema.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["lumos"])["vae"] == vae_dir
+
+
+####################################################################################################
 # sample
 ####################################################################################################
 
@@ -2205,7 +2451,7 @@ def test_interpolation_shares_noise_and_mixes_features(tiny_export):
     export, images = tiny_export
     args = sample.main.__globals__["argparse"].Namespace(images=images, frames=3)
     model, info = sample.load_generator(export, torch.device("cpu"))
-    _, cond_fn = sample.interpolation_conditions(args, info, torch.device("cpu"))
+    _, cond_fn = sample.interpolation_conditions(args, info, None, torch.device("cpu"))
     y = cond_fn([0, 1, 2])["y"][:, 0]
     torch.testing.assert_close(y[1], (y[0] + y[2]) / 2)
     noise = sample.initial_noise([0, 1, 2], (3, 4, 4), seed=0, shared=True)
@@ -2255,13 +2501,15 @@ def tiny_hub_encoders(folder):
 @pytest.mark.slow
 def test_official_layout_checkpoint_loads_and_samples(tmp_path):
     torch.manual_seed(0)
-    official = DiT_models["DiT-XL/2"]().state_dict()  # the official keys and shapes, random values
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in DiT_models["DiT-XL/2"]().state_dict().items()}
+    official = {key: 0.02 * torch.randn(shape) for key, shape in shapes.items()}  # official keys and shapes
     torch.save({"state_dict": official}, tmp_path / "Lumos_I2I.pth")
     del official
     dino, vae = tiny_hub_encoders(tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
     sample.main(["i2i", "--ckpt", str(tmp_path / "Lumos_I2I.pth"), "--images", str(tmp_path / "ref.png"),
-                 "--per-image", "1", "--steps", "2", "--method", "ddim", "--vae", vae, "--encoder", dino,
+                 "--per-image", "1", "--steps", "2", "--method", "ddim", "--cfg-scale", "1", "--vae", vae, "--encoder", dino,
                  "--out", str(tmp_path / "out")])
     assert np.asarray(Image.open(tmp_path / "out" / "000000.png")).shape == (256, 256, 3)
 
@@ -2271,3 +2519,1216 @@ def test_official_multiscale_checkpoint_gets_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["i2i", "--ckpt", str(tmp_path / "t2i_1024.pth"), "--images", "x.png"])
     assert "multi-scale" in capsys.readouterr().err
+
+
+####################################################################################################
+# t2i
+####################################################################################################
+
+TINY_MODEL = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--image-size", "16"]
+TINY_LOOP = ["--global-batch-size", "8", "--steps", "3", "--sample-every", "1000", "--sample-steps", "2",
+             "--num-samples", "4", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def i2i_run(tmp_path_factory):
+    """A 1-step tiny I2I run folder: its checkpoint and its ema.safetensors export."""
+    out = tmp_path_factory.mktemp("i2i")
+    train_i2i.main(TINY_MODEL + ["--data", "shapes:64", "--global-batch-size", "4", "--steps", "1",
+                                 "--sample-every", "0", "--out", str(out)])
+    return out
+
+
+def t2i_args(*argv):
+    return train_t2i.add_t2i_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def write_captioned_folder(root, captions):
+    """16x16 images 000.png, ...; caption None: no .txt, otherwise a sidecar .txt with that text."""
+    root.mkdir()
+    for i, caption in enumerate(captions):
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(root / f"{i:03d}.png")
+        if caption is not None:
+            (root / f"{i:03d}.txt").write_text(caption)
+    return root
+
+
+def metric_lines(out):
+    with open(out / "metrics.jsonl") as f:
+        return [line for line in map(json.loads, f) if "loss" in line]
+
+
+def test_transfer_carries_every_i2i_weight_and_initialises_the_condition_anew(i2i_run, capsys):
+    export = str(i2i_run / "ema.safetensors")
+    args = t2i_args("--init", export)
+    state, info = train_t2i.resolve_init(args)
+    assert (args.model, args.image_size, args.vae, args.encoder) == ("DiT-S/4", 16, None, train_t2i.RANDOM_T5)
+    torch.manual_seed(0)
+    model = train_t2i.t2i_model(args, state, info, text_width=64)
+    torch.manual_seed(0)
+    fresh = LumosDiT(**{**info["config"], "cond_dim": 64, "cond_tokens": 120})
+    weights, fresh_weights = model.state_dict(), fresh.state_dict()
+    carried = [k for k in weights if k not in train_t2i.NEW_KEYS]
+    assert len(carried) == len(state) - len(train_t2i.NEW_KEYS)
+    for key in carried:
+        assert torch.equal(weights[key], state[key]), key
+    for key in train_t2i.NEW_KEYS:
+        assert torch.equal(weights[key], fresh_weights[key]), key
+    assert weights["y_embedder.y_embedding"].shape == (120, 64)
+    assert state["y_embedder.y_embedding"].shape[1] != 64  # the I2I condition is the random ViT's width
+    assert weights["y_embedder.y_proj.fc1.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    assert not weights["y_embedder.y_proj.fc1.bias"].any() and not weights["y_embedder.y_proj.fc2.bias"].any()
+    assert weights["y_embedder.y_embedding"].std().item() == pytest.approx(64 ** -0.5, rel=0.1)
+    printed = capsys.readouterr().out
+    assert "loaded 41 tensors" in printed and "new (T5 condition of width 64" in printed
+
+
+def test_transfer_rejects_unexpected_and_missing_keys(i2i_run):
+    args = t2i_args("--init", str(i2i_run / "ema.safetensors"))
+    state, info = train_t2i.resolve_init(args)
+    with pytest.raises(ValueError, match="1 unexpected .*blocks.7.attn.qkv.weight"):
+        train_t2i.t2i_model(args, {**state, "blocks.7.attn.qkv.weight": torch.zeros(96, 32)}, info, 64)
+    without = {k: v for k, v in state.items() if k != "blocks.0.mlp.fc1.weight"}
+    with pytest.raises(ValueError, match="1 missing .*blocks.0.mlp.fc1.weight"):
+        train_t2i.t2i_model(args, without, info, 64)
+
+
+def test_init_from_run_folder_and_official_pth_equal_the_export(i2i_run, tmp_path, monkeypatch):
+    export_state, _ = train_i2i.load_i2i_init(str(i2i_run / "ema.safetensors"))
+    run_state, _ = train_t2i.resolve_init(t2i_args("--init", str(i2i_run)))
+    # The official release nests a plain state dict; its sizes are read off the tensors, so the tiny
+    # model must be a known size: register it for this test.
+    monkeypatch.setitem(train_nvs.DiT_models, "DiT-T/4",
+                        functools.partial(LumosDiT, depth=2, hidden_size=32, num_heads=2, patch_size=4))
+    torch.save({"state_dict": export_state}, tmp_path / "Lumos_I2I.pth")
+    args = t2i_args("--init", str(tmp_path / "Lumos_I2I.pth"))
+    official_state, info = train_t2i.resolve_init(args)
+    assert (args.model, args.image_size, args.vae) == ("DiT-T/4", 16, None)
+    for key, value in export_state.items():
+        assert torch.equal(run_state[key], value) and torch.equal(official_state[key], value), key
+    train_t2i.t2i_model(args, official_state, info, text_width=64)
+
+
+def test_uncaptioned_images_are_skipped_and_named(tmp_path):
+    folder = write_captioned_folder(tmp_path / "pairs", ["a red circle", None, "  \n", "a blue star", None])
+    dataset = train_t2i.SkipUncaptioned(data.open_dataset(str(folder), 16))
+    first, second, last = dataset[0], dataset[1], dataset[4]
+    assert (first["caption"], first["skipped"]) == ("a red circle", [])
+    assert second["caption"] == "a blue star" and second["index"] == 1
+    assert second["skipped"] == [f"{folder}/001.png (no caption)", f"{folder}/002.png (no caption)"]
+    assert last["caption"] == "a red circle" and last["skipped"] == [f"{folder}/004.png (no caption)"]
+    first_two = train_t2i.FirstCaptioned(data.open_dataset(str(folder), 16), 2)
+    assert [item["caption"] for item in first_two] == ["a red circle", "a blue star"]
+    assert first_two.skipped == [f"{folder}/001.png", f"{folder}/002.png"]
+    with pytest.raises(ValueError, match="--n-captions 3: .* has only 2 captioned images"):
+        train_t2i.FirstCaptioned(data.open_dataset(str(folder), 16), 3)
+    bare = write_captioned_folder(tmp_path / "bare", [None, ""])
+    with pytest.raises(RuntimeError, match="has a caption"):
+        train_t2i.SkipUncaptioned(data.open_dataset(str(bare), 16))[0]
+
+
+def test_tar_captions_empty_json_is_skipped(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, format="PNG")
+    members = {"a.png": png.getvalue(), "a.json": json.dumps({"caption": ""}).encode(),
+               "b.png": png.getvalue(), "b.json": json.dumps({"text": "a green cross"}).encode(),
+               "c.png": png.getvalue()}
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shards = data.open_dataset(str(tmp_path / "shard.tar"), 16)
+    assert [train_t2i.read_caption(shards, j) for j in range(3)] == ["", "a green cross", ""]
+    item = train_t2i.SkipUncaptioned(shards)[0]
+    assert item["caption"] == "a green cross" and item["skipped"] == [f"{tmp_path}/shard.tar:a.png (no caption)"]
+
+
+def test_every_shapes_word_is_in_the_random_t5_vocabulary():
+    tokenizer = train_t2i.random_text_encoder(train_t2i.random_t5_description(), torch.device("cpu")).tokenizer
+    captions = [data.shapes_caption(data.sample_shape_attrs(0, i)) for i in range(300)]
+    assert any(" an " in c for c in captions)
+    for caption in captions:
+        ids = tokenizer.encode(caption)
+        assert tokenizer.unk_id not in ids and len(ids) == len(caption.split()) + 1, caption
+    assert tokenizer.encode("a zebra")[1] == tokenizer.unk_id
+
+
+def test_cache_text_encodes_each_caption_once_and_matches_online(tmp_path, monkeypatch):
+    captions = ["a red circle", "a blue star", "a red circle", None, "a large green square at the top left",
+                "a blue star", "a red circle on a white background"]
+    folder = write_captioned_folder(tmp_path / "pairs", captions)
+    encoded = []
+    token_features = train_t2i.TextEncoder.token_features
+    monkeypatch.setattr(train_t2i.TextEncoder, "token_features",
+                        lambda self, texts: encoded.extend(texts) or token_features(self, texts))
+    cache_dir = tmp_path / "cache"
+    cli = ["cache-text", "--data", str(folder), "--out", str(cache_dir), "--image-size", "16",
+           "--num-samples", "4", "--shard-size", "2", "--batch-size", "3"]
+    train_t2i.main(cli)
+    distinct = sorted({c for c in captions if c})
+    assert sorted(encoded) == distinct  # each distinct caption encoded exactly once
+    cache = train_t2i.TextFeatureCache(str(cache_dir))
+    assert cache.info["num_captions"] == 4 and len(os.listdir(cache_dir)) == 1 + 2
+    online = train_t2i.load_text_encoder(train_t2i.RANDOM_T5, torch.device("cpu"))
+    y_online, mask_online = online(distinct)
+    y_cached, mask_cached = cache(distinct)
+    assert torch.equal(mask_cached, mask_online) and mask_online.sum(1).tolist() == [4, 9, 4, 8]
+    assert (y_cached - y_online).abs().max() <= 1e-5 * y_online.abs().max()
+    assert not y_cached[~mask_cached].any()
+
+    encoded.clear()
+    train_t2i.main(cli)  # restart: every shard is there
+    assert encoded == []
+    os.remove(train_t2i.text_shard_path(str(cache_dir), 1))
+    with pytest.raises(FileNotFoundError, match="incomplete: 1 of 2 shards missing"):
+        train_t2i.TextFeatureCache(str(cache_dir))
+    train_t2i.main(cli)
+    appearance = list(dict.fromkeys(c for c in captions if c))
+    assert sorted(encoded) == sorted(appearance[2:])  # shard 1: the 3rd and 4th distinct captions
+    with pytest.raises(SystemExit) as exit_info:  # other settings on a started cache
+        train_t2i.main(cli + ["--shard-size", "3"])
+    assert exit_info.value.code == 2
+
+
+def test_text_cache_gives_the_online_conditions_of_a_task(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    train_t2i.main(["cache-text", "--data", "shapes:40", "--out", cache_dir, "--image-size", "16", "--num-samples", "4"])
+    common = ["--init", "scratch", *TINY_MODEL, "--data", "shapes:40", "--num-samples", "4"]
+    online = train_t2i.t2i_task(t2i_args(*common), None, None, torch.device("cpu"))
+    cached = train_t2i.t2i_task(t2i_args(*common, "--text-cache", cache_dir), None, None, torch.device("cpu"))
+    batch = data.collate_samples([online.dataset[i] for i in (0, 5, 17)] + online.eval_items)
+    expected, got = online.condition(batch, None), cached.condition(batch, None)
+    assert torch.equal(got["mask"], expected["mask"]) and got["y"].shape == (7, expected["mask"].shape[1], 64)
+    assert (got["y"] - expected["y"]).abs().max() <= 1e-5 * expected["y"].abs().max()
+    with pytest.raises(ValueError, match="was made with --t5 random-t5 --data shapes:40 --seed 0"):
+        train_t2i.t2i_task(t2i_args(*common[:-4], "--data", "shapes:41", "--text-cache", cache_dir),
+                           None, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="lacks 2 caption"):
+        train_t2i.t2i_task(t2i_args(*common[:-1], "6", "--text-cache", cache_dir), None, None, torch.device("cpu"))
+
+
+def test_default_needs_the_i2i_export_and_rejects_an_image_encoder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv in ([], ["--init", "scratch", "--encoder", "facebook/dino-vitb16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train_t2i.main(argv)
+        assert exit_info.value.code == 2
+    errors = capsys.readouterr().err
+    assert "no I2I prior at runs/i2i/ema.safetensors: make it with `python train_i2i.py`" in errors
+    assert "pass the text encoder as --t5" in errors
+
+
+@pytest.mark.slow
+def test_finetune_from_the_i2i_export_then_sample_t2i(i2i_run, tmp_path):
+    out = tmp_path / "t2i"
+    train_t2i.main(["--init", str(i2i_run / "ema.safetensors"), "--model", "DiT-S/4", "--image-size", "16",
+                    "--data", "shapes:64", *TINY_LOOP, "--out", str(out)])
+    assert len(metric_lines(out)) == 3 and all(np.isfinite(line["loss"]) for line in metric_lines(out))
+    model, metadata = train_i2i.load_export(str(out / "ema.safetensors"))
+    info = metadata["lumos"]
+    assert (info["task"], info["encoder"], info["init"], model.cond_dim, model.cond_tokens) == \
+        ("t2i", "random-t5", str(i2i_run / "ema.safetensors"), 64, 120)
+    prompts = ["a red circle", "a small blue star at the top left on a green background"]
+    condition = train_t2i.text_condition_from_metadata(info, torch.device("cpu"))(prompts)
+    y, mask = train_t2i.load_text_encoder("random-t5", torch.device("cpu"))(prompts)
+    assert torch.equal(condition["mask"], mask) and torch.equal(condition["y"], y)
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), **condition).shape == (2, 6, 16, 16)
+
+    sample.main(["t2i", "--ckpt", str(out / "ema.safetensors"), "--prompts", *prompts, "--per-image", "2",
+                 "--steps", "2", "--cfg-scale", "3", "--out", str(tmp_path / "samples")])
+    assert sorted(os.listdir(tmp_path / "samples")) == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"]
+    with pytest.raises(SystemExit):  # an I2I export has no text encoder
+        sample.main(["t2i", "--ckpt", str(i2i_run / "ema.safetensors"), "--prompts", "x", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_scratch_run_from_the_text_cache_counts_uncaptioned_images(tmp_path):
+    folder = write_captioned_folder(tmp_path / "pairs", ["a red circle", None, "a blue star", "", "a green cross"] * 2)
+    cache_dir = str(tmp_path / "cache")
+    train_t2i.main(["cache-text", "--data", str(folder), "--out", cache_dir, "--image-size", "16", "--num-samples", "4"])
+    out = tmp_path / "t2i"
+    train_t2i.main(["--init", "scratch", *TINY_MODEL, "--data", str(folder), "--text-cache", cache_dir,
+                    *TINY_LOOP, "--out", str(out)])
+    lines = metric_lines(out)
+    assert len(lines) == 3 and lines[-1]["skipped_files"] > 0
+    _, metadata = train_i2i.load_export(str(out / "ema.safetensors"))
+    assert metadata["lumos"]["init"] == "scratch" and metadata["lumos"]["config"]["cond_dim"] == 64
+
+
+####################################################################################################
+# nvs
+####################################################################################################
+
+TINY_I2I = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, cond_dim=16)
+NVS_NEW = ("pose_mixer.weight", "pose_mixer.bias")
+NVS_WIDENED = ("x_embedder.proj.weight",)
+TINY_SIZE = ["--model", "DiT-S/4", "--depth", "2", "--hidden-size", "32", "--num-heads", "2"]
+NVS_RUN = ["--image-size", "16", "--global-batch-size", "8", "--steps", "3", "--sample-every", "1000",
+            "--sample-steps", "2", "--num-samples", "4", "--log-every", "1", "--held-out-objects", "1"]
+
+
+def random_i2i(seed=0, **overrides):
+    """A tiny I2I model with every weight random, so that no zero-initialised layer hides a difference."""
+    torch.manual_seed(seed)
+    model = LumosDiT(**{**TINY_I2I, **overrides})
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.2)
+    return model.eval()
+
+
+def nvs_from(i2i):
+    nvs = train_nvs.NVSDiT(**train_nvs.nvs_config(i2i.config, i2i.input_size))
+    report = train_i2i.transfer_weights(nvs, i2i.state_dict(), new_keys=NVS_NEW, widened_keys=NVS_WIDENED)
+    return nvs.eval(), report
+
+
+def view_inputs(batch=4, channels=3, size=8, cond_dim=16):
+    gen = torch.Generator().manual_seed(1)
+    return dict(x=torch.randn(batch, channels, size, size, generator=gen), t=torch.tensor([0.0, 10.0, 500.0, 999.0])[:batch],
+                y=torch.randn(batch, 1, cond_dim, generator=gen),
+                source=torch.randn(batch, channels, size, size, generator=gen), pose=torch.randn(batch, 4, generator=gen))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+#################################################################################
+#                               Relative pose                                   #
+#################################################################################
+
+def zero123_get_T(target_RT, cond_RT):
+    """Zero-1-to-3's relative pose, written out independently from its published formula."""
+    def spherical(xyz):
+        xy = xyz[0] ** 2 + xyz[1] ** 2
+        return np.arctan2(np.sqrt(xy), xyz[2]), np.arctan2(xyz[1], xyz[0]), np.sqrt(xy + xyz[2] ** 2)
+    theta_c, azimuth_c, z_c = spherical(-cond_RT[:3, :3].T @ cond_RT[:, -1])
+    theta_t, azimuth_t, z_t = spherical(-target_RT[:3, :3].T @ target_RT[:, -1])
+    d_azimuth = (azimuth_t - azimuth_c) % (2 * math.pi)
+    return np.array([theta_t - theta_c, math.sin(d_azimuth), math.cos(d_azimuth), z_t - z_c])
+
+
+def random_camera(rng):
+    rotation = train_nvs.random_rotation(rng)
+    return np.concatenate([rotation, rng.normal(size=(3, 1)) * 2], axis=1)
+
+
+def test_relative_pose_matches_zero123_formula():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        source, target = random_camera(rng), random_camera(rng)
+        np.testing.assert_allclose(train_nvs.relative_pose(source, target).numpy(), zero123_get_T(target, source),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_relative_pose_of_a_view_to_itself_is_identity():
+    rng = np.random.default_rng(1)
+    for camera in [random_camera(rng) for _ in range(5)] + [train_nvs.orbit_camera(0.3, 2.0, 1.8)]:
+        assert train_nvs.relative_pose(camera, camera).tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_relative_pose_azimuth_wraps_around():
+    rad = math.radians
+    source = train_nvs.orbit_camera(rad(10), rad(350), 1.5)  # polar 80 degrees
+    target = train_nvs.orbit_camera(rad(40), rad(10), 2.0)  # polar 50 degrees, 20 degrees further round
+    forward = train_nvs.relative_pose(source, target)
+    expected = [rad(-30), math.sin(rad(20)), math.cos(rad(20)), 0.5]
+    np.testing.assert_allclose(forward.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(train_nvs.relative_pose(target, source).numpy(),
+                               [rad(30), -math.sin(rad(20)), math.cos(rad(20)), -0.5], atol=1e-6)
+    # The same 20 degrees across atan2's branch cut at 180 degrees.
+    across = train_nvs.relative_pose(train_nvs.orbit_camera(rad(10), rad(170), 1.5),
+                                     train_nvs.orbit_camera(rad(40), rad(190), 2.0))
+    np.testing.assert_allclose(across.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(train_nvs.pose_vector(rad(-30), rad(-340), 0.5).numpy(), expected, atol=1e-6)
+
+
+def test_relative_pose_does_not_depend_on_the_camera_axis_convention():
+    opencv = [train_nvs.orbit_camera(0.2, 1.0, 1.7), train_nvs.orbit_camera(-0.4, 4.0, 2.1)]
+    opengl = [np.diag([1.0, -1.0, -1.0]) @ camera for camera in opencv]  # y up, z backward
+    torch.testing.assert_close(train_nvs.relative_pose(*opengl), train_nvs.relative_pose(*opencv))
+
+
+def test_look_at_puts_the_camera_there_looking_at_the_origin():
+    position = np.array([0.5, -1.2, 0.9])
+    camera = train_nvs.look_at(position)
+    rotation = camera[:, :3]
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
+    np.testing.assert_allclose(train_nvs.camera_position(camera), position, atol=1e-12)
+    np.testing.assert_allclose(camera[:, 3], [0, 0, np.linalg.norm(position)], atol=1e-12)  # origin: straight ahead
+    assert (rotation @ [0, 0, 1.0])[1] < 0  # world up is image up (camera y points down)
+    with pytest.raises(ValueError, match="up axis"):
+        train_nvs.look_at([0, 0, 2.0])
+
+
+#################################################################################
+#                               Weight transfer                                 #
+#################################################################################
+
+def test_transfer_carries_widens_and_adds_weights():
+    i2i = random_i2i()
+    nvs, report = nvs_from(i2i)
+    saved, loaded = i2i.state_dict(), nvs.state_dict()
+    assert report["widened"] == list(NVS_WIDENED) and report["new"] == list(NVS_NEW) and report["recomputed"] == ["pos_embed"]
+    assert sorted(report["carried"]) == sorted(k for k in saved if k not in ("x_embedder.proj.weight", "pos_embed"))
+    for key in report["carried"]:
+        assert torch.equal(loaded[key], saved[key]), key
+    patch = loaded["x_embedder.proj.weight"]
+    assert patch.shape == (32, 6, 2, 2)
+    assert torch.equal(patch[:, :3], saved["x_embedder.proj.weight"]) and not patch[:, 3:].any()
+    assert torch.equal(loaded["pose_mixer.weight"], torch.cat([torch.eye(16), torch.zeros(16, 4)], dim=1))
+    assert not loaded["pose_mixer.bias"].any()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update({"extra.weight": torch.zeros(1)}), "1 unexpected (extra.weight)"),
+    (lambda s: s.pop("blocks.1.mlp.fc1.weight"), "1 missing (blocks.1.mlp.fc1.weight)"),
+    (lambda s: s.update({"blocks.0.attn.qkv.weight": torch.zeros(96, 8)}), "wrong-shape (blocks.0.attn.qkv.weight (96, 8)"),
+    (lambda s: s.update({"x_embedder.proj.weight": torch.zeros(32, 7, 2, 2)}), "wrong-shape (x_embedder.proj.weight"),
+])
+def test_transfer_rejects_what_does_not_fit(change, message):
+    state = random_i2i().state_dict()
+    change(state)
+    nvs = train_nvs.NVSDiT(**train_nvs.nvs_config(random_i2i().config, 8))
+    with pytest.raises(ValueError, match=r"my.pth: does not fit NVSDiT: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        train_i2i.transfer_weights(nvs, state, NVS_NEW, NVS_WIDENED, source="my.pth")
+
+
+def test_transfer_swaps_a_condition_as_train_t2i_does():
+    i2i = random_i2i()
+    t2i = LumosDiT(**{**TINY_I2I, "cond_dim": 24, "cond_tokens": 5})  # T5-like tokens instead of one DINO feature
+    new = ("y_embedder.y_embedding", "y_embedder.y_proj.fc1.weight")
+    fresh = {k: v.clone() for k, v in t2i.state_dict().items()}
+    report = train_i2i.transfer_weights(t2i, i2i.state_dict(), new_keys=new)
+    assert report["new"] == list(new) and not report["widened"] and "y_embedder.y_proj.fc2.weight" in report["carried"]
+    for key, value in t2i.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in new else i2i.state_dict()[key]), key
+    with pytest.raises(ValueError, match="wrong-shape"):
+        train_i2i.transfer_weights(LumosDiT(**{**TINY_I2I, "cond_dim": 24}), i2i.state_dict())
+
+
+def test_transfer_recomputes_pos_embed_for_another_size():
+    i2i = random_i2i()
+    nvs = train_nvs.NVSDiT(**train_nvs.nvs_config(i2i.config, 16))
+    train_i2i.transfer_weights(nvs, i2i.state_dict(), NVS_NEW, NVS_WIDENED)
+    expected = dit.get_2d_sincos_pos_embed(32, 8, base_size=8)
+    np.testing.assert_allclose(nvs.pos_embed[0].numpy(), expected, atol=1e-6)
+
+
+#################################################################################
+#                              The NVS model                                    #
+#################################################################################
+
+def test_nvs_model_at_step_zero_computes_the_i2i_function():
+    i2i = random_i2i()
+    nvs, _ = nvs_from(i2i)
+    inputs = view_inputs()
+    x, t, y = inputs["x"], inputs["t"], inputs["y"]
+    views = {"source": inputs["source"], "pose": inputs["pose"]}
+    expected = i2i(x, t, y)
+    scale = expected.abs().max().item()
+    assert scale > 1  # random weights: a real function, not the zero-init output
+    torch.testing.assert_close(nvs(x, t, y, **views), expected, rtol=0, atol=1e-5 * scale)
+    drop = torch.tensor([True, False, True, False])
+    torch.testing.assert_close(nvs(x, t, y, drop_cond=drop, **views), i2i(x, t, y, drop_cond=drop), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(nvs.forward_with_cfg(x, t, y, cfg_scale=4.5, **views),
+                               i2i.forward_with_cfg(x, t, y, cfg_scale=4.5), rtol=0, atol=1e-5 * scale)
+    # In training mode both draw the same condition dropout from the same generator.
+    i2i.train(), nvs.train()
+    draws = [torch.Generator().manual_seed(3) for _ in range(2)]
+    torch.testing.assert_close(nvs(x, t, y, generator=draws[0], **views), i2i(x, t, y, generator=draws[1]),
+                               rtol=0, atol=1e-5 * scale)
+    # The equality rests on the zero pose columns and the zero source channels.
+    with torch.no_grad():
+        nvs.pose_mixer.weight[:, -4:].normal_()
+    assert not torch.allclose(nvs.eval()(x, t, y, **views), expected, atol=1e-3 * scale)
+    nvs, _ = nvs_from(i2i)
+    with torch.no_grad():
+        nvs.x_embedder.proj.weight[:, 3:].normal_()
+    assert not torch.allclose(nvs(x, t, y, **views), expected, atol=1e-3 * scale)
+
+
+def test_dropping_the_condition_hides_the_source_view_but_not_the_pose():
+    nvs, _ = nvs_from(random_i2i())
+    with torch.no_grad():  # as after training: the source channels and the pose are used
+        nvs.x_embedder.proj.weight[:, 3:].normal_(std=0.2)
+        nvs.pose_mixer.weight[:, -4:].normal_(std=0.2)
+    inputs = view_inputs()
+    drop = torch.ones(4, dtype=torch.bool)
+    dropped = nvs(**inputs, drop_cond=drop)
+    other_view = {**inputs, "source": torch.randn(4, 3, 8, 8), "y": torch.randn(4, 1, 16)}
+    torch.testing.assert_close(nvs(**other_view, drop_cond=drop), dropped)
+    assert not torch.allclose(nvs(**{**inputs, "pose": torch.randn(4, 4)}, drop_cond=drop), dropped)
+    assert not torch.allclose(nvs(**inputs), dropped)
+
+
+def test_nvs_model_checks_its_view_inputs():
+    nvs, _ = nvs_from(random_i2i())
+    inputs = view_inputs()
+    with pytest.raises(ValueError, match=r"source \(4, 3, 4, 4\) must match x \(4, 3, 8, 8\)"):
+        nvs(**{**inputs, "source": torch.zeros(4, 3, 4, 4)})
+    with pytest.raises(ValueError, match=r"pose \(4, 3\) must be \(4, 4\)"):
+        nvs(**{**inputs, "pose": torch.zeros(4, 3)})
+    with pytest.raises(TypeError, match="source"):
+        nvs(inputs["x"], inputs["t"], inputs["y"], pose=inputs["pose"])
+    with pytest.raises(ValueError, match="in_channels must be 2 x out_channels"):
+        train_nvs.NVSDiT(**{**TINY_I2I, "in_channels": 3})
+
+
+#################################################################################
+#                      Reading I2I checkpoints to start from                    #
+#################################################################################
+
+def test_load_i2i_init_from_an_export_a_checkpoint_and_an_official_pth(tmp_path, monkeypatch):
+    model, ema = random_i2i(seed=0), random_i2i(seed=1)
+    args = types.SimpleNamespace(out=str(tmp_path), keep_last=2)
+    lumos = {"task": "i2i", "model": "DiT-T/2", "config": ema.config, "vae": None, "encoder": "random-vit",
+             "image_size": 8, "prediction": "epsilon"}
+    train_i2i.export_ema(args, ema, 0, {"lumos": lumos})
+    run_config = {"model": "DiT-T/2", "image_size": 8, "vae": None, "encoder": "random-vit", "prediction": "v",
+                  "model_config": model.config}
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_i2i.save_checkpoint(args, model, ema, optimizer, torch.tensor([5, 0, 0, 0]), 0, run_config)
+    torch.save({"state_dict": ema.state_dict()}, tmp_path / "Lumos_I2I.pth")
+    # The official release is DiT-XL/2; register a tiny size so that its sizes can be read off a small file.
+    monkeypatch.setitem(dit.DiT_models, "DiT-T/2", partial(LumosDiT, depth=2, hidden_size=32, num_heads=2, patch_size=2))
+
+    cases = [(str(tmp_path / "ema.safetensors"), "ema", ema, "epsilon"),
+             (str(tmp_path), "ema", ema, "v"),  # a run folder: its latest checkpoint
+             (train_i2i.latest_checkpoint(tmp_path), "model", model, "v"),
+             (str(tmp_path / "Lumos_I2I.pth"), "ema", ema, None)]
+    for spec, entry, source, prediction in cases:
+        state, info = train_i2i.load_i2i_init(spec, entry)
+        assert state.keys() == source.state_dict().keys(), spec
+        for key, value in source.state_dict().items():
+            assert torch.equal(state[key], value), (spec, key)
+        assert info["config"] == source.config and info["model"] == "DiT-T/2", spec
+        assert info["image_size"] == 8 and info["prediction"] == prediction, spec
+    assert train_i2i.load_i2i_init(cases[0][0])[1]["encoder"] == "random-vit"
+
+
+def test_load_i2i_init_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such file"):
+        train_i2i.load_i2i_init(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        train_i2i.load_i2i_init(str(tmp_path))
+    with pytest.raises(ValueError, match="expected scratch, an ema.safetensors export"):
+        train_i2i.load_i2i_init(str(tmp_path / "weights.txt"))
+    torch.save({"model": {"something": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a LumosDiT state dict"):
+        train_i2i.load_i2i_init(str(tmp_path / "other.pth"))
+    torch.save(random_i2i().state_dict(), tmp_path / "odd_size.pth")
+    with pytest.raises(ValueError, match="depth 2, width 32, patch 2 is none of dit.DiT_models"):
+        train_i2i.load_i2i_init(str(tmp_path / "odd_size.pth"))
+    nvs, _ = nvs_from(random_i2i())
+    train_i2i.export_ema(types.SimpleNamespace(out=str(tmp_path)), nvs, 0, {"lumos": {"task": "nvs", "config": nvs.config}})
+    with pytest.raises(ValueError, match="a 'nvs' export; start from an I2I model"):
+        train_i2i.load_i2i_init(str(tmp_path / "ema.safetensors"))
+
+
+#################################################################################
+#                                   Data                                        #
+#################################################################################
+
+def test_renderer_is_deterministic_and_views_differ():
+    obj = train_nvs.sample_object(0, 3)
+    first = train_nvs.render_view(obj, obj["cameras"][0], 32)
+    assert first.dtype == np.uint8 and first.shape == (32, 32, 3)
+    assert np.array_equal(first, train_nvs.render_view(train_nvs.sample_object(0, 3), obj["cameras"][0], 32))
+    assert (first[0, 0] == 255).all() and (first != 255).any(axis=-1).mean() > 0.1  # white background, an object
+    views = [train_nvs.render_view(obj, camera, 32) for camera in obj["cameras"]]
+    for a in range(len(views)):
+        for b in range(a):
+            assert np.abs(views[a].astype(int) - views[b]).mean() > 1, (a, b)
+    shapes = {train_nvs.sample_object(0, k)["shape"] for k in range(40)}
+    assert shapes == set(train_nvs.PRIMITIVES)
+    assert not np.array_equal(train_nvs.sample_object(1, 3)["cameras"], obj["cameras"])
+
+
+def test_multiview_items_and_held_out_objects():
+    train_set, held_out = train_nvs.open_multiview("multiview:5", 16, seed=2, held_out_objects=2)
+    assert len(train_set) == 60 and len(held_out) == 24
+    item = train_set[13]
+    assert item["image"].shape == item["source"].shape == (3, 16, 16) and item["pose"].shape == (4,)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert item["index"] == 13 and item["caption"] == "" and item["skipped"] == []
+    obj = train_nvs.sample_object(2, 1)
+    source = int(item["name"].split("<-")[1])
+    assert item["name"].startswith("multiview/000001/001<-") and source != 1
+    torch.testing.assert_close(item["pose"], train_nvs.relative_pose(obj["cameras"][source], obj["cameras"][1]))
+    expected = torch.from_numpy(train_nvs.render_view(obj, obj["cameras"][1], 16)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(item["image"], expected)
+    assert held_out[0]["name"].startswith("multiview/000005/")  # the objects after the trained ones
+    assert torch.equal(train_nvs.MultiViewShapes(7, 16, seed=2)[60]["image"], held_out[0]["image"])
+    with pytest.raises(ValueError, match="multiview:N with N a positive integer"):
+        train_nvs.open_multiview("multiview:0", 16)
+
+
+def write_objects(root, count, image_size=16):
+    train_nvs.save_zero123_layout(train_nvs.MultiViewShapes(count, image_size, seed=0), str(root), count)
+
+
+def test_zero123_folder_reads_the_layout(tmp_path):
+    write_objects(tmp_path, 2)
+    (tmp_path / "000001" / "notes.txt").write_text("not a view")
+    procedural = train_nvs.MultiViewShapes(2, 16, seed=0)
+    folder = train_nvs.Zero123Folder(str(tmp_path), 16, seed=0)
+    assert len(folder) == 24 and "2 objects, 24 views" in repr(folder)
+    for i in (0, 5, 17):
+        from_files, rendered = folder[i], procedural[i]
+        target, source = from_files["name"].split("<-")
+        assert target == f"{i // 12:06d}/{i % 12:03d}.png" and source.startswith(f"{i // 12:06d}/")
+        assert torch.equal(from_files["image"], rendered["image"])
+        camera = lambda name: np.load(tmp_path / name.replace(".png", ".npy")).astype(np.float64)
+        torch.testing.assert_close(from_files["pose"], train_nvs.relative_pose(camera(source), camera(target)))
+        assert from_files["skipped"] == []
+
+
+def test_zero123_folder_skips_and_counts_bad_pose_files(tmp_path):
+    write_objects(tmp_path, 2)
+    bad = {"000000/003.npy": "missing pose file", "000000/004.npy": "unreadable pose file",
+           "000000/005.npy": "expected a finite 3x4 world-to-camera matrix, got float64 (4, 4)",
+           "000001/000.npy": "expected a finite 3x4 world-to-camera matrix, got float32 (3, 4)"}
+    os.remove(tmp_path / "000000/003.npy")
+    (tmp_path / "000000/004.npy").write_bytes(b"garbage, not numpy")
+    np.save(tmp_path / "000000/005.npy", np.eye(4))
+    np.save(tmp_path / "000001/000.npy", np.full((3, 4), np.nan, dtype=np.float32))
+    folder = train_nvs.Zero123Folder(str(tmp_path), 16, seed=0)
+    items = [folder[i] for i in range(len(folder))]
+    reported = [message for item in items for message in item["skipped"]]
+    for name, reason in bad.items():
+        assert any(m.startswith(str(tmp_path / name)) and reason in m for m in reported), name
+    for item in items:
+        assert not any(view.replace(".png", ".npy") in bad for view in item["name"].split("<-"))
+    item = folder[3]  # target 000000/003.png has no pose file: replaced by the next good pair
+    assert item["index"] == 3 and item["skipped"][0] == f"{tmp_path / '000000/003.npy'}: missing pose file"
+
+
+def test_zero123_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train_nvs.open_multiview(str(tmp_path / "missing"), 16)
+    with pytest.raises(FileNotFoundError, match="no object folder with two or more NNN.png views"):
+        train_nvs.open_multiview(str(tmp_path), 16)
+    write_objects(tmp_path, 2)
+    with pytest.raises(ValueError, match="2 objects leave none to train on after --held-out-objects 2"):
+        train_nvs.open_multiview(str(tmp_path), 16, held_out_objects=2)
+    train_set, held_out = train_nvs.open_multiview(str(tmp_path), 16, held_out_objects=1)
+    assert len(train_set) == len(held_out) == 12 and held_out[0]["name"].startswith("000001/")
+    for path in tmp_path.glob("*/*.npy"):
+        path.unlink()
+    with pytest.raises(RuntimeError, match="no readable view pair .* missing pose file"):
+        train_set[0]
+
+
+#################################################################################
+#                                 End to end                                    #
+#################################################################################
+
+def test_default_init_without_an_i2i_run_trains_from_scratch(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = train_nvs.add_nvs_args(train_nvs.argparse.ArgumentParser()).parse_args([])
+    state, info = train_nvs.resolve_init(args)
+    assert state is None and info is None and args.init == "scratch"
+    assert "make it with `python train_i2i.py`" in capsys.readouterr().out
+    assert train_i2i.model_size(args) == train_i2i.OFFLINE_MODEL  # the loop's offline model
+    assert (args.encoder, args.image_size, args.vae, args.data) == ("random-vit", 32, None, "multiview:2000")
+
+
+@pytest.mark.slow
+def test_fine_tune_from_an_i2i_export_and_rebuild_the_export(tmp_path):
+    train_i2i.main(TINY_SIZE + ["--image-size", "16", "--data", "shapes:64", "--global-batch-size", "8", "--steps", "2",
+                                "--sample-every", "1000", "--sample-steps", "2", "--num-samples", "4",
+                                "--out", str(tmp_path / "i2i")])
+    i2i_export = str(tmp_path / "i2i" / "ema.safetensors")
+    train_nvs.main(NVS_RUN + ["--init", i2i_export, "--data", "multiview:4", "--out", str(tmp_path / "nvs")])
+    lines = metrics(tmp_path / "nvs")
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3]
+    evaluation = [line for line in lines if "psnr" in line]
+    assert len(evaluation) == 1 and evaluation[0]["step"] == 3
+    assert 0 < evaluation[0]["psnr"] < 60 and -1 <= evaluation[0]["ssim"] <= 1
+    assert (tmp_path / "nvs" / "samples" / "step_0000003.png").exists()
+
+    model, metadata = train_nvs.load_nvs_export(str(tmp_path / "nvs" / "ema.safetensors"))
+    info = metadata["lumos"]
+    assert info["task"] == "nvs" and info["init"] == i2i_export and info["encoder"] == "random-vit"
+    assert info["config"]["in_channels"] == 6 and info["config"]["out_channels"] == 3 and metadata["step"] == 3
+    assert isinstance(model, train_nvs.NVSDiT)
+    saved = load_file(tmp_path / "nvs" / "ema.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    inputs = view_inputs(2, 3, 16, info["config"]["cond_dim"])
+    assert model(**inputs).shape == (2, 6, 16, 16)
+    with pytest.raises(ValueError, match="not an export of train_nvs.py"):
+        train_nvs.load_nvs_export(i2i_export)
+
+    source = train_nvs.MultiViewShapes(1, 16, seed=5)[0]["source"]
+    Image.fromarray(((source.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(tmp_path / "source.png")
+    sample.main(["nvs", "--ckpt", str(tmp_path / "nvs" / "ema.safetensors"), "--images", str(tmp_path / "source.png"),
+                 "--poses", "0,30,0", "20,90,0.1", "--steps", "2", "--out", str(tmp_path / "views")])
+    assert sorted(os.listdir(tmp_path / "views")) == ["000000.png", "000001.png", "grid.png"]
+
+
+@pytest.mark.slow
+def test_from_scratch_on_a_zero123_folder_counts_bad_pose_files(tmp_path):
+    write_objects(tmp_path / "views", 3)
+    os.remove(tmp_path / "views" / "000000" / "007.npy")
+    train_nvs.main(TINY_SIZE + NVS_RUN + ["--init", "scratch", "--data", str(tmp_path / "views"), "--out", str(tmp_path / "nvs")])
+    losses = [line for line in metrics(tmp_path / "nvs") if "loss" in line]
+    assert len(losses) == 3 and all(math.isfinite(line["loss"]) for line in losses)
+    assert losses[-1]["skipped_files"] >= 1  # 24 items read, covering every view of the 2 training objects
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init", "scratch", "--data", "multiview:0"], "multiview:N with N a positive integer"),
+    (["--init", "{export}", "--depth", "2"], "--depth: the model's size comes from --init"),
+    (["--init", "{export}", "--vae", "some/vae"], "is a 3-channel model, but this run is in latent space"),
+    (["--init", "{export}", "--encoder", "facebook/dino-vitb16"], "--encoder facebook/dino-vitb16: --init"),
+    (["--init", "{missing}"], "no such file"),
+])
+def test_nvs_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, message):
+    model = random_i2i()
+    lumos = {"task": "i2i", "model": "DiT-S/2", "config": model.config, "vae": None, "encoder": "random-vit",
+             "image_size": 8, "prediction": "epsilon"}
+    train_i2i.export_ema(types.SimpleNamespace(out=str(tmp_path)), model, 0, {"lumos": lumos})
+    paths = {"export": str(tmp_path / "ema.safetensors"), "missing": str(tmp_path / "none.safetensors")}
+    with pytest.raises(SystemExit) as exit_info:
+        train_nvs.main([arg.format(**paths) for arg in extra] + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_nvs.py: error:") and message in err and "\n" not in err
+
+
+####################################################################################################
+# evaluate
+####################################################################################################
+
+@torch.no_grad()
+def random_fid_inception(seed=0):
+    """Our FID Inception with random weights, scaled so that activations keep their size through the
+    ~40 layers, and its state dict plus BatchNorm's batch counters, as torchvision-style checkpoints
+    have them. pytorch-fid loads that state strictly: this checks our keys and shapes are its own."""
+    model = evaluate.FIDInception()
+    generator = torch.Generator().manual_seed(seed)
+    for key, tensor in model.state_dict().items():  # the tensors of the model itself, filled in place
+        if key.endswith("conv.weight"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (2 / tensor[0].numel()) ** 0.5)
+        elif key.endswith(("bn.weight", "running_var")):
+            tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+        else:  # BatchNorm bias and mean, fc
+            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+    state = dict(model.state_dict())
+    counters = [key.replace("running_mean", "num_batches_tracked") for key in state if key.endswith("running_mean")]
+    return model, state | {key: torch.tensor(7) for key in counters}
+
+
+def pytorch_fid_network(monkeypatch, state):
+    """pytorch-fid's InceptionV3 (pool3 output) with `state` in place of its downloaded weights."""
+    import pytorch_fid.inception
+
+    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    return pytorch_fid.inception.InceptionV3([3]).eval()
+
+
+def assert_relative_close(actual, expected, tolerance):
+    error = np.abs(np.asarray(actual) - np.asarray(expected)).max()
+    scale = np.abs(np.asarray(expected)).max()
+    assert error <= tolerance * scale, f"max abs error {error:.3g} vs scale {scale:.3g}"
+
+
+def random_images(count, height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def write_folder(folder, images):
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # pytorch-fid calling scipy
+def test_frechet_distance_matches_pytorch_fid_and_scipy_on_random_features():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    features1 = rng.normal(size=(400, 48))
+    features2 = rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48)) * 0.4 + 0.3
+    mu1, sigma1 = evaluate.feature_statistics(features1)
+    mu2, sigma2 = evaluate.feature_statistics(features2)
+    ours = evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert ours == pytest.approx(calculate_frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-3)
+    trace_sqrt = np.trace(linalg.sqrtm(sigma1 @ sigma2)).real
+    exact = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    assert ours == pytest.approx(exact, rel=1e-9)
+    assert np.allclose(sigma1, np.cov(features1, rowvar=False)) and np.allclose(mu1, features1.mean(0))
+
+
+def test_frechet_distance_exact_cases():
+    rng = np.random.default_rng(1)
+    variances1, variances2 = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(variances1) - np.sqrt(variances2)) ** 2)
+    distance = evaluate.frechet_distance(mu1, np.diag(variances1), mu2, np.diag(variances2))
+    assert distance == pytest.approx(expected, rel=1e-10)
+    # Fewer samples than dimensions: a singular covariance, still 0 from a set to itself up to the
+    # round-off of square roots of zero eigenvalues (pytorch-fid: -3.8e-6 here).
+    mu, sigma = evaluate.feature_statistics(rng.normal(size=(10, 64)))
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def test_frechet_distance_rejects_bad_statistics():
+    with pytest.raises(ValueError, match="statistics do not match"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        evaluate.feature_statistics(np.zeros((1, 5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The FID Inception network
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fid_inception_matches_pytorch_fid_with_random_weights(monkeypatch):
+    """The network alone, on 139 x 139 inputs to stay fast (the smallest that leave the last block a
+    3 x 3 map, where its max pool differs from an average); the test below covers the resize to 299."""
+    ours, state = random_fid_inception()
+    reference = pytorch_fid_network(monkeypatch, state)
+    reference.resize_input = False
+    ours.INPUT_SIZE = 139
+    images = torch.rand(2, 3, 139, 139, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(images)[0].flatten(1)
+    pool3, logits = ours(images)
+    assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert_relative_close(pool3, expected, 1e-4)
+    assert_relative_close(logits, expected @ state["fc.weight"].T, 1e-4)  # the classifier without bias
+
+
+@pytest.mark.slow
+def test_fid_inception_features_match_pytorch_fid_at_299(monkeypatch):
+    ours, state = random_fid_inception(seed=1)
+    reference = pytorch_fid_network(monkeypatch, state)
+    images = random_images(1, 40, 52)
+    pool3, _ = evaluate.inception_features(images, ours)
+    with torch.no_grad():  # pytorch-fid's own pipeline: ToTensor, then the network resizes and rescales
+        expected = reference(torch.stack([transforms.functional.to_tensor(image) for image in images]))[0].flatten(1)
+    assert pool3.dtype == np.float64 and pool3.shape == (1, 2048)
+    assert_relative_close(pool3, expected.numpy(), 1e-4)
+
+
+@pytest.mark.slow
+def test_load_fid_inception_from_file_and_clear_errors(tmp_path, monkeypatch):
+    _, state = random_fid_inception()
+    torch.save(state, tmp_path / "inception.pth")
+    model = evaluate.load_fid_inception(tmp_path / "inception.pth", device="cpu")
+    assert torch.equal(model.Mixed_7c.branch_pool.bn.running_var, state["Mixed_7c.branch_pool.bn.running_var"])
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+
+    with pytest.raises(FileNotFoundError, match="no such Inception weights file.*pt_inception-2015-12-05"):
+        evaluate.load_fid_inception(tmp_path / "missing.pth")
+    torch.save({"fc.weight": state["fc.weight"], "extra": torch.zeros(1)}, tmp_path / "incomplete.pth")
+    problems = r"incomplete.pth: .*missing .*Conv2d_1a_3x3.conv.weight.*; 1 unexpected \(extra\)"
+    with pytest.raises(ValueError, match=problems):
+        evaluate.load_fid_inception(tmp_path / "incomplete.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    expected_place = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError, match=f"no FID Inception weights at {expected_place}"):
+        evaluate.load_fid_inception(download_missing=False)
+
+
+def test_download_checks_the_hash_in_the_file_name(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"inception weights")
+    digest = hashlib.sha256(b"inception weights").hexdigest()
+    good = evaluate.download(source.as_uri(), tmp_path / "cache" / f"weights-{digest[:8]}.pth")
+    assert good.read_bytes() == b"inception weights"
+    with pytest.raises(ValueError, match="expected 00000000"):
+        evaluate.download(source.as_uri(), tmp_path / "cache" / "weights-00000000.pth")
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [good.name]
+    with pytest.raises(FileNotFoundError, match="could not download .* put it at"):
+        evaluate.download((tmp_path / "absent.bin").as_uri(), tmp_path / "cache" / "other.pth")
+
+
+def test_read_weights_reads_zip_and_legacy_files_and_refuses_others(tmp_path):
+    state = {"a": torch.arange(3.0)}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("zip.pth", "legacy.pth"):
+        assert torch.equal(evaluate.read_weights(tmp_path / name)["a"], state["a"])
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="text.pth: not a checkpoint"):
+        evaluate.read_weights(tmp_path / "text.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a dict of tensors"):
+        evaluate.read_weights(tmp_path / "list.pth")
+
+
+def test_statistics_of_folders_npz_and_saved_files_agree(tmp_path):
+    images = random_images(4, 6, 6)
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    folder = write_folder(tmp_path / "folder", images)
+
+    def mean_colours(batch):  # a cheap stand-in for a network: (N, 3) features
+        return np.stack([np.asarray(image, np.float64).mean(axis=(0, 1)) for image in batch])
+
+    expected = evaluate.feature_statistics(mean_colours(images))
+    for source in (images, tmp_path / "images.npz", str(folder)):
+        mu, sigma = evaluate.statistics(source, evaluate.INCEPTION_FEATURES, mean_colours)
+        assert np.allclose(mu, expected[0], rtol=1e-12) and np.allclose(sigma, expected[1], rtol=1e-12)
+    evaluate.save_statistics(tmp_path / "stats.npz", *expected, evaluate.DINOV2_FEATURES)
+    not_called = lambda batch: pytest.fail("saved statistics must not be recomputed")  # noqa: E731
+    mu, sigma = evaluate.statistics(tmp_path / "stats.npz", evaluate.DINOV2_FEATURES, not_called)
+    assert np.array_equal(mu, expected[0]) and np.array_equal(sigma, expected[1])
+    with pytest.raises(ValueError, match="stats.npz: holds statistics of dinov2-cls features, not inception-pool3"):
+        evaluate.statistics(tmp_path / "stats.npz", evaluate.INCEPTION_FEATURES, not_called)
+
+
+def test_fid_from_saved_statistics_without_running_a_network(tmp_path):
+    rng = np.random.default_rng(0)
+    mu1, sigma1 = evaluate.feature_statistics(rng.normal(size=(50, 8)))
+    mu2, sigma2 = evaluate.feature_statistics(rng.normal(size=(50, 8)) + 0.5)
+    # pytorch-fid's and ADM's files name no features: they hold Inception statistics. Ours name them.
+    np.savez(tmp_path / "untagged.npz", mu=mu1, sigma=sigma1)
+    evaluate.save_statistics(tmp_path / "tagged.npz", mu2, sigma2, evaluate.INCEPTION_FEATURES)
+    expected = evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
+    unused_network = torch.nn.Identity()  # saved statistics need no network
+    assert evaluate.fid(tmp_path / "untagged.npz", tmp_path / "tagged.npz", unused_network) == expected > 0
+    with pytest.raises(ValueError, match="holds statistics of inception-pool3 features, not dinov2-cls"):
+        evaluate.fd_dinov2(tmp_path / "tagged.npz", tmp_path / "untagged.npz", unused_network)
+
+
+class MeanColourNetwork(torch.nn.Module):
+    """A cheap stand-in for FIDInception: (B, 3, H, W) in [0, 1] -> mean colours as features and logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, images):
+        features = images.mean(dim=(2, 3)) * self.gain
+        return features, features
+
+
+def test_inception_features_of_a_folder_of_mixed_sizes_keep_order(tmp_path):
+    images = [random_images(1, 20, 30, seed=3)[0], random_images(1, 33, 21, seed=4)[0] // 2,
+              random_images(1, 20, 30, seed=5)[0] // 3]
+    folder = write_folder(tmp_path / "mixed", images)
+    pool3, logits = evaluate.inception_features(evaluate.load_images(folder), MeanColourNetwork(), batch_size=2)
+    expected = np.stack([image.mean(axis=(0, 1)) / 255 for image in images])
+    assert np.allclose(pool3, expected, rtol=1e-6) and np.allclose(logits, expected, rtol=1e-6)
+
+
+def test_image_sources_and_their_errors(tmp_path):
+    images = random_images(3, 8, 10)
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    folder = write_folder(tmp_path / "folder", images)
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    from_folder = evaluate.load_images(folder)
+    assert len(from_folder) == 3 and all(np.array_equal(from_folder[i], images[i]) for i in range(3))
+    assert np.array_equal(evaluate.load_images(tmp_path / "images.npz"), images)
+
+    with pytest.raises(FileNotFoundError, match="no such folder or .npz"):
+        evaluate.load_images(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="no .* images in this folder"):
+        evaluate.load_images(write_folder(tmp_path / "empty", []))
+    np.savez(tmp_path / "other.npz", images=images)
+    with pytest.raises(ValueError, match="no `arr_0`.*it has: images"):
+        evaluate.load_images(tmp_path / "other.npz")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="0.png: not a readable image"):
+        evaluate.load_images(tmp_path / "broken")[0]
+    np.savez(tmp_path / "nchw.npz", arr_0=images.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"expected uint8 images \(N, H, W, 3\)"):
+        evaluate.load_images(tmp_path / "nchw.npz")
+
+
+def test_inception_score_known_values():
+    assert evaluate.inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)
+    # Each split holds 5 confident predictions of 5 different classes: p(y) uniform over 5, IS = 5.
+    confident = 50.0 * np.eye(1008)[np.tile(np.arange(5), 4)]
+    assert evaluate.inception_score(confident, splits=4) == pytest.approx((5.0, 0.0), abs=1e-6)
+
+    logits = np.random.default_rng(0).normal(size=(12, 7)) * 3
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for part in (probabilities[:4], probabilities[4:8], probabilities[8:]):  # the original's split bounds
+        kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    assert evaluate.inception_score(logits, splits=3) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-9)
+    with pytest.raises(ValueError, match="needs at least 10 images"):
+        evaluate.inception_score(np.zeros((5, 1008)))
+
+
+# ----------------------------------------------------------------------------------------------
+# FD-DINOv2
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_dinov2():
+    torch.manual_seed(0)
+    return encoders.DINOEncoder(image_size=28, patch_size=14, width=32, depth=1, heads=2, layer_scale=True)
+
+
+def test_dinov2_features_follow_dgm_eval(tmp_path):
+    encoder = tiny_dinov2()
+    images = random_images(3, 40, 50)
+    dgm_eval_transform = transforms.Compose([  # dgm-eval's DINOv2 preprocessing, applied to PIL images
+        transforms.Resize((224, 224), transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD),
+    ])
+    pixels = torch.stack([dgm_eval_transform(Image.fromarray(image)) for image in images])
+    with torch.no_grad():
+        expected = encoder(pixels)[:, 0]
+    features = evaluate.dinov2_features(images, encoder, batch_size=2)
+    assert features.shape == (3, 32)
+    assert_relative_close(features, expected.numpy(), 1e-5)
+
+    other = random_images(3, 40, 50, seed=5) // 3
+    expected_distance = evaluate.frechet_distance(
+        *evaluate.feature_statistics(features), *evaluate.feature_statistics(evaluate.dinov2_features(other, encoder))
+    )
+    np.savez(tmp_path / "real.npz", arr_0=images)
+    assert evaluate.fd_dinov2(tmp_path / "real.npz", other, encoder) == pytest.approx(expected_distance, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and recall
+# ----------------------------------------------------------------------------------------------
+
+
+def brute_force_precision_recall(real, fake, k):
+    def radii(points):
+        distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        return np.sort(distances, axis=1)[:, k]  # column 0 is the point itself
+
+    def inside(queries, manifold):
+        distances = np.linalg.norm(queries[:, None] - manifold[None], axis=-1)
+        return np.mean([(row <= radii(manifold)).any() for row in distances])
+
+    return inside(fake, real), inside(real, fake)
+
+
+def test_precision_recall_matches_the_definition():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(60, 6))
+    fake = rng.normal(size=(45, 6)) * 0.6 + 1.0  # narrower and shifted: precision 0.82, recall 0.12
+    expected = brute_force_precision_recall(real, fake, k=3)
+    assert 0 < expected[1] < expected[0] < 1, expected
+    for chunk_size in (7, 4096):
+        scores = evaluate.precision_recall(real, fake, k=3, chunk_size=chunk_size)
+        assert (scores["precision"], scores["recall"]) == pytest.approx(expected, abs=1e-12)
+    assert evaluate.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    assert evaluate.precision_recall(real, real + 100) == {"precision": 0.0, "recall": 0.0}
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        evaluate.precision_recall(real, fake[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# PSNR, SSIM, LPIPS
+# ----------------------------------------------------------------------------------------------
+
+
+def test_psnr_and_ssim_match_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.rand(3, 3, 21, 26, generator=generator)
+    images = (targets + 0.15 * torch.randn(targets.shape, generator=generator)).clamp(0, 1)
+    images[2] = torch.rand(3, 21, 26, generator=generator)  # an unrelated image: SSIM near 0
+    ours_ssim, ours_psnr = evaluate.ssim(images, targets), evaluate.psnr(images, targets)
+    for i in range(3):
+        image, target = images[i].permute(1, 2, 0).double().numpy(), targets[i].permute(1, 2, 0).double().numpy()
+        expected_ssim = structural_similarity(image, target, channel_axis=2, data_range=1)
+        assert ours_ssim[i].item() == pytest.approx(expected_ssim, abs=1e-7)
+        assert ours_psnr[i].item() == pytest.approx(peak_signal_noise_ratio(target, image, data_range=1), rel=1e-10)
+    assert ours_ssim[0] > 0.5 and abs(ours_ssim[2]) < 0.1
+    assert torch.equal(evaluate.psnr(targets, targets), torch.full((3,), float("inf"), dtype=torch.float64))
+    assert torch.allclose(evaluate.ssim(targets, targets), torch.ones(3, dtype=torch.float64))
+
+
+def test_psnr_and_ssim_reject_bad_inputs():
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        evaluate.ssim(images * 2 - 1, images)
+    with pytest.raises(ValueError, match="of one shape"):
+        evaluate.psnr(images, images[:1])
+    with pytest.raises(ValueError, match="at least 7 x 7"):
+        evaluate.ssim(images[..., :6], images[..., :6])
+
+
+def test_our_backbones_have_torchvisions_layout():
+    from torchvision.models import alexnet
+    from torchvision.models.vgg import cfgs, make_layers
+
+    pairs = ((evaluate.alexnet_features(), alexnet().features), (evaluate.vgg16_features(), make_layers(cfgs["D"])))
+    for ours, theirs in pairs:
+        shapes = {key: value.shape for key, value in theirs.state_dict().items()}
+        assert {key: value.shape for key, value in ours.state_dict().items()} == shapes
+        layers = [repr(layer).replace("inplace=True", "") for layer in theirs]  # ours leave their inputs intact
+        assert [repr(layer) for layer in ours] == layers[: len(ours)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13")  # lpips calling torchvision
+def test_lpips_matches_the_lpips_package(tmp_path, net, monkeypatch):
+    import lpips  # requirements-dev.txt
+    from torchvision.models.vgg import cfgs, make_layers
+
+    # lpips builds a whole torchvision VGG16 for its features; the 120M-parameter classifier it never
+    # uses takes seconds to initialise, so it gets the feature layers alone.
+    vgg16_without_classifier = lambda **kwargs: SimpleNamespace(features=make_layers(cfgs["D"]))  # noqa: E731
+    monkeypatch.setattr(lpips.pretrained_networks.tv, "vgg16", vgg16_without_classifier)
+    # The package's own linear weights; a random backbone, saved as torchvision lays it out.
+    reference = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    torch.manual_seed(0)
+    backbone = evaluate.alexnet_features() if net == "alex" else evaluate.vgg16_features()
+    torch.save({f"features.{key}": value for key, value in backbone.state_dict().items()}
+               | {"classifier.1.weight": torch.zeros(2, 2)}, tmp_path / "backbone.pth")
+    for slice_ in reference.net.children():
+        slice_.load_state_dict({key: backbone.state_dict()[key] for key in slice_.state_dict()})
+    linear_path = pathlib.Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    ours = evaluate.LPIPS.from_files(linear_path, tmp_path / "backbone.pth")
+    assert ours.net == net
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.rand(2, 3, 64, 64, generator=generator)
+    images = (targets + 0.2 * torch.randn(targets.shape, generator=generator)).clamp(0, 1)
+    with torch.no_grad():
+        expected = reference(2 * images - 1, 2 * targets - 1).flatten()
+    assert_relative_close(ours(images, targets), expected, 1e-5)
+    assert ours(targets, targets).abs().max() == 0
+
+
+def test_lpips_rejects_files_that_are_not_lpips_weights(tmp_path):
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="not an LPIPS weights file"):
+        evaluate.LPIPS.from_files(tmp_path / "partial.pth", tmp_path / "partial.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes alignment
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_shapes_detector_reads_the_datasets_own_images(image_size):
+    truth = [data.sample_shape_attrs(3, i) for i in range(150)]
+    detected = [evaluate.detect_shape_attrs(data.render_shape(attrs, image_size)) for attrs in truth]
+    scores = evaluate.alignment_scores(detected, [{name: a[name] for name in evaluate.SHAPE_ATTRIBUTES} for a in truth])
+    assert scores["all"] == 1.0, scores  # measured: 100% of 500 images at both sizes (92% at 16 px)
+    assert max(abs(found["extent"] - attrs["extent"]) for found, attrs in zip(detected, truth)) < 2 / image_size
+
+
+def test_shapes_detector_tolerates_noise():
+    rng = np.random.default_rng(0)
+    truth = [data.sample_shape_attrs(4, i) for i in range(100)]
+    noisy = [np.clip(data.render_shape(attrs, 32) + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+             for attrs in truth]
+    detected = [evaluate.detect_shape_attrs(image) for image in noisy]
+    scores = evaluate.alignment_scores(detected, [{name: a[name] for name in evaluate.SHAPE_ATTRIBUTES} for a in truth])
+    assert scores["all"] >= 0.95, scores  # measured: 99.5% of 200 images
+
+
+def test_shapes_alignment_scores_wrong_captions_as_wrong():
+    truth = [data.sample_shape_attrs(0, i) for i in range(40)]
+    detected = [evaluate.detect_shape_attrs(data.render_shape(attrs, 32)) for attrs in truth]
+    shifted_captions = [data.shapes_caption(attrs) for attrs in truth[1:] + truth[:1]]
+    scores = evaluate.alignment_scores(detected, [evaluate.parse_shapes_caption(c) for c in shifted_captions])
+    assert scores["all"] < 0.1 and scores["object"] < 0.3 and scores["images"] == 40
+    partial = evaluate.alignment_scores(detected[:2], [{"color": truth[0]["color"]}, {"shape": "nonexistent"}])
+    assert partial == {"shape": 0.0, "color": 1.0, "object": 0.5, "all": 0.5, "images": 2}
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        evaluate.alignment_scores(detected[:2], [{}])
+
+
+def test_blank_image_detects_only_the_background():
+    blank = np.broadcast_to(np.array(data.COLORS["blue"], dtype=np.uint8), (32, 32, 3))
+    attrs = evaluate.detect_shape_attrs(blank)
+    assert attrs["background"] == "blue" and attrs["shape"] is None and attrs["color"] is None
+    assert evaluate.alignment_scores([attrs], [{"color": "red", "shape": "circle"}])["all"] == 0.0
+
+
+def test_parse_shapes_caption():
+    attrs = data.sample_shape_attrs(0, 5)
+    parsed = evaluate.parse_shapes_caption(data.shapes_caption(attrs))
+    assert parsed == {name: attrs[name] for name in evaluate.SHAPE_ATTRIBUTES}
+    assert evaluate.parse_shapes_caption("A  red triangle") == {"color": "red", "shape": "triangle"}
+    assert evaluate.parse_shapes_caption("a small white star at the top center on an orange background") == {
+        "size": "small", "color": "white", "shape": "star", "position": "top center", "background": "orange"}
+    with pytest.raises(ValueError, match="not a shapes caption: 'a dog'"):
+        evaluate.parse_shapes_caption("a dog")
+
+
+def test_attribute_distance():
+    a = [{"shape": "circle", "color": "red", "size": "small", "position": "center", "background": "blue"}] * 4
+    b = a[:2] + [dict(a[0], shape="star", color=None)] * 2
+    distance = evaluate.attribute_distance(a, b)
+    expected = {"shape": 0.5, "color": 0.5, "size": 0, "position": 0, "background": 0, "mean": 0.2}
+    assert distance == pytest.approx(expected)
+    assert evaluate.attribute_distance(a, a)["mean"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_shapes(tmp_path, capsys):
+    truth = [data.sample_shape_attrs(0, i) for i in range(30)]
+    np.savez(tmp_path / "generated.npz", arr_0=np.stack([data.render_shape(attrs, 32) for attrs in truth]))
+    (tmp_path / "captions.txt").write_text("\n".join(data.shapes_caption(attrs) for attrs in truth) + "\n")
+    evaluate.main(["shapes", "--images", str(tmp_path / "generated.npz"), "--captions", str(tmp_path / "captions.txt"),
+                   "--real", "shapes:30"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["alignment"]["all"] == 1.0 and result["alignment"]["images"] == 30
+    assert result["attribute_distance"]["mean"] == 0.0  # the same 30 images as shapes:30 (seed 0)
+
+
+def test_cli_nvs(tmp_path, capsys):
+    targets = random_images(2, 16, 16)
+    generated = np.clip(targets.astype(int) + 20, 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "targets.npz", arr_0=targets)
+    write_folder(tmp_path / "generated", generated)
+    evaluate.main(["nvs", "--pred", str(tmp_path / "generated"), "--target", str(tmp_path / "targets.npz")])
+    result = json.loads(capsys.readouterr().out)
+    as_unit = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    assert result["psnr"] == pytest.approx(evaluate.psnr(as_unit(generated), as_unit(targets)).mean().item())
+    assert result["ssim"] == pytest.approx(evaluate.ssim(as_unit(generated), as_unit(targets)).mean().item())
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    np.savez(tmp_path / "images.npz", arr_0=random_images(2, 8, 8))
+    cases = [
+        (["fid", "--real", str(tmp_path / "images.npz"), "--fake", str(tmp_path / "images.npz"), "--no-download"],
+         "no FID Inception weights at .*pt_inception-2015-12-05-6726825d.pth; download https://github.com/mseitzer"),
+        (["fid", "--real", str(tmp_path / "images.npz"), "--fake", str(tmp_path / "images.npz"),
+          "--inception", str(tmp_path / "none.pth")], "no such Inception weights file"),
+        (["fid", "--real", str(tmp_path / "images.npz"), "--fake", "absent"], "absent: no such folder or .npz file"),
+        (["shapes", "--images", str(tmp_path / "absent.npz"), "--real", "shapes:2"], "no such folder or .npz"),
+        (["shapes", "--images", str(tmp_path / "images.npz"), "--captions", str(tmp_path / "none.txt")],
+         "no such captions file"),
+        (["fd-dinov2", "--real", str(tmp_path), "--fake", str(tmp_path), "--dinov2", str(tmp_path)],
+         "none of model.safetensors"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith(f"evaluate.py {argv[0]}: error:"), error
+        assert re.search(message, error), error

@@ -45,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -66,7 +68,7 @@ from tqdm import tqdm
 import data
 from diffusion import GaussianDiffusion, beta_schedule, guided_model_fn
 from dit import DiT_models, LumosDiT, build_model, forward_flops
-from encoders import VAE, DINOEncoder
+from encoders import VAE, DINOEncoder, load_into
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
@@ -103,7 +105,7 @@ def add_train_args(parser):
     a("--out", default="runs/i2i", help="run folder: checkpoints, sample grids, metrics.jsonl, ema.safetensors")
     a("--data", default="shapes:20000",
       help="image folder, tar shards (globs, {000..099} ranges), shapes[:N], or cache:DIR (data.py cache)")
-    a("--model", default="DiT-S/2", help="a name from dit.DiT_models")
+    a("--model", default=None, help="a name from dit.DiT_models (default: the offline model, see model_size)")
     a("--depth", type=int, help="override the model's depth")
     a("--hidden-size", type=int, help="override the model's width")
     a("--num-heads", type=int, help="override the model's head count")
@@ -112,22 +114,23 @@ def add_train_args(parser):
     a("--encoder", default=RANDOM_VIT, help=f"DINO repo/folder/.pth, or {RANDOM_VIT} (small frozen random ViT)")
     a("--prediction", default="epsilon", choices=["epsilon", "v"])
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    a("--steps", type=int, default=1500, help="optimizer steps in total")
+    a("--steps", type=int, default=500, help="optimizer steps in total")
     a("--global-batch-size", type=int, default=64)
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
     a("--lr", type=float, default=1e-3)
     a("--warmup-steps", type=int, default=100)
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=1.0)
-    a("--ema-decay", type=float, default=0.999)
+    a("--ema-decay", type=float, default=None,
+      help="EMA decay (default: DiT's 0.9999 with --model; 0.99 for the short offline default)")
     a("--precision", default="fp32", choices=["fp32", "bf16"])
     a("--grad-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=None, help="data loader workers (default: 8 on GPU, 0 on CPU)")
     a("--log-every", type=int, default=25)
-    a("--sample-every", type=int, default=500, help="steps between sample grids; 0: never, not even at the end")
-    a("--ckpt-every", type=int, default=500, help="steps between checkpoints; 0: only on a signal (benchmarks)")
+    a("--sample-every", type=int, default=250, help="steps between sample grids; 0: never, not even at the end")
+    a("--ckpt-every", type=int, default=250, help="steps between checkpoints; 0: only on a signal (benchmarks)")
     a("--keep-last", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     a("--num-samples", type=int, default=16, help="held-out conditions in each sample grid")
@@ -145,12 +148,24 @@ def check_args(args, world_size):
     if args.global_batch_size <= 0 or per_rank == 0 or per_rank % args.grad_accum:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by world size "
                          f"{world_size} x --grad-accum {args.grad_accum}")
-    if args.model not in DiT_models:
-        raise ValueError(f"unknown --model {args.model!r}: choose one of {', '.join(DiT_models)}")
-    multiple = (8 if args.vae else 1) * int(args.model.rsplit("/", 1)[1])
+    name = model_size(args)[0]
+    if name not in DiT_models:
+        raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(DiT_models)}")
+    multiple = (8 if args.vae else 1) * int(name.rsplit("/", 1)[1])
     if args.image_size % multiple:
         raise ValueError(f"--image-size {args.image_size} must be divisible by {multiple} "
-                         f"({'8 (VAE) x ' if args.vae else ''}patch size of {args.model})")
+                         f"({'8 (VAE) x ' if args.vae else ''}patch size of {name})")
+
+
+OFFLINE_MODEL = ("DiT-S/4", dict(depth=6, hidden_size=256, num_heads=4))
+
+
+def model_size(args):
+    """(DiT_models name, size overrides) from --model and --depth/--hidden-size/--num-heads.
+    Without --model: the offline default, DiT-S/4 cut to depth 6 and width 256 for a CPU."""
+    name, overrides = (args.model, {}) if args.model else OFFLINE_MODEL
+    explicit = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
+    return name, {**overrides, **explicit}
 
 
 #################################################################################
@@ -183,20 +198,21 @@ class ImageSpace:
         return images.float().clamp(-1, 1)
 
 
-def load_image_encoder(spec, image_size, device):
+def load_image_encoder(spec, image_size, device, random_config=None):
     """The frozen DINO condition encoder: Hub repo / folder / .pth, or a small random ViT of the same
-    class (seeded, so sample.py rebuilds the identical one from the export's metadata)."""
+    class (seeded; `random_config` defaults to random_vit_config, and exports record it, so that
+    sample.py rebuilds the identical one)."""
     if spec == RANDOM_VIT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            encoder = DINOEncoder(**random_vit_config(image_size))
+            encoder = DINOEncoder(**(random_config or random_vit_config(image_size)))
     else:
         encoder = DINOEncoder.from_pretrained(spec)
     return encoder.to(device)
 
 
 def random_vit_config(image_size):
-    return dict(image_size=image_size, patch_size=max(4, image_size // 8), width=192, depth=4, heads=3)
+    return dict(image_size=image_size, patch_size=max(4, image_size // 4), width=128, depth=2, heads=2)
 
 
 def image_condition(encoder):
@@ -392,17 +408,30 @@ def export_ema(args, ema, rank, metadata):
         os.replace(path + ".tmp", path)
 
 
-def load_export(path, device="cpu"):
-    """(EMA model, metadata) from an `ema.safetensors` export, with nothing else needed."""
-    from safetensors import safe_open
+def export_metadata(path):
+    """The metadata of an `ema.safetensors` export (read without loading its tensors)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
     with safe_open(path, framework="pt") as f:
         raw = f.metadata() or {}
-        if "lumos" not in raw:
-            raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
-        metadata = {k: json.loads(v) for k, v in raw.items()}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model = LumosDiT(**metadata["lumos"]["config"])
-    model.load_state_dict(state, strict=True)
+    if "lumos" not in raw:
+        raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def read_export(path):
+    """(state dict, metadata) of an `ema.safetensors` export."""
+    metadata = export_metadata(path)
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, metadata
+
+
+def load_export(path, device="cpu", model_class=LumosDiT):
+    """(EMA model, metadata) from an `ema.safetensors` export, with nothing else needed
+    (`model_class`: train_nvs.NVSDiT for an NVS export)."""
+    state, metadata = read_export(path)
+    model = model_class(**metadata["lumos"]["config"])
+    load_into(model, state, path)
     return model.to(device).eval().requires_grad_(False), metadata
 
 
@@ -472,7 +501,7 @@ def _train(args, task, rank, world_size, device):
 
     run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
                                                  "prediction", "data", "seed", "learn_sigma")}
-    run_config["model_config"] = config
+    run_config.update(model_config=config, task_metadata=task.metadata)
     counters = torch.zeros(4, dtype=torch.int64)  # step, skipped files, non-finite steps, spare
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if ckpt:
@@ -480,7 +509,7 @@ def _train(args, task, rank, world_size, device):
     step = int(counters[0])
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        print(f"{args.model} ({num_params:,} parameters, {flops_per_image / 3e9:.2f} GFLOPs/image forward) "
+        print(f"{model_size(args)[0]} ({num_params:,} parameters, {flops_per_image / 3e9:.2f} GFLOPs/image forward) "
               f"on {task.dataset!r}; world {world_size}, device {device}; "
               + (f"resumed from {ckpt} at step {step}" if ckpt else "from scratch"), flush=True)
 
@@ -498,6 +527,7 @@ def _train(args, task, rank, world_size, device):
     eval_noise = torch.randn((num_eval, *x_shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
+    ema_decay = args.ema_decay if args.ema_decay is not None else (0.9999 if args.model else 0.99)
     metadata = {"lumos": {"task": task.metadata.get("task", "i2i"), "model": args.model, "config": config,
                           "space": "latent" if args.vae else "pixel", "vae": args.vae, "image_size": args.image_size,
                           "encoder": args.encoder, "prediction": args.prediction, **task.metadata}}
@@ -510,8 +540,7 @@ def _train(args, task, rank, world_size, device):
         return model(x, t, **kwargs).float()
 
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "samples": 0, "time": time.perf_counter(), "steps": 0,
-              "skipped": []}
+    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "samples": 0, "time": time.perf_counter(), "skipped": []}
     consecutive_nonfinite = 0
     model.train()
     while step < args.steps:
@@ -540,7 +569,7 @@ def _train(args, task, rank, world_size, device):
         grad_norm = float(local(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm))
         if math.isfinite(grad_norm):
             optimizer.step()
-            update_ema(ema, model, args.ema_decay)
+            update_ema(ema, model, ema_decay)
             consecutive_nonfinite = 0
         else:
             counters[2] += 1
@@ -551,7 +580,6 @@ def _train(args, task, rank, world_size, device):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         counters[0] = step
-        window["steps"] += 1
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
@@ -620,7 +648,7 @@ def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, pe
     log_line(args, rank, line)
     progress.set_postfix(loss=f"{line['loss']:.4f}", gnorm=f"{grad_norm:.2f}", img_s=f"{images_per_s:.1f}",
                          mfu="-" if peak is None else f"{100 * line['mfu']:.1f}%")
-    window.update(loss=0.0, mse=0.0, vb=0.0, samples=0, time=time.perf_counter(), steps=0)
+    window.update(loss=0.0, mse=0.0, vb=0.0, samples=0, time=time.perf_counter())
 
 
 def log_line(args, rank, line):
@@ -631,6 +659,158 @@ def log_line(args, rank, line):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+#################################################################################
+#              Fine-tuning from trained weights (T2I, NVS, sample.py)           #
+#################################################################################
+
+RECOMPUTED_KEYS = ("pos_embed",)  # LumosDiT recomputes it for its own size when loading
+DEFAULT_I2I_EXPORT = os.path.join("runs", "i2i", "ema.safetensors")  # `python train_i2i.py`'s output
+
+
+def transfer_weights(model, state_dict, new_keys=(), widened_keys=(), source="checkpoint"):
+    """Load an I2I model's `state_dict` into `model`, a LumosDiT with the same blocks and some new or
+    wider layers (NVS: pose_mixer new, x_embedder widened; T2I: the condition projection and
+    y_embedding new). Every key of `model` is
+      carried:  the checkpoint's tensor, of the same shape (pos_embed: recomputed for the model's size);
+      widened:  listed in `widened_keys`: the checkpoint's tensor fills the leading part of dim 1
+                (the input channels), the rest is zero, so the new inputs start switched off;
+      new:      listed in `new_keys`: kept as the model initialised it, a checkpoint tensor of the
+                same name is not used.
+    A checkpoint key the model lacks, a model key in neither the checkpoint nor `new_keys`, or a
+    shape outside these rules is a ValueError naming the keys. Returns {"carried", "widened", "new",
+    "recomputed"}: lists of keys, for the caller to print.
+    """
+    expected = model.state_dict()
+    unexpected = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict and k not in new_keys and k not in RECOMPUTED_KEYS]
+    merged, wrong_shape = {}, []
+    for key, current in expected.items():
+        if key in new_keys or key in RECOMPUTED_KEYS:
+            merged[key] = current
+        elif key not in state_dict:
+            continue
+        elif key in widened_keys:
+            saved = state_dict[key]
+            fits = saved.ndim == current.ndim and saved.shape[1] <= current.shape[1] and \
+                saved.shape[:1] + saved.shape[2:] == current.shape[:1] + current.shape[2:]
+            if not fits:
+                wrong_shape.append(f"{key} {tuple(saved.shape)} vs model {tuple(current.shape)}")
+                continue
+            merged[key] = torch.zeros_like(current)
+            merged[key][:, : saved.shape[1]] = saved.to(current.dtype)
+        elif state_dict[key].shape != current.shape:
+            wrong_shape.append(f"{key} {tuple(state_dict[key].shape)} vs model {tuple(current.shape)}")
+        else:
+            merged[key] = state_dict[key]
+    found = {"unexpected": unexpected, "missing": missing, "wrong-shape": wrong_shape}
+    problems = [f"{len(keys)} {kind} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                for kind, keys in found.items() if keys]
+    if problems:
+        raise ValueError(f"{source}: does not fit {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(merged, strict=True)
+    kinds = {"widened": widened_keys, "new": new_keys, "recomputed": RECOMPUTED_KEYS}
+    report = {kind: [k for k in expected if k in keys] for kind, keys in kinds.items()}
+    return {"carried": [k for k in expected if not any(k in keys for keys in kinds.values())], **report}
+
+
+def describe_keys(keys):
+    """A short listing of state-dict keys, the blocks' keys collapsed to `blocks.{0..N-1}.* (K each)`."""
+    block_ids = sorted({int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in keys) if m})
+    parts = [k for k in keys if not k.startswith("blocks.")]
+    if block_ids:
+        per_block = sum(k.startswith("blocks.0.") for k in keys)
+        parts.append(f"blocks.{{{block_ids[0]}..{block_ids[-1]}}}.* ({per_block} each)")
+    return ", ".join(parts) or "none"
+
+
+#################################################################################
+#                      Reading an I2I checkpoint to start from                  #
+#################################################################################
+
+def load_i2i_init(spec, entry="ema"):
+    """(state_dict, info) of the I2I model to start from. `spec`:
+      *.safetensors   train_i2i.py's export (EMA weights; its metadata gives the run's settings)
+      a folder        a training checkpoint (DCP, `checkpoints/step_N`) or a run folder (its latest
+                      checkpoint); `entry` picks its "ema" or "model" weights
+      *.pth/.pt/.bin  the official `Lumos_I2I.pth`: a state dict, possibly nested under
+                      "state_dict", "model" or "ema"; the sizes are read off the tensors
+    info: "config" (LumosDiT config) and what the weights fix about the run: "model", "vae",
+    "encoder", "image_size", "prediction" (None where the file does not say)."""
+    if spec.endswith(".safetensors"):
+        return _load_export_state(spec)
+    if os.path.isdir(spec):
+        return _load_checkpoint_state(spec, entry)
+    if spec.endswith((".pth", ".pt", ".bin")):
+        return _load_official_state(spec)
+    raise ValueError(f"--init {spec}: expected scratch, an ema.safetensors export, a checkpoint or run "
+                     f"folder, or a .pth state dict")
+
+
+def _load_export_state(path):
+    state, metadata = read_export(path)
+    lumos = metadata["lumos"]
+    if lumos.get("task", "i2i") != "i2i":
+        raise ValueError(f"--init {path}: a {lumos['task']!r} export; start from an I2I model")
+    return state, {k: lumos.get(k) for k in ("config", "model", "vae", "encoder", "image_size", "prediction")}
+
+
+def _load_checkpoint_state(folder, entry):
+    path = folder if os.path.exists(os.path.join(folder, "run_config.json")) else latest_checkpoint(folder)
+    if path is None:
+        raise FileNotFoundError(f"--init {folder}: neither a checkpoint (no run_config.json) nor a run folder "
+                                f"with a complete checkpoint under checkpoints/")
+    with open(os.path.join(path, "run_config.json")) as f:
+        run_config = json.load(f)
+    model_config = run_config["model_config"]
+    if model_config["in_channels"] != model_config.get("out_channels", model_config["in_channels"]):
+        raise ValueError(f"--init {path}: not an I2I checkpoint (in_channels {model_config['in_channels']}, "
+                         f"out_channels {model_config['out_channels']})")
+    state = {entry: LumosDiT(**model_config).state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    info = {k: run_config.get(k) for k in ("model", "vae", "encoder", "image_size", "prediction")}
+    return state[entry], {**info, "config": model_config}
+
+
+def _load_official_state(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init {path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    multi_scale = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder")))
+    if multi_scale:
+        raise ValueError(f"{path}: a multi-scale model with {', '.join(multi_scale[:2])} (PixArt-alpha's 1024 px "
+                         f"size and aspect-ratio embedders), which this project does not implement")
+    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
+        raise ValueError(f"--init {path}: not a LumosDiT state dict (no x_embedder.proj.weight)")
+    config, name = config_from_state(state, path)
+    # Its training size: a 4-channel model works on SD-VAE latents, 8x smaller than the image.
+    image_size = config["input_size"] * (8 if config["in_channels"] == 4 else 1)
+    return state, {"config": config, "model": name, "vae": None, "encoder": None, "image_size": image_size,
+                   "prediction": None}
+
+
+def config_from_state(state, source):
+    """(LumosDiT config, DiT_models name) of a state dict with the official LumosDiT keys."""
+    width, channels, patch = state["x_embedder.proj.weight"].shape[:3]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    sizes = {name: make.keywords for name, make in DiT_models.items()}
+    same_size = [n for n, kw in sizes.items()
+                 if (kw["depth"], kw["hidden_size"], kw["patch_size"]) == (depth, width, patch)]
+    if not same_size:
+        raise ValueError(f"{source}: depth {depth}, width {width}, patch {patch} is none of dit.DiT_models")
+    name = same_size[0]
+    null_condition = state["y_embedder.y_embedding"]
+    grid = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else 32 // patch
+    predicted = state["final_layer.linear.weight"].shape[0] // patch ** 2
+    config = dict(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width, depth=depth,
+                  num_heads=sizes[name]["num_heads"], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                  cond_dim=null_condition.shape[1], cond_tokens=null_condition.shape[0],
+                  learn_sigma=predicted == 2 * channels, class_dropout_prob=0.1, lewei_scale=1.0, out_channels=channels)
+    return config, name
 
 
 #################################################################################
@@ -657,8 +837,8 @@ def i2i_task(args, device):
     else:
         encoder = load_image_encoder(args.encoder, args.image_size, device)
         condition, cond_dim = image_condition(encoder), encoder.norm.normalized_shape[0]
-    overrides = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
-    build = lambda: build_model(args.model, input_size=args.image_size // (8 if args.vae else 1),
+    name, overrides = model_size(args)
+    build = lambda: build_model(name, input_size=args.image_size // (8 if args.vae else 1),
                                 in_channels=4 if args.vae else 3, learn_sigma=args.learn_sigma,
                                 cond_dim=cond_dim, cond_tokens=1, **overrides)
     encoder_config = random_vit_config(args.image_size) if args.encoder == RANDOM_VIT else None

@@ -1,0 +1,631 @@
+"""Lumos stage 2, text to image: fine-tune the I2I prior on captioned images, conditioned on T5
+token features through the same cross-attention.
+
+    python train_t2i.py                    # offline default: runs/i2i/ema.safetensors on `shapes` captions, CPU
+    python train_t2i.py --n-captions 200   # fine-tune on the first 200 captioned images only
+    python train_t2i.py --init scratch --n-captions 2000 --out runs/t2i_scratch   # the no-prior baseline
+    python train_t2i.py cache-text --data /data/pairs/{00000..00999}.tar --t5 DeepFloyd/t5-v1_1-xxl --out /data/t5
+    torchrun --nproc_per_node=8 train_t2i.py --init Lumos_I2I.pth --vae stabilityai/sd-vae-ft-ema \\
+        --t5 DeepFloyd/t5-v1_1-xxl --text-cache /data/t5 --data /data/pairs/{00000..00999}.tar \\
+        --image-size 256 --global-batch-size 256 --lr 2e-5 --precision bf16 --out runs/t2i
+
+The model is the I2I LumosDiT with its condition swapped for T5 tokens: cond_dim becomes the T5
+width (4096 for XXL) and cond_tokens 120. Only the condition projection (`y_embedder.y_proj`) and
+the null condition (`y_embedder.y_embedding`) are new, initialised as LumosDiT initialises them
+(N(0, 0.02) weights, zero biases; randn / sqrt(cond_dim)); every other weight carries over from
+--init (`pos_embed` is recomputed for the model's size). --init takes train_i2i.py's
+ema.safetensors, a training checkpoint or run folder (its "ema", or --init-entry model), the
+official `Lumos_I2I.pth`, or `scratch`. Without --init the default I2I run's export
+runs/i2i/ema.safetensors is required: if it is missing, this script says how to make it and exits
+with status 2, so the default run is always the fine-tuned one (--init scratch is the baseline).
+
+The condition of a batch: the captions' T5 features after the final norm, cut to the batch's
+longest caption (at most 120 tokens, longer captions truncated as T5's tokenizer does), padding
+zero and masked out. Caption dropout for classifier-free guidance is the model's own condition
+dropout (the loop draws it per sample): there is no second one here.
+
+Captions: tar shards with `key.txt` / `key.json`, a folder with sidecar `.txt` files, or `shapes`.
+An image without a caption (none, or empty) is skipped and counted: its item is replaced by the next
+captioned one and its name travels in "skipped", which the loop logs and counts in `skipped_files`
+(as it does for unreadable files). `--n-captions N` trains on the first N captioned images only.
+
+The text encoder: a T5 v1.1 encoder from the Hub (`--t5`, frozen; bf16 on GPU, fp32 on CPU), run on
+each batch, or its features read from a text-feature cache (`--text-cache DIR`, written by
+`cache-text`, see `write_text_cache`), where every distinct caption was encoded once. The offline
+default `--t5 random-t5` is a tiny T5 of the same class with frozen random weights (seeded) and a
+tokenizer built in memory from the words of the `shapes` captions: it shows the pipeline end to
+end; the export's metadata holds its config, seed and vocabulary, so sample.py rebuilds it.
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+from dit import DiT_models, LumosDiT
+from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze
+from train_i2i import (DEFAULT_I2I_EXPORT, RECOMPUTED_KEYS, Task, add_train_args, check_args, describe_keys,
+                       exit_with_usage_error, held_out_items, load_i2i_init, model_size, train,
+                       transfer_weights)
+
+RANDOM_T5 = "random-t5"
+RANDOM_T5_SEED = 0
+MAX_TEXT_TOKENS = 120  # Lumos pads / truncates every caption to 120 T5 tokens
+# The only weights T2I does not take from the I2I model: they depend on the condition's width.
+NEW_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
+            "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
+
+
+#################################################################################
+#                               The text encoder                                #
+#################################################################################
+
+class TextEncoder:
+    """A frozen T5 tokenizer and encoder: captions -> the T2I condition.
+
+        features, mask = TextEncoder(tokenizer, t5)(captions)   # (B, L, C) float32, (B, L) bool
+
+    L is the longest caption of the batch in tokens (at most max_length); the features of padding
+    positions are zero. The valid tokens' features do not depend on the padding: T5 masks padded keys.
+    """
+
+    def __init__(self, tokenizer, t5, max_length=MAX_TEXT_TOKENS):
+        self.tokenizer, self.t5, self.max_length = tokenizer, t5, max_length
+        self.width = t5.config.d_model
+        self.dtype = next(t5.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """-> features (B, L, C) in the T5's dtype, padding zero; mask (B, L) bool."""
+        ids, mask = self.tokenizer(list(captions), self.max_length)
+        length = int(mask.sum(1).max())
+        device = next(self.t5.parameters()).device
+        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
+        return self.t5(ids, mask) * mask[..., None].to(self.dtype), mask.bool()
+
+    def __call__(self, captions):
+        features, mask = self.encode(captions)
+        return features.float(), mask
+
+    def token_features(self, captions):
+        """-> [(n_i, C)]: each caption's valid tokens, in the T5's dtype, on the CPU."""
+        features, mask = self.encode(captions)
+        return [row[:n].cpu() for row, n in zip(features, mask.sum(1).tolist())]
+
+
+def shapes_vocabulary():
+    """Every word of every `shapes` caption (data.shapes_caption over all attribute values), sorted."""
+    words = set()
+    for shape, color, size, position, background in itertools.product(
+            data.SHAPES, data.COLORS, data.SIZES, data.POSITIONS, data.COLORS):
+        attrs = {"shape": shape, "color": color, "size": size, "position": position, "background": background}
+        words.update(data.shapes_caption(attrs).split())
+    return sorted(words)
+
+
+def random_t5_description():
+    """What rebuilds the offline default's text encoder exactly (stored in the export's metadata):
+    the tokenizer's pieces, one per word of the shapes captions, equally likely (any other word
+    reads as <unk>); a tiny T5 v1.1 config of that vocabulary; the seed of its random weights."""
+    words = shapes_vocabulary()
+    pieces = [(SPACE_SYMBOL + word, -math.log(len(words))) for word in words]
+    vocab_size = T5Tokenizer.from_pieces(pieces).vocab_size
+    config = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)
+    return {"tokenizer_pieces": pieces, "t5_config": dataclasses.asdict(config), "t5_seed": RANDOM_T5_SEED}
+
+
+def text_encoder_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def random_text_encoder(description, device):
+    """The tiny random T5 of `description` (random_t5_description()), frozen, on `device`."""
+    tokenizer = T5Tokenizer.from_pieces(description["tokenizer_pieces"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(description["t5_seed"])
+        t5 = T5Encoder(T5Config(**description["t5_config"]))
+    return TextEncoder(tokenizer, freeze(t5).to(device, text_encoder_dtype(device)))
+
+
+def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS):
+    """The frozen text encoder `spec` names: a Hub repo or folder holding a T5 v1.1 encoder and its
+    spiece.model (e.g. DeepFloyd/t5-v1_1-xxl), or random-t5."""
+    if spec == RANDOM_T5:
+        return random_text_encoder(random_t5_description(), device)
+    t5 = T5Encoder.from_pretrained(spec, dtype=text_encoder_dtype(device)).to(device)
+    return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length)
+
+
+def text_condition_from_metadata(info, device):
+    """prompts -> the model's condition {"y": (B, L, C), "mask": (B, L)}, from the text encoder a
+    train_t2i.py export was trained with; `info` is that export's metadata["lumos"]."""
+    if info.get("task") != "t2i":
+        raise ValueError(f"text prompts need a train_t2i.py export (ema.safetensors); this is a "
+                         f"{info.get('task', 'i2i')!r} model")
+    if info["encoder"] == RANDOM_T5:
+        encoder = random_text_encoder(info, device)
+    else:
+        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"])
+
+    def condition(prompts):
+        y, mask = encoder(prompts)
+        return {"y": y, "mask": mask}
+    return condition
+
+
+def text_condition(encode, device):
+    """Task.condition: the batch's captions through `encode` (a TextEncoder or TextFeatureCache)."""
+    def condition(batch, space):
+        y, mask = encode(batch["caption"])
+        return {"y": y.to(device), "mask": mask.to(device)}
+    return condition
+
+
+#################################################################################
+#                               Captioned data                                  #
+#################################################################################
+
+def has_caption(item):
+    return bool(item["caption"].strip())
+
+
+class SkipUncaptioned(Dataset):
+    """The captioned items of `dataset`: item i is dataset[i] if that has a caption, else the next one
+    that has (i+1, i+2, ..., wrapping around), so the replacement depends only on i. The images
+    passed over are named in "skipped" (with data.py's bad files), for the loop to count and log."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __repr__(self):
+        return f"captioned items of {self.dataset!r}"
+
+    def __getitem__(self, i):
+        skipped = []
+        for step in range(len(self.dataset)):
+            item = self.dataset[(i + step) % len(self.dataset)]
+            skipped += item["skipped"]
+            if has_caption(item):
+                return {**item, "index": int(i), "skipped": skipped}
+            skipped.append(f"{item['name']} (no caption)")
+        raise RuntimeError(f"no image of {self.dataset!r} has a caption: T2I needs sidecar .txt files "
+                           f"(folders) or .txt/.json members (tar shards)")
+
+
+class FirstCaptioned(Dataset):
+    """The first `count` captioned images of `dataset`, in dataset order (--n-captions). The images
+    without a caption among them are listed in `skipped` once, here, as training never reads them."""
+
+    def __init__(self, dataset, count):
+        if count <= 0:
+            raise ValueError(f"--n-captions {count}: must be positive")
+        self.dataset, self.indices, self.skipped = dataset, [], []
+        names = set()
+        for j in range(len(dataset)):
+            if len(self.indices) == count:
+                break
+            item = dataset[j]
+            if item["name"] in names:  # a bad file j stands in as the next good one, already seen
+                continue
+            names.add(item["name"])
+            if has_caption(item):
+                self.indices.append(j)
+            else:
+                self.skipped.append(item["name"])
+        if len(self.indices) < count:
+            raise ValueError(f"--n-captions {count}: {dataset!r} has only {len(self.indices)} captioned images")
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __repr__(self):
+        return f"the first {len(self)} captioned images of {self.dataset!r}"
+
+    def __getitem__(self, i):
+        return {**self.dataset[self.indices[i]], "index": int(i)}
+
+
+def t2i_eval_items(base, train_set, image_size, seed, count):
+    """The sample grids' captions and reference images: for `shapes`, images past the whole set, never
+    trained on; otherwise captioned images spread over the training set (train_i2i.held_out_items)."""
+    return held_out_items(base if isinstance(base, data.ShapesDataset) else train_set, image_size, seed, count)
+
+
+def read_caption(dataset, j):
+    """The caption of dataset item j without decoding its image: "" for none, None for a bad file."""
+    if isinstance(dataset, data.ShapesDataset):
+        return data.shapes_caption(data.sample_shape_attrs(dataset.seed, j))
+    if hasattr(dataset, "read"):  # data.py's file-backed sources: read(j) -> (image bytes, caption)
+        try:
+            return dataset.read(j)[1]
+        except (OSError, data.BadSampleError):
+            return None
+    return dataset[j]["caption"]
+
+
+class _Captions(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, j):
+        return read_caption(self.dataset, j)
+
+
+def dataset_captions(dataset, workers=0, show_progress=True):
+    """Every non-empty caption of `dataset`, in dataset order, repeats included."""
+    loader = DataLoader(_Captions(dataset), batch_size=1024, num_workers=workers, collate_fn=list)
+    batches = tqdm(loader, desc="reading captions", disable=not show_progress, dynamic_ncols=True)
+    return [caption for batch in batches for caption in batch if caption]
+
+
+#################################################################################
+#                             The text-feature cache                            #
+#################################################################################
+# DIR/text_cache.json holds the settings; DIR/text_00000.safetensors, ... hold `shard_size`
+# consecutive captions of the list of distinct captions each:
+#     "tokens"   (T, C) the captions' valid-token features, concatenated, in the encoder's dtype
+#     "offsets"  (n + 1,) int64: caption i's tokens are tokens[offsets[i]:offsets[i + 1]]
+#     "keys"     (n,) int64: caption_key of each caption, how training finds a caption's row
+# Nothing is padded: a caption takes its own number of tokens (a shapes caption takes ~13, not 120).
+
+TEXT_CACHE_INFO = "text_cache.json"
+
+
+def caption_key(caption):
+    """A 64-bit key of the caption's text (blake2b), as a signed int64."""
+    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def text_shard_path(root, shard):
+    return os.path.join(root, f"text_{shard:05d}.safetensors")
+
+
+def read_text_cache_info(root):
+    path = os.path.join(root, TEXT_CACHE_INFO)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def distinct_captions(captions):
+    """The captions without repeats, in order of first appearance, and their keys; a key shared by
+    two different captions (a 64-bit collision) is an error rather than a silent mix-up."""
+    distinct = list(dict.fromkeys(captions))
+    first_with_key = {}
+    for caption in distinct:
+        other = first_with_key.setdefault(caption_key(caption), caption)
+        if other != caption:
+            raise ValueError(f"captions {other!r} and {caption!r} share the key {caption_key(caption)}; "
+                             f"change one of them")
+    return distinct, list(first_with_key)
+
+
+def encode_once(encoder, captions, batch_size):
+    """[(n_i, C)] token features of distinct `captions`, batched by similar length (less padding)."""
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+    features = [None] * len(captions)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        for row, feature in zip(rows, encoder.token_features([captions[r] for r in rows])):
+            features[row] = feature
+    return features
+
+
+def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_size=64, rank=0, world_size=1,
+                     log=print):
+    """Encode each distinct caption of `captions` once into the shards at `root` (layout above).
+
+    Rank r of `world_size` (separate processes, no communication) writes the missing shards k with
+    k % world_size == r. Each shard goes to a temporary name and is renamed once complete, so a
+    restart skips the finished ones; `settings` (data, t5, ...) and what fixes the shards' content
+    go to text_cache.json, and writing into a cache made otherwise is an error. Returns the shards
+    this rank wrote.
+    """
+    distinct, keys = distinct_captions(captions)
+    if not distinct:
+        raise ValueError(f"no captions to encode in {settings.get('data')!r}")
+    digest = hashlib.blake2b(np.array(keys, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+    settings = {**settings, "num_captions": len(distinct), "captions_digest": digest, "shard_size": shard_size,
+                "width": encoder.width, "dtype": str(encoder.dtype).removeprefix("torch.")}
+    existing = read_text_cache_info(root)
+    if existing is not None and existing != settings:
+        changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
+        raise ValueError(f"{root} holds a text cache made otherwise ({'; '.join(changed)}); pass the same "
+                         f"arguments to finish it, or another --out")
+    os.makedirs(root, exist_ok=True)
+    write_json_atomically(os.path.join(root, TEXT_CACHE_INFO), settings, suffix=f".tmp{rank}")
+    written = []
+    for shard in range(rank, -(-len(distinct) // shard_size), world_size):
+        path = text_shard_path(root, shard)
+        if os.path.exists(path):
+            continue
+        rows = slice(shard * shard_size, (shard + 1) * shard_size)
+        features = encode_once(encoder, distinct[rows], batch_size)
+        lengths = torch.tensor([len(f) for f in features])
+        tensors = {"tokens": torch.cat(features).contiguous(),
+                   "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+                   "keys": torch.tensor(keys[rows], dtype=torch.int64)}
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        written.append(shard)
+        log(f"rank {rank}: wrote {path} ({len(features)} captions, {len(tensors['tokens'])} tokens)")
+    return written
+
+
+def write_json_atomically(path, value, suffix=".tmp"):
+    with open(path + suffix, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + suffix, path)
+
+
+class TextFeatureCache:
+    """A complete text-feature cache: captions -> the T2I condition, as TextEncoder gives it.
+
+        features, mask = TextFeatureCache(root)(captions)    # (B, L, C) float32, (B, L) bool
+
+    Holds every shard's keys and offsets in memory and reads the features from the memory-mapped
+    shards; used in the training process itself (the loop's condition), not in loader workers.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.info = read_text_cache_info(root)
+        if self.info is None:
+            raise FileNotFoundError(f"no text cache at {root} (no {TEXT_CACHE_INFO}); write one with "
+                                    f"`python train_t2i.py cache-text --data SPEC --t5 REPO --out {root}`")
+        num_shards = -(-self.info["num_captions"] // self.info["shard_size"])
+        missing = [text_shard_path(root, k) for k in range(num_shards) if not os.path.isfile(text_shard_path(root, k))]
+        if missing:
+            raise FileNotFoundError(f"text cache {root} is incomplete: {len(missing)} of {num_shards} shards missing, "
+                                    f"e.g. {missing[0]}; rerun cache-text with the same arguments to finish it")
+        self.width = self.info["width"]
+        self._handles = [safe_open(text_shard_path(root, k), framework="pt") for k in range(num_shards)]
+        self._offsets = [handle.get_tensor("offsets").numpy() for handle in self._handles]
+        keys = [handle.get_tensor("keys").numpy() for handle in self._handles]
+        where = np.concatenate([np.stack([np.full(len(k), shard), np.arange(len(k))], 1) for shard, k in enumerate(keys)])
+        keys = np.concatenate(keys)
+        order = np.argsort(keys)
+        self._keys, self._where = keys[order], where[order]
+
+    def __repr__(self):
+        return f"TextFeatureCache({self.root!r}, {self.info['num_captions']} captions of {self.info['data']!r})"
+
+    def _row(self, caption):
+        """(shard, row) of `caption`, or None when it is not in the cache."""
+        key = caption_key(caption)
+        i = int(np.searchsorted(self._keys, key))
+        return tuple(self._where[i]) if i < len(self._keys) and self._keys[i] == key else None
+
+    def __contains__(self, caption):
+        return self._row(caption) is not None
+
+    def token_features(self, captions):
+        """-> [(n_i, C)] valid-token features, in the dtype they were stored in."""
+        features = []
+        for caption in captions:
+            location = self._row(caption)
+            if location is None:
+                raise ValueError(f"caption {caption!r} is not in the text cache {self.root}; "
+                                 f"rerun cache-text with the training run's --data")
+            shard, row = location
+            start, end = self._offsets[shard][row:row + 2]
+            features.append(self._handles[shard].get_slice("tokens")[int(start):int(end)])
+        return features
+
+    def __call__(self, captions):
+        return pad_token_features(self.token_features(captions))
+
+
+def pad_token_features(features):
+    """[(n_i, C)] -> (B, max n_i, C) float32 with zero padding, and its mask (B, max n_i) bool."""
+    length = max(len(f) for f in features)
+    padded = torch.zeros(len(features), length, features[0].shape[1])
+    mask = torch.zeros(len(features), length, dtype=torch.bool)
+    for row, feature in enumerate(features):
+        padded[row, :len(feature)] = feature.float()
+        mask[row, :len(feature)] = True
+    return padded, mask
+
+
+def open_text_cache(args, eval_captions):
+    """--text-cache, checked against the run: the same text encoder and data, the grid's captions in it."""
+    cache = TextFeatureCache(args.text_cache)
+    made = {"t5": cache.info["t5"], "data": cache.info["data"], "seed": cache.info["seed"]}
+    given = {"t5": args.t5, "data": args.data, "seed": args.seed}
+    if made != given:
+        raise ValueError(f"--text-cache {args.text_cache} was made with "
+                         f"{' '.join(f'--{k} {v}' for k, v in made.items())}; pass those "
+                         f"(given: {' '.join(f'--{k} {v}' for k, v in given.items())})")
+    missing = [caption for caption in eval_captions if caption not in cache]
+    if missing:
+        raise ValueError(f"--text-cache {args.text_cache} lacks {len(missing)} caption(s) of the sample grid, "
+                         f"e.g. {missing[0]!r}: make it with this run's --num-samples ({args.num_samples})")
+    return cache
+
+
+#################################################################################
+#                       The model, from the I2I prior                           #
+#################################################################################
+
+def t2i_model(args, i2i_state, i2i_info, text_width):
+    """The T2I LumosDiT: the I2I model's config (or --model's from scratch) with T5 tokens as the
+    condition; from I2I weights every key but NEW_KEYS carries over (train_nvs.transfer_weights)."""
+    if i2i_state is None:
+        name, overrides = model_size(args)
+        config = {**DiT_models[name].keywords, **overrides, "in_channels": 4 if args.vae else 3,
+                  "learn_sigma": args.learn_sigma}
+    else:
+        config = i2i_info["config"]
+    input_size = args.image_size // (8 if args.vae else 1)
+    model = LumosDiT(**{**config, "input_size": input_size, "cond_dim": text_width, "cond_tokens": MAX_TEXT_TOKENS})
+    if i2i_state is not None:
+        report = transfer_weights(model, i2i_state, new_keys=NEW_KEYS, source=f"--init {args.init}")
+        loaded = [key for key in report["carried"] if key not in RECOMPUTED_KEYS]
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"from {args.init}: loaded {len(loaded)} tensors: {describe_keys(loaded)}\n"
+                  f"  recomputed for this model's size: {describe_keys(list(RECOMPUTED_KEYS))}\n"
+                  f"  new (T5 condition of width {text_width}, initialised as LumosDiT does): "
+                  f"{describe_keys(report['new'])}", flush=True)
+    return model
+
+
+#################################################################################
+#                                  The task                                     #
+#################################################################################
+
+def t2i_task(args, i2i_state, i2i_info, device):
+    """The T2I Task for the loop: captioned data, T5 tokens (online or cached), the swapped model."""
+    base = data.open_dataset(args.data, args.image_size, seed=args.seed)
+    if isinstance(base, data.FeatureCache) and base.info["vae"] != args.vae:
+        raise ValueError(f"--data {args.data} was made with --vae {base.info['vae']}; pass it (given: --vae {args.vae})")
+    train_set = FirstCaptioned(base, args.n_captions) if args.n_captions else SkipUncaptioned(base)
+    if args.n_captions and train_set.skipped and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--n-captions {args.n_captions}: skipped {len(train_set.skipped)} images without a caption "
+              f"before them, e.g. {train_set.skipped[0]}", flush=True)
+    eval_items = t2i_eval_items(base, train_set, args.image_size, args.seed, args.num_samples)
+    if args.text_cache:
+        encode = open_text_cache(args, [item["caption"] for item in eval_items])
+    else:
+        encode = load_text_encoder(args.t5, device)
+    torch.manual_seed(args.seed)  # the new condition weights
+    template = t2i_model(args, i2i_state, i2i_info, encode.width)
+    metadata = {"task": "t2i", "init": args.init, "n_captions": args.n_captions, "max_text_tokens": MAX_TEXT_TOKENS,
+                **(random_t5_description() if args.t5 == RANDOM_T5 else {})}
+    return Task(build_model=lambda: copy.deepcopy(template), condition=text_condition(encode, device),
+                dataset=train_set, eval_items=eval_items, metadata=metadata)
+
+
+#################################################################################
+#                               Command line                                    #
+#################################################################################
+
+# Fixed by the I2I weights: taken from --init when not given, an error when given otherwise.
+INHERITED_ARGS = ("model", "vae", "learn_sigma")
+# Defaults of a run from scratch, and of settings the I2I run leaves open.
+SCRATCH_DEFAULTS = {"learn_sigma": True, "image_size": 32, "prediction": "epsilon"}
+
+
+def add_t2i_args(parser):
+    add_train_args(parser)
+    parser.set_defaults(out="runs/t2i", data="shapes:20000", steps=300, lr=3e-4, warmup_steps=50,
+                        sample_every=150, ckpt_every=150, encoder=None, **{k: None for k in SCRATCH_DEFAULTS})
+    a = parser.add_argument
+    a("--init", default=DEFAULT_I2I_EXPORT,
+      help="I2I weights: an ema.safetensors export, a checkpoint or run folder, the official Lumos_I2I.pth, or scratch")
+    a("--init-entry", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
+    a("--t5", default=RANDOM_T5, help=f"T5 v1.1 encoder repo/folder (DeepFloyd/t5-v1_1-xxl), or {RANDOM_T5} (tiny, random)")
+    a("--text-cache", default=None, help="read the T5 features from this cache (`train_t2i.py cache-text`)")
+    a("--n-captions", type=int, default=None, help="train on the first N captioned images only")
+    return parser
+
+
+def resolve_init(args):
+    """Read --init and fill the settings it fixes into `args`: (state_dict or None, info or None)."""
+    if args.encoder is not None:
+        raise ValueError("--encoder names the I2I image encoder, which T2I does not use; pass the text encoder as --t5")
+    args.encoder = args.t5  # the loop records the condition encoder under "encoder"
+    if args.init == DEFAULT_I2I_EXPORT and not os.path.exists(DEFAULT_I2I_EXPORT):
+        raise FileNotFoundError(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (the "
+                                f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
+    state, info = (None, None) if args.init == "scratch" else load_i2i_init(args.init, args.init_entry)
+    if info is not None:
+        overrides = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
+        if overrides:
+            raise ValueError(f"{', '.join(overrides)}: the model's size comes from --init {args.init}; "
+                             f"these apply only with --init scratch")
+        saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
+        for name in INHERITED_ARGS:
+            given = getattr(args, name)
+            if given is not None and saved.get(name) is not None and given != saved[name]:
+                raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
+                                 f"{saved[name]}; drop the flag or use --init scratch")
+        for name in (*INHERITED_ARGS, "image_size", "prediction"):
+            if getattr(args, name) is None:
+                setattr(args, name, saved.get(name))
+        channels = info["config"]["in_channels"]
+        if channels != (4 if args.vae else 3):
+            raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
+                             f"{'latent' if args.vae else 'pixel'} space: " +
+                             ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
+    for name, default in SCRATCH_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return state, info
+
+
+def cache_text(argv):
+    """`train_t2i.py cache-text`: the text-feature cache of --data (and of the sample grid's captions)."""
+    parser = argparse.ArgumentParser(
+        prog="train_t2i.py cache-text", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Encode every distinct caption of --data once with the frozen T5 (under torchrun, the ranks "
+                    "split the shards); train with --text-cache DIR and the same --data, --t5 and --seed.")
+    a = parser.add_argument
+    a("--data", required=True, help="the training data: a folder, tar shards, shapes[:N], or cache:DIR")
+    a("--t5", default=RANDOM_T5, help=f"T5 v1.1 encoder repo/folder, or {RANDOM_T5}")
+    a("--out", required=True, help="the cache folder (train with --text-cache DIR)")
+    a("--image-size", type=int, default=32, help="as in training (a cache:DIR data spec checks it)")
+    a("--seed", type=int, default=0, help="as in training (the shapes set and the sample grid depend on it)")
+    a("--num-samples", type=int, default=16, help="as in training: the sample grid's captions are cached too")
+    a("--shard-size", type=int, default=10000, help="captions per shard")
+    a("--batch-size", type=int, default=64)
+    a("--workers", type=int, default=0, help="data loader workers reading the captions")
+    args = parser.parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        if args.shard_size <= 0 or args.batch_size <= 0:
+            raise ValueError(f"--shard-size ({args.shard_size}) and --batch-size ({args.batch_size}) must be positive")
+        base = data.open_dataset(args.data, args.image_size, seed=args.seed)
+        eval_items = t2i_eval_items(base, SkipUncaptioned(base), args.image_size, args.seed, args.num_samples)
+        captions = dataset_captions(base, args.workers, show_progress=rank == 0) + [item["caption"] for item in eval_items]
+        encoder = load_text_encoder(args.t5, device)
+        settings = {"data": args.data, "seed": args.seed, "num_samples": args.num_samples, "t5": args.t5,
+                    "max_length": MAX_TEXT_TOKENS}
+        written = write_text_cache(captions, args.out, encoder, settings, args.shard_size, args.batch_size,
+                                   rank, world_size)
+        print(f"rank {rank}: wrote {len(written)} shards" if world_size > 1 else f"{TextFeatureCache(args.out)!r} complete")
+    except (ValueError, FileNotFoundError) as error:
+        exit_with_usage_error(error, "train_t2i.py cache-text")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cache-text"]:
+        return cache_text(argv[1:])
+    parser = add_t2i_args(argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="`python train_t2i.py cache-text --help`: encode the captions once, beforehand"))
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        state, info = resolve_init(args)
+        check_args(args, world_size)
+        task = t2i_task(args, state, info, device)
+    except (ValueError, FileNotFoundError) as error:
+        exit_with_usage_error(error, "train_t2i.py")
+    del state  # the weights live in the task's template model now
+    train(args, task)
+
+
+if __name__ == "__main__":
+    main()

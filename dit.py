@@ -108,7 +108,8 @@ class ConditionEmbedder(nn.Module):
         training loop that draws its own per-sample randomness); otherwise in training mode the
         drop is drawn here, from `generator` if given."""
         if drop_cond is None and self.training and self.dropout_prob > 0:
-            draw = torch.rand(y.shape[0], generator=generator, device=generator.device if generator is not None else y.device)
+            device = generator.device if generator is not None else y.device
+            draw = torch.rand(y.shape[0], generator=generator, device=device)
             drop_cond = draw.to(y.device) < self.dropout_prob
         if drop_cond is not None:
             null = self.y_embedding[: y.shape[1]].to(y.dtype)
@@ -314,11 +315,12 @@ class LumosDiT(nn.Module):
         return torch.cat([guided, rest[:batch]], dim=1)
 
     def _check_inputs(self, x, y, mask):
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))})")
+        C, S = self.in_channels, self.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, S, S):
+            raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {C}, {S}, {S})")
         if y.ndim != 3 or y.shape[-1] != self.cond_dim or y.shape[1] > self.cond_tokens:
-            raise ValueError(f"LumosDiT condition y has shape {tuple(y.shape)}, expected (B, L<={self.cond_tokens}, {self.cond_dim})")
+            raise ValueError(f"LumosDiT condition y has shape {tuple(y.shape)}, "
+                             f"expected (B, L<={self.cond_tokens}, {self.cond_dim})")
         if mask is not None and tuple(mask.shape) != tuple(y.shape[:2]):
             raise ValueError(f"LumosDiT mask has shape {tuple(mask.shape)}, expected {tuple(y.shape[:2])}")
 

@@ -25,6 +25,8 @@ Command line (one JSON result on stdout):
     python evaluate.py stats --images DIR|NPZ --out STATS.npz [--features inception|dinov2]
     python evaluate.py nvs --pred DIR|NPZ --target DIR|NPZ [--lpips-linear alex.pth --lpips-backbone PATH]
     python evaluate.py shapes --images DIR|NPZ [--captions FILE] [--real DIR|NPZ|shapes:N]
+    torchrun --nproc_per_node 8 evaluate.py coco-fid --annotations captions_val2014.json \\
+        --images val2014/ --ckpt runs/t2i/ema.safetensors        # MS-COCO FID-30K, one command
 """
 
 import argparse
@@ -37,6 +39,7 @@ import os
 import pathlib
 import pickle
 import re
+import shlex
 import sys
 import urllib.error
 import urllib.request
@@ -51,7 +54,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from data import (
-    COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, render_shape, sample_shape_attrs, shape_outline, to_rgb,
+    COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, center_crop_arr, render_shape, sample_shape_attrs,
+    shape_outline, to_rgb,
 )
 from encoders import IMAGENET_MEAN, IMAGENET_STD, DINOEncoder, load_into
 
@@ -1021,6 +1025,47 @@ def run_shapes(args):
     return result
 
 
+def coco_captions(annotation_file, count=30000, seed=0):
+    """The FID-30K draw from a COCO 2014 captions file (captions_val2014.json): `count` distinct images
+    chosen with `seed`, each with one of its captions (also chosen with `seed`) -> [(file_name,
+    caption)] in image-id order. The same file and seed always give the same pairs."""
+    with open(annotation_file, encoding="utf-8") as f:
+        coco = json.load(f)
+    file_names = {image["id"]: image["file_name"] for image in coco["images"]}
+    captions = collections.defaultdict(list)
+    for annotation in coco["annotations"]:
+        captions[annotation["image_id"]].append(" ".join(annotation["caption"].split()))
+    image_ids = sorted(i for i in captions if i in file_names)
+    if count > len(image_ids):
+        raise ValueError(f"{annotation_file}: {len(image_ids)} captioned images, fewer than the {count} asked for")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(image_ids, size=count, replace=False).tolist())
+    return [(file_names[i], captions[i][rng.integers(len(captions[i]))]) for i in chosen]
+
+
+def run_coco_fid(args):
+    """FID-30K: draw the captions, generate one image per caption with sample.py (under torchrun too),
+    centre-crop and resize the matching real images and the samples to --size, FID between them."""
+    import sample  # generation needs the whole model stack; the metrics above do not
+
+    pairs = coco_captions(args.annotations, args.num, args.seed)
+    missing = [name for name, _ in pairs if not os.path.isfile(os.path.join(args.images, name))]
+    if missing:
+        raise FileNotFoundError(f"--images {args.images}: {len(missing)} of the drawn images are missing, e.g. {missing[0]}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "captions.txt").write_text("".join(caption + "\n" for _, caption in pairs), encoding="utf-8")
+    sample.main(["t2i", "--ckpt", args.ckpt, "--prompt-file", str(out / "captions.txt"), "--per-image", "1",
+                 "--num-samples", str(len(pairs)), "--seed", str(args.seed), "--out", str(out / "samples"),
+                 *shlex.split(args.sample_args)])
+    if int(os.environ.get("RANK", 0)) != 0:
+        return {}
+    real = np.stack([center_crop_arr(Image.open(os.path.join(args.images, name)), args.size) for name, _ in pairs])
+    fake = np.stack([center_crop_arr(Image.fromarray(image), args.size) for image in load_images(f"{out / 'samples'}.npz")])
+    inception = load_fid_inception(args.inception, args.device, download_missing=not args.no_download)
+    return {"fid": fid(real, fake, inception, args.batch_size), "images": len(pairs), "size": args.size}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1070,6 +1115,17 @@ def build_parser():
     sub.add_argument("--target", required=True)
     sub.add_argument("--lpips-linear", help="the lpips package's weights/v0.1/alex.pth or vgg.pth")
     sub.add_argument("--lpips-backbone", help="torchvision AlexNet/VGG16 ImageNet weights (.pth)")
+    sub = command("coco-fid", run_coco_fid, "MS-COCO FID-30K of a T2I export: captions, generation, resizing, FID")
+    sub.add_argument("--annotations", required=True, help="COCO 2014 captions_val2014.json")
+    sub.add_argument("--images", required=True, help="the COCO val2014 image folder")
+    sub.add_argument("--ckpt", required=True, help="a T2I ema.safetensors export")
+    sub.add_argument("--num", type=int, default=30000)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--size", type=int, default=256, help="both sides are centre-cropped and resized to this")
+    sub.add_argument("--out", default="runs/coco_fid30k")
+    sub.add_argument("--sample-args", default="--method dpm++ --steps 20 --cfg-scale 4.5",
+                     help="sample.py options for the generation")
+    inception_options(sub)
     sub = command("shapes", run_shapes, "attribute alignment and distribution distance on the shapes set")
     sub.add_argument("--images", required=True)
     sub.add_argument("--captions", help="text file, the caption of image i on line i")

@@ -138,7 +138,7 @@ CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t
 def initial_noise(indices, shape, seed, shared=False):
     """(B, *shape) noise; sample i's from a generator seeded by (seed, i), or one noise for all."""
     def one(i):
-        return torch.randn(shape, generator=torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])))
+        return torch.randn(shape, generator=train_i2i.sample_generator(seed, i))
     return torch.stack([one(0 if shared else i) for i in indices])
 
 
@@ -146,13 +146,15 @@ def initial_noise(indices, shape, seed, shared=False):
 def generate(model, info, space, cond_fn, indices, rows, args, device):
     """Samples for global `indices`, conditioned on condition rows `rows` -> (B, 3, S, S) in [-1, 1]."""
     size = info["image_size"] // space.downsampling
-    noise = initial_noise(indices, (space.channels, size, size), args.seed, shared=args.mode == "interpolate").to(device)
+    shape = (space.channels, size, size)
+    noise = initial_noise(indices, shape, args.seed, shared=args.mode == "interpolate").to(device)
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=info.get("prediction", "epsilon"))
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
         model_fn = guided_model_fn(model, args.cfg_scale, **cond_fn(rows))
         x0 = diffusion.sample(lambda x, t: model_fn(x, t).float(), noise, args.method, args.steps,
-                              clip_denoised=space.vae is None, generator=torch.Generator(device).manual_seed(args.seed))
+                              skip_type=args.skip_type, clip_denoised=space.vae is None,
+                              generator=torch.Generator(device).manual_seed(args.seed))
         return space.decode(x0)
 
 
@@ -216,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=8, help="interpolate: frames")
     parser.add_argument("--method", default="dpm++", choices=SAMPLING_METHODS)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--skip-type", default="time_uniform", choices=["time_uniform", "logSNR"],
+                        help="dpm++: time steps uniform in t (the Lumos demos) or in logSNR")
     parser.add_argument("--cfg-scale", type=float, default=4.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)

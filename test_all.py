@@ -2743,6 +2743,36 @@ def test_finetune_from_the_i2i_export_then_sample_t2i(i2i_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_coco_fid30k_protocol_end_to_end_on_a_tiny_fake_coco(i2i_run, tmp_path):
+    t2i = tmp_path / "t2i"
+    train_t2i.main(["--init", str(i2i_run / "ema.safetensors"), "--model", "DiT-S/4", "--image-size", "16",
+                    "--data", "shapes:64", *TINY_LOOP, "--out", str(t2i)])
+    images, coco = tmp_path / "val2014", {"images": [], "annotations": []}
+    images.mkdir()
+    for i in range(8):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        pixels = np.random.default_rng(i).integers(0, 255, (24 + i, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / name)
+        coco["images"].append({"id": 100 + i, "file_name": name})
+        coco["annotations"] += [{"image_id": 100 + i, "caption": f" a  {colour} thing\n"} for colour in ("red", "blue")]
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    annotations = str(tmp_path / "captions_val2014.json")
+    pairs = evaluate.coco_captions(annotations, 5, seed=1)
+    assert pairs == evaluate.coco_captions(annotations, 5, seed=1) != evaluate.coco_captions(annotations, 5, seed=2)
+    assert len({name for name, _ in pairs}) == 5 and {caption for _, caption in pairs} <= {"a red thing", "a blue thing"}
+    with pytest.raises(ValueError, match="fewer than the 9"):
+        evaluate.coco_captions(annotations, 9)
+    torch.save(random_fid_inception()[1], tmp_path / "inception.pth")
+    result = evaluate.main(["coco-fid", "--annotations", annotations, "--images", str(images),
+                            "--ckpt", str(t2i / "ema.safetensors"), "--num", "5", "--seed", "1", "--size", "16",
+                            "--out", str(tmp_path / "fid"), "--sample-args=--steps 2 --method ddim",
+                            "--inception", str(tmp_path / "inception.pth")])
+    assert result["images"] == 5 and np.isfinite(result["fid"]) and result["fid"] > 0
+    assert np.load(tmp_path / "fid" / "samples.npz")["arr_0"].shape == (5, 16, 16, 3)
+    assert (tmp_path / "fid" / "captions.txt").read_text().splitlines() == [caption for _, caption in pairs]
+
+
+@pytest.mark.slow
 def test_scratch_run_from_the_text_cache_counts_uncaptioned_images(tmp_path):
     folder = write_captioned_folder(tmp_path / "pairs", ["a red circle", None, "a blue star", "", "a green cross"] * 2)
     cache_dir = str(tmp_path / "cache")

@@ -310,6 +310,11 @@ def device_peak_tflops(device, override=None):
 #                        Per-sample randomness                                  #
 #################################################################################
 
+def sample_generator(seed, index):
+    """A CPU generator for one sample, seeded by (seed, its global index) through SeedSequence."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
 def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob, latent):
     """Every random choice of a training sample, from a generator seeded by (seed, global index).
 
@@ -318,7 +323,7 @@ def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob
     """
     flips, timesteps, drops, noises, posterior = [], [], [], [], []
     for g in global_indices.tolist():
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, g]).generate_state(1)[0]))
+        gen = sample_generator(seed, g)
         flips.append(torch.rand((), generator=gen) < 0.5)
         timesteps.append(torch.randint(num_timesteps, (), generator=gen))
         drops.append(torch.rand((), generator=gen) < dropout_prob)

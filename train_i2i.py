@@ -798,6 +798,29 @@ def _load_official_state(path):
                    "prediction": None}
 
 
+def inherit_init_settings(args, info, inherited):
+    """Fill into `args` the settings that the --init weights fix (the `inherited` argument names,
+    image size, prediction), refusing flags that contradict them; `info` from load_i2i_init."""
+    overrides = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
+    if overrides:
+        raise ValueError(f"{', '.join(overrides)}: the model's size comes from --init {args.init}; "
+                         f"these apply only with --init scratch")
+    saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
+    for name in inherited:
+        given = getattr(args, name)
+        if given is not None and saved.get(name) is not None and given != saved[name]:
+            raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
+                             f"{saved[name]}; drop the flag or use --init scratch")
+    for name in (*inherited, "image_size", "prediction"):
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name))
+    channels = info["config"]["in_channels"]
+    if channels != (4 if args.vae else 3):
+        raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
+                         f"{'latent' if args.vae else 'pixel'} space: " +
+                         ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
+
+
 def config_from_state(state, source):
     """(LumosDiT config, DiT_models name) of a state dict with the official LumosDiT keys."""
     width, channels, patch = state["x_embedder.proj.weight"].shape[:3]

@@ -56,9 +56,9 @@ from dit import DiT_models, LumosDiT
 from encoders import VAE
 from evaluate import psnr, ssim
 from train_i2i import (DEFAULT_I2I_EXPORT, RANDOM_VIT, ImageSpace, Task, add_train_args, check_args,
-                       describe_keys, exit_with_usage_error, export_metadata, load_export, load_i2i_init,
-                       load_image_encoder, model_size, random_vit_config, sample_grid, to_device, train,
-                       transfer_weights)
+                       describe_keys, exit_with_usage_error, export_metadata, inherit_init_settings,
+                       load_export, load_i2i_init, load_image_encoder, model_size, random_vit_config,
+                       sample_grid, to_device, train, transfer_weights)
 
 POSE_DIM = 4  # [d_polar, sin d_azimuth, cos d_azimuth, d_radius]
 
@@ -571,24 +571,7 @@ def resolve_init(args):
                   f"default) or pass --init; training from scratch now", flush=True)
     state, info = (None, None) if args.init == "scratch" else load_i2i_init(args.init, args.init_entry)
     if info is not None:
-        overrides = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
-        if overrides:
-            raise ValueError(f"{', '.join(overrides)}: the model's size comes from --init {args.init}; "
-                             f"these apply only with --init scratch")
-        saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
-        for name in INHERITED_ARGS:
-            given = getattr(args, name)
-            if given is not None and saved.get(name) is not None and given != saved[name]:
-                raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
-                                 f"{saved[name]}; drop the flag or use --init scratch")
-        for name in (*INHERITED_ARGS, "image_size", "prediction"):
-            if getattr(args, name) is None:
-                setattr(args, name, saved.get(name))
-        channels = info["config"]["in_channels"]
-        if channels != (4 if args.vae else 3):
-            raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
-                             f"{'latent' if args.vae else 'pixel'} space: " +
-                             ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
+        inherit_init_settings(args, info, INHERITED_ARGS)
         if args.encoder is None:
             raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
                              f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")

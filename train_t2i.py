@@ -57,8 +57,8 @@ import data
 from dit import DiT_models, LumosDiT
 from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze
 from train_i2i import (DEFAULT_I2I_EXPORT, RECOMPUTED_KEYS, Task, add_train_args, check_args, describe_keys,
-                       exit_with_usage_error, held_out_items, load_i2i_init, model_size, train,
-                       transfer_weights)
+                       exit_with_usage_error, held_out_items, inherit_init_settings, load_i2i_init,
+                       model_size, train, transfer_weights)
 
 RANDOM_T5 = "random-t5"
 RANDOM_T5_SEED = 0
@@ -548,24 +548,7 @@ def resolve_init(args):
                                 f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
     state, info = (None, None) if args.init == "scratch" else load_i2i_init(args.init, args.init_entry)
     if info is not None:
-        overrides = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
-        if overrides:
-            raise ValueError(f"{', '.join(overrides)}: the model's size comes from --init {args.init}; "
-                             f"these apply only with --init scratch")
-        saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
-        for name in INHERITED_ARGS:
-            given = getattr(args, name)
-            if given is not None and saved.get(name) is not None and given != saved[name]:
-                raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
-                                 f"{saved[name]}; drop the flag or use --init scratch")
-        for name in (*INHERITED_ARGS, "image_size", "prediction"):
-            if getattr(args, name) is None:
-                setattr(args, name, saved.get(name))
-        channels = info["config"]["in_channels"]
-        if channels != (4 if args.vae else 3):
-            raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
-                             f"{'latent' if args.vae else 'pixel'} space: " +
-                             ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
+        inherit_init_settings(args, info, INHERITED_ARGS)
     for name, default in SCRATCH_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -738,9 +738,9 @@ def cache_shard_path(root, shard):
     return os.path.join(root, f"shard_{shard:05d}.safetensors")
 
 
-def read_cache_info(root):
-    """The settings in root/cache.json, or None when there is no such file."""
-    path = os.path.join(root, CACHE_INFO)
+def read_cache_info(root, name=CACHE_INFO):
+    """The settings in root/cache.json (or root/`name`), or None when there is no such file."""
+    path = os.path.join(root, name)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

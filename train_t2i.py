@@ -298,14 +298,6 @@ def text_shard_path(root, shard):
     return os.path.join(root, f"text_{shard:05d}.safetensors")
 
 
-def read_text_cache_info(root):
-    path = os.path.join(root, TEXT_CACHE_INFO)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def distinct_captions(captions):
     """The captions without repeats, in order of first appearance, and their keys; a key shared by
     two different captions (a 64-bit collision) is an error rather than a silent mix-up."""
@@ -346,7 +338,7 @@ def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_
     digest = hashlib.blake2b(np.array(keys, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
     settings = {**settings, "num_captions": len(distinct), "captions_digest": digest, "shard_size": shard_size,
                 "width": encoder.width, "dtype": str(encoder.dtype).removeprefix("torch.")}
-    existing = read_text_cache_info(root)
+    existing = data.read_cache_info(root, TEXT_CACHE_INFO)
     if existing is not None and existing != settings:
         changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
         raise ValueError(f"{root} holds a text cache made otherwise ({'; '.join(changed)}); pass the same "
@@ -388,7 +380,7 @@ class TextFeatureCache:
 
     def __init__(self, root):
         self.root = root
-        self.info = read_text_cache_info(root)
+        self.info = data.read_cache_info(root, TEXT_CACHE_INFO)
         if self.info is None:
             raise FileNotFoundError(f"no text cache at {root} (no {TEXT_CACHE_INFO}); write one with "
                                     f"`python train_t2i.py cache-text --data SPEC --t5 REPO --out {root}`")

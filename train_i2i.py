@@ -901,8 +901,7 @@ def main(argv=None):
     parser = add_train_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    _, world_size, device = setup_distributed()  # train() finds it set up
     try:
         check_args(args, world_size)
         task = i2i_task(args, device)

@@ -58,7 +58,7 @@ from evaluate import psnr, ssim
 from train_i2i import (DEFAULT_I2I_EXPORT, RANDOM_VIT, ImageSpace, Task, add_train_args, check_args,
                        describe_keys, exit_with_usage_error, export_metadata, inherit_init_settings,
                        load_export, load_i2i_init, load_image_encoder, model_size, random_vit_config,
-                       sample_grid, to_device, train, transfer_weights)
+                       sample_grid, setup_distributed, to_device, train, transfer_weights)
 
 POSE_DIM = 4  # [d_polar, sin d_azimuth, cos d_azimuth, d_radius]
 
@@ -585,9 +585,7 @@ def main(argv=None):
     parser = add_nvs_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
+    _, world_size, device = setup_distributed()  # train() finds it set up
     try:
         state, info = resolve_init(args)
         check_args(args, world_size)

@@ -58,7 +58,7 @@ from dit import DiT_models, LumosDiT
 from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze
 from train_i2i import (DEFAULT_I2I_EXPORT, RECOMPUTED_KEYS, Task, add_train_args, check_args, describe_keys,
                        exit_with_usage_error, held_out_items, inherit_init_settings, load_i2i_init,
-                       model_size, train, transfer_weights)
+                       model_size, setup_distributed, train, transfer_weights)
 
 RANDOM_T5 = "random-t5"
 RANDOM_T5_SEED = 0
@@ -590,8 +590,7 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="`python train_t2i.py cache-text --help`: encode the captions once, beforehand"))
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    _, world_size, device = setup_distributed()  # train() finds it set up
     try:
         state, info = resolve_init(args)
         check_args(args, world_size)

@@ -12,9 +12,12 @@ Every source is a map-style dataset: `len(ds)` items, and `ds[i]` returns
 and `shapes` items also carry "attrs", the attributes their caption states.
 
 Bad files (zero bytes, truncated, not an image, larger than PIL's decompression-bomb limit
-`PIL.Image.MAX_IMAGE_PIXELS`) never stop training: a bad item i is replaced by the next good
+`PIL.Image.MAX_IMAGE_PIXELS`) do not stop training: a bad item i is replaced by the next good
 one, i+1, i+2, ... (wrapping around), so the replacement depends only on i, and the bad names
-travel in "skipped" for the main process to count and log, whichever worker met them.
+travel in "skipped" for the main process to count and log, whichever worker met them. Only an
+implausible share stops it: when more than half of the last 1,000 files a process read failed
+(BAD_FILE_SHARE, BAD_FILE_WINDOW), reading raises TooManyBadFiles, whose one-line message names
+the first errors.
 
 Sources, chosen by `open_dataset(spec, image_size)`:
     /data/images                      a folder tree of .jpg/.jpeg/.png/.webp (any case),
@@ -28,7 +31,9 @@ Sources, chosen by `open_dataset(spec, image_size)`:
                                       features in place of images, written by `data.py cache`
 
 Which samples a rank reads, and in which order, is decided by `GlobalSampler`; `make_loader`
-wires a dataset, that sampler and `collate_samples` into a DataLoader.
+wires a dataset, that sampler and `collate_samples` into a DataLoader. The loader reads a
+dataset that also has `item(i, global_index)` through it (train_nvs.py's sets, which draw the
+source view per training sample), else `ds[i]`.
 
 Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
@@ -69,8 +74,34 @@ _SAMPLER_STREAM = 1
 _SHAPES_STREAM = 2
 
 
+# A file-backed dataset stops with TooManyBadFiles when more than BAD_FILE_SHARE of the last
+# BAD_FILE_WINDOW files that this process read failed. Stray bad files are a few percent; a share
+# like that is a systematic failure (a missing codec, a bug, the wrong files) that would
+# otherwise make every item scan the data for a good file, or train on the few that decode.
+BAD_FILE_WINDOW = 1000
+BAD_FILE_SHARE = 0.5
+BAD_FILE_EXAMPLES = 3  # errors named in the message
+
+
 class BadSampleError(Exception):
     """A file that cannot be turned into a training sample (it is skipped, never fatal)."""
+
+
+class TooManyBadFiles(RuntimeError, ValueError):
+    """Most of a dataset's recent reads failed: stop rather than skip. Its str() is one line.
+
+    Also a ValueError, so that the command lines, which turn ValueError into one line and exit
+    status 2, report it that way when it is met in the main process (e.g. reading held-out items).
+    """
+
+    def __str__(self):
+        text = super().__str__()
+        # torch re-raises a DataLoader worker's exception as TooManyBadFiles("Caught TooManyBadFiles
+        # in DataLoader worker process 0.\nOriginal Traceback ...\ndata.TooManyBadFiles: LINE\n"):
+        # keep LINE alone.
+        if text.startswith("Caught TooManyBadFiles"):
+            return text.rstrip().rsplit("\n", 1)[-1].split("TooManyBadFiles: ", 1)[-1]
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +178,9 @@ def decode_image(data, image_size):
                 # Phone photos are stored sideways with an EXIF flag saying how to turn them.
                 pixels = center_crop_arr(ImageOps.exif_transpose(image), image_size)
     except Exception as error:  # PIL's decoders raise a zoo of types on broken input
-        raise BadSampleError(f"{type(error).__name__}: {error}") from error
+        # Without "<_io.BytesIO object at 0x...>": TooManyBadFiles quotes these in one line.
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+        raise BadSampleError(f"{type(error).__name__}: {message}") from error
     return pixels_to_tensor(pixels)
 
 
@@ -185,6 +218,10 @@ class _EncodedImageDataset(Dataset):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.image_size = image_size
+        # This process's last reads, None for a good file, else "name: error". Each DataLoader
+        # worker holds its own copy of the dataset, so each judges the files it read.
+        self._reads = collections.deque(maxlen=BAD_FILE_WINDOW)
+        self._bad_reads = 0
 
     def load(self, j):
         """Image tensor (3, S, S) and caption of sample j; raises BadSampleError."""
@@ -202,13 +239,32 @@ class _EncodedImageDataset(Dataset):
             j = (i + step) % len(self)
             try:
                 image, caption = self.load(j)
-            except BadSampleError:
+            except BadSampleError as error:
                 skipped.append(self.name(j))
+                self._count_read(f"{self.name(j)}: {error}")
                 continue
+            self._count_read(None)
             return {"image": image, "caption": caption, "index": int(i), "name": self.name(j),
                     "skipped": skipped}
-        raise RuntimeError(f"no readable image in {self!r}: all {len(self)} files failed, "
-                           f"e.g. {skipped[0]} (run `python data.py stats` on it)")
+        raise TooManyBadFiles(f"no readable image in {self!r}: all {len(self)} files failed; "
+                              + self._bad_file_advice())
+
+    def _count_read(self, error):
+        """Add a read (error: None if good) to the window; raise TooManyBadFiles when more than
+        BAD_FILE_SHARE of a full window failed. This also ends a skip loop in __getitem__ that
+        meets BAD_FILE_WINDOW bad files in a row."""
+        if len(self._reads) == self._reads.maxlen:
+            self._bad_reads -= self._reads[0] is not None  # about to drop out of the window
+        self._reads.append(error)
+        self._bad_reads += error is not None
+        if len(self._reads) == self._reads.maxlen and self._bad_reads > BAD_FILE_SHARE * len(self._reads):
+            raise TooManyBadFiles(f"{self._bad_reads} of the last {len(self._reads)} files read failed "
+                                  f"in {self!r}; " + self._bad_file_advice())
+
+    def _bad_file_advice(self):
+        errors = [" ".join(e.split()) for e in self._reads if e is not None][:BAD_FILE_EXAMPLES]
+        return (f"first errors: {' | '.join(errors)}; too many to skip: fix the files or what decodes "
+                f"them (a missing codec?), check with `python data.py stats SPEC`")
 
 
 class ImageFolder(_EncodedImageDataset):
@@ -667,7 +723,10 @@ class GlobalSampler(Sampler):
 
 class WithGlobalIndex(Dataset):
     """Wraps a dataset to be indexed by GlobalSampler's (global_index, dataset_index) pairs;
-    items gain "global_index"."""
+    items gain "global_index". A dataset that draws part of an item per sample (the NVS sets:
+    the source view) defines `item(dataset_index, global_index)`, used here in place of
+    `dataset[dataset_index]`: the draw then follows the stream position, whichever rank or
+    worker reads it."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -677,7 +736,9 @@ class WithGlobalIndex(Dataset):
 
     def __getitem__(self, key):
         global_index, dataset_index = key
-        return {**self.dataset[dataset_index], "global_index": global_index}
+        item = getattr(self.dataset, "item", None)
+        sample = item(dataset_index, global_index) if item else self.dataset[dataset_index]
+        return {**sample, "global_index": global_index}
 
 
 def collate_samples(items):
@@ -720,14 +781,14 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 #     "latent_mean", "latent_std"  (n, 2, C, h, w) float32: the VAE posterior of the image [0]
 #                                  and of its mirror image [1] (the loop flips per sample and the
 #                                  VAE does not commute with flips), in raw latent units
-#     "cond"                       (n, D) float32: the L2-normalised DINO CLS of the unflipped
-#                                  image, as the loop's on-the-fly condition uses it
+#     "cond"                       (n, 2, D) float32: the L2-normalised DINO CLS of the same two
+#                                  images, so that the condition is always of the target's image
 #     "index"                      (n,) int64: dataset indices, to extend the cache later (T5)
 # and, as JSON lists in the safetensors metadata, "caption", "name" (source file) and "skipped"
 # (bad files passed over). float32, not half: the SD-VAE posterior std goes down to exp(-15)
 # (log-variance clamped at -30), far below fp16's normal range (6e-5), and bf16 rounds a latent
 # by up to 0.4 %, as much as the smallest noise the diffusion adds (std 0.01 at t = 0). At
-# 256 px an item takes 67 KiB.
+# 256 px an item takes 70 KiB.
 
 CACHE_INFO = "cache.json"
 CACHE_TENSORS = ("latent_mean", "latent_std", "cond", "index")
@@ -756,10 +817,10 @@ def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=
     tensors, text = collections.defaultdict(list), collections.defaultdict(list)
     for batch in loader:
         images = batch["image"].to(device)
-        mean, std = vae.encode(torch.cat([images, images.flip(-1)]))
-        tensors["latent_mean"].append(torch.stack(mean.float().chunk(2), dim=1).cpu())
-        tensors["latent_std"].append(torch.stack(std.float().chunk(2), dim=1).cpu())
-        tensors["cond"].append(encoder.encode(images).cpu())
+        both = torch.cat([images, images.flip(-1)])  # the images, then their mirror images
+        mean, std = vae.encode(both)
+        for key, value in (("latent_mean", mean), ("latent_std", std), ("cond", encoder.encode(both))):
+            tensors[key].append(torch.stack(value.float().chunk(2), dim=1).cpu())
         tensors["index"].append(batch["index"])
         for key in CACHE_TEXT:
             text[key] += batch[key]
@@ -826,8 +887,8 @@ class FeatureCache(Dataset):
     """A complete feature cache (`python data.py cache`) as a dataset. Item i:
 
         {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
-         "cond": float32 (D,), "caption": str, "index": i, "name": its source file,
-         "skipped": [] (bad files were reported when the cache was written)}
+         "cond": float32 (2, D), [unflipped, flipped] DINO CLS, "caption": str, "index": i,
+         "name": its source file, "skipped": [] (bad files were reported when the cache was written)}
 
     Rows are read one at a time from the memory-mapped shards: no process holds a whole shard.
     Each process opens the shards lazily (pickling drops the handles, as for TarShards).
@@ -848,7 +909,11 @@ class FeatureCache(Dataset):
                                     "arguments to finish it")
         self._shards = {}
         self.image_size = self.info["image_size"]
-        self.cond_dim = self._open(0)[0].get_slice("cond").get_shape()[-1]
+        cond_shape = self._open(0)[0].get_slice("cond").get_shape()
+        if len(cond_shape) != 3:
+            raise ValueError(f"feature cache {root} holds the DINO feature of the unmirrored image only (made by an "
+                             f"older data.py); write it anew with `python data.py cache` into another folder")
+        self.cond_dim = cond_shape[-1]
 
     def __len__(self):
         return self.info["num_items"]
@@ -995,7 +1060,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.function(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, TooManyBadFiles) as error:
         sys.exit(f"error: {error}")
 
 

@@ -264,7 +264,9 @@ class GaussianDiffusion:
         (B, 2C, H, W) with the variance values, which only "ddpm" uses.
         method: "ddpm" (ancestral, respaced to `steps`), "ddim" (`eta` 0 is deterministic)
         or "dpm++" (DPM-Solver++ multistep, `order` 1 or 2, `skip_type` "time_uniform" or
-        "logSNR"). `generator` drives the noise added by ddpm and by ddim with eta > 0.
+        "logSNR"). `generator` drives the noise added by ddpm and by ddim with eta > 0: one
+        torch.Generator (on noise's device) for the batch, or a list of CPU generators, one
+        per sample, so that a sample's noise does not depend on its batch mates.
         clip_denoised clamps the x0 estimates to [-1, 1] (pixel-space models).
         """
         if method == "ddpm":
@@ -288,6 +290,12 @@ def _model_time(timestep: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise like x, from one generator, or row i from generator[i] (CPU)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        rows = [torch.randn(x.shape[1:], generator=g) for g in generator]
+        return torch.stack(rows).to(x.device, x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 

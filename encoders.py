@@ -6,6 +6,8 @@ Each network is written out here and loads the published checkpoints as they are
 the reference library. transformers/diffusers are never imported at run time.
 """
 
+import html
+import html.entities
 import json
 import math
 import pathlib
@@ -13,7 +15,10 @@ import pickle
 import re
 import struct
 import unicodedata
+import urllib.parse
+import zipfile
 from dataclasses import dataclass, fields
+from html.parser import HTMLParser
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
@@ -100,20 +105,39 @@ def _locate_first(repo_or_dir, filenames, revision, subfolder):
     raise FileNotFoundError(f"{where}: none of {', '.join(filenames)} found")
 
 
+def open_safetensors(path):
+    """safe_open(path); a truncated or damaged file is a one-line ValueError naming it."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or damaged: "
+                         f"copy, download or export it again") from None
+
+
+def load_weights_only(path):
+    """torch.load(weights_only=True, mmap=True) of a pickled checkpoint (.pth/.pt/.bin). A file that is not
+    one, is damaged, or holds code rather than tensors is a one-line ValueError naming it: torch's own
+    messages run to paragraphs (and suggest weights_only=False, which would run that code)."""
+    if not zipfile.is_zipfile(path):  # mmap reads only torch.save's zip format; a truncated one has no directory
+        raise ValueError(f"{path}: not a torch.save checkpoint (no zip archive: truncated, damaged or another "
+                         f"format); copy or download it again, or re-save it with torch.save or as safetensors")
+    try:
+        # mmap: tensors stay on disk until used, so dropping a key never reads its bytes.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # weights_only stopped at a global (a function or class), which it never calls: name it.
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+        raise ValueError(f"{path}: refused, not a plain tensor checkpoint that torch.load(weights_only=True) "
+                         f"accepts ({reason}); re-save it as a dict of tensors or as safetensors") from None
+
+
 def _read_tensor_file(path, keep):
     """The tensors of one checkpoint file whose key passes `keep`; the others are never read."""
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as file:
+        with open_safetensors(path) as file:
             return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
-    try:
-        # mmap: tensors stay on disk until used, so dropping a key below never reads its bytes.
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ValueError(
-            f"{path}: refused, not a plain tensor checkpoint that torch.load(weights_only=True, mmap=True) "
-            f"accepts ({reason}); re-save it as a dict of tensors or as safetensors"
-        ) from None
+    payload = load_weights_only(path)
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: holds a {type(payload).__name__}, expected a dict of tensors")
     kept = {key: value for key, value in payload.items() if keep(key)}
@@ -855,6 +879,174 @@ class T5Encoder(nn.Module):
             model = cls(config)
         load_into(model, state, f"T5 encoder weights of {repo_or_dir}", assign=True)
         return freeze(model.to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt preprocessing: what the official T2I model's T5 saw (SPEC section 4).
+# ----------------------------------------------------------------------------------------------
+# The release's T5Embedder (Lumos / PixArt-alpha diffusion/model/t5.py, from DeepFloyd IF) cleans
+# every prompt before its tokenizer; the tokens depend on each pattern and on their order, so the
+# rules below are the release's, one for one, written with the standard library only.
+
+_URL_DOMAIN = r"[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)"
+_URL_RES = [re.compile(rf"\b((?:{scheme}:(?:\/{{1,3}}|[a-zA-Z0-9%])|{_URL_DOMAIN}))") for scheme in ("https?", "www")]
+# 31C0-31EF CJK strokes, 31F0-31FF Katakana phonetic extensions, 3200-32FF enclosed CJK letters and
+# months, 3300-33FF CJK compatibility, 3400-4DBF CJK ideographs ext. A, 4DC0-4DFF Yijing hexagrams,
+# 4E00-9FFF CJK unified ideographs: removed, one range after the other, as the release does.
+_CJK_RES = [re.compile(f"[{a}-{b}]+") for a, b in (
+    ("\u31c0", "\u31ef"), ("\u31f0", "\u31ff"), ("\u3200", "\u32ff"), ("\u3300", "\u33ff"),
+    ("\u3400", "\u4dbf"), ("\u4dc0", "\u4dff"), ("\u4e00", "\u9fff"))]
+_DASHES_RE = re.compile(r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40\u301C"
+                        r"\u3030\u30A0\uFE31\uFE32\uFE58\uFE63\uFF0D]+")
+_BAD_PUNCT_RE = re.compile(r"[#®•©™&@·º½¾¿¡§~\)\(\]\[\}\{\|\\\/\*]{1,}")
+_FILE_EXTENSIONS = "png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4"
+# (pattern, replacement) in the release's order, after the HTML step, up to its `basic_clean`.
+_RULES_BEFORE_BASIC_CLEAN = [
+    (r"@[\w\d]+\b", ""),                                   # @nickname
+    *[(cjk, "") for cjk in _CJK_RES],
+    (_DASHES_RE, "-"),                                     # every kind of dash -> "-"
+    (r"[`´«»“”¨]", '"'),                                   # quotes to one standard
+    (r"[‘’]", "'"),
+    (r"&quot;?", ""),                                      # entities left over by the HTML step
+    (r"&amp", ""),
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),          # IP addresses
+    (r"\d:\d\d\s+$", ""),                                  # article ids
+    (r"\\n", " "),                                         # a literal backslash-n
+    (r"#\d{1,3}\b", ""),                                   # "#123"
+    (r"#\d{5,}\b", ""),                                    # "#12345..."
+    (r"\b\d{6,}\b", ""),                                   # "123456..."
+    (rf"[\S]+\.(?:{_FILE_EXTENSIONS})", ""),               # file names
+    (r"[\"\']{2,}", '"'),                                  # """AUSVERKAUFT"""
+    (r"[\.]{2,}", " "),                                    # "..."
+    (_BAD_PUNCT_RE, " "),                                  # ***AUSVERKAUFT***, #AUSVERKAUFT
+    (r"\s+\.\s+", " "),                                    # " . "
+]
+_RULES_AFTER_BASIC_CLEAN = [
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),                    # jc6640
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),                    # jc6640vc
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),                          # 6640vc231
+    (r"(worldwide\s+)?(free\s+)?shipping", ""),            # shop phrases
+    (r"(free\s)?download(\sfree)?", ""),
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (rf"\b(?:{_FILE_EXTENSIONS})(\simage[s]?)?", ""),
+    (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # j2d1a2a...
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),                  # sizes: 1920x1080 (Latin x, Cyrillic х, ×)
+    (r"\b\s+\:\s+", ": "),
+    (r"(\D[,\./])\b", r"\1 "),                             # a space after , . / before a word
+    (r"\s+", " "),
+    # (the release calls caption.strip() here and drops the result: nothing is stripped yet)
+    (r"^[\"\']([\w\W]+)[\"\']$", r"\1"),                   # one pair of enclosing quotes
+    (r"^[\'\_,\-\:;]", ""),
+    (r"[\'\_,\-\:\-\+]$", ""),
+    (r"^\.\S+$", ""),
+]
+# A stand-in for ftfy.fix_text: its table-driven fixes (ftfy's chardata tables), not its mojibake repair.
+# C1 controls read as Windows-1252 (bytes it leaves undefined stay as they are).
+_FTFY_C1 = {i: bytes([i]).decode("cp1252", errors="ignore") or chr(i) for i in range(0x80, 0xA0)}
+_FTFY_LIGATURES = {ord(k): v for k, v in zip("ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ", (
+    "IJ", "ij", "ʼn", "DZ", "Dz", "dz", "DŽ", "Dž", "dž", "LJ", "Lj", "lj", "NJ", "Nj", "nj",
+    "ff", "fi", "fl", "ffi", "ffl", "ſt", "st"))}
+_FTFY_WIDTH = {0x3000: " ", **{i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
+                               if unicodedata.normalize("NFKC", chr(i)) != chr(i)}}
+_FTFY_QUOTES = {**dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"), **dict.fromkeys(range(0x201C, 0x2020), '"')}
+_FTFY_CONTROL = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                               *range(0xFFF9, 0xFFFD)])
+
+
+def _fix_text(text):
+    """ftfy.fix_text without its encoding repair: C1 controls, ligatures, full/half width, curly
+    quotes, control characters removed, NFC; in ftfy's order, repeated until nothing changes."""
+    while True:
+        fixed = text
+        for table in (_FTFY_C1, _FTFY_LIGATURES, _FTFY_WIDTH, _FTFY_QUOTES, _FTFY_CONTROL):
+            fixed = fixed.translate(table)
+        fixed = unicodedata.normalize("NFC", fixed)
+        if fixed == text:
+            return text
+        text = fixed
+
+
+# Named references as bs4 reads them: every HTML5 name, with or without its semicolon.
+_HTML_ENTITIES = {name.removesuffix(";"): char for name, char in sorted(html.entities.html5.items())}
+
+
+class _HTMLText(HTMLParser):
+    """The text of an HTML fragment as BeautifulSoup(text, "html.parser").text gives it: the same
+    standard-library tokenizer, references resolved as bs4 resolves them, CDATA kept; comments,
+    declarations and what is inside <script>, <style>, <template>, <rt>, <rp> left out (bs4 >= 4.11)."""
+    HIDDEN = ("script", "style", "template", "rt", "rp")
+
+    def __init__(self):
+        super().__init__(convert_charrefs=False)
+        self.parts, self.hidden = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.hidden += tag in self.HIDDEN
+
+    def handle_endtag(self, tag):
+        self.hidden = max(self.hidden - (tag in self.HIDDEN), 0)
+
+    def handle_data(self, data):
+        if not self.hidden:
+            self.parts.append(data)
+
+    def handle_entityref(self, name):  # an unknown name stays literal, without its semicolon
+        self.handle_data(_HTML_ENTITIES.get(name, "&" + name))
+
+    def handle_charref(self, name):
+        self.handle_data(html.unescape(f"&#{name};"))
+
+    def unknown_decl(self, data):
+        if data.upper().startswith("CDATA["):
+            self.handle_data(data[len("CDATA["):])
+
+    @classmethod
+    def text(cls, markup):
+        parser = cls()
+        parser.feed(markup)
+        parser.close()
+        return "".join(parser.parts)
+
+
+def clean_caption(text):
+    """One pass of the release's caption cleaner (T5Embedder.clean_caption of Lumos / PixArt-alpha,
+    from DeepFloyd IF): URL-unquote (`+` is a space), strip, lowercase; remove URLs, HTML markup,
+    @names, CJK ranges, IP addresses, ids, file names, runs of bad punctuation and shop phrases;
+    unify dashes and quotes; split words_joined_by_more_than_3 -/_; collapse whitespace.
+
+    Same patterns in the same order, except two third-party calls, so these inputs can differ:
+    - ftfy.fix_text: only its table fixes are reproduced (_fix_text), not its repair of mojibake
+      (text decoded with the wrong codec, "cafÃ©" -> "café"; it runs first, so it also decides
+      what the C1 and other table fixes then see), of terminal escape sequences ("\x1b[31m": we drop
+      only the ESC) and of lone surrogates. (Its HTML unescaping needs a "&", and bad punctuation
+      has replaced every "&" by then, except one a fullwidth "＆" becomes in its second round.)
+    - BeautifulSoup(text, "html.parser").text (_HTMLText): the same tokenizer and reference rules;
+      bs4 also shortens a whitespace-only text between two tags to one space or newline (which
+      only the single-space rules "free download" and "click for" can notice), resolves numeric
+      references to noncharacters and undefined C1 codes (&#xFFFE;, &#x81;) where html.unescape
+      drops them, and before 4.9 kept the text of <script>, <style>, <template> (<rt>, <rp>: 4.11).
+    """
+    caption = urllib.parse.unquote_plus(str(text)).strip().lower()
+    caption = caption.replace("<person>", "person")
+    for url in _URL_RES:
+        caption = url.sub("", caption)
+    caption = _HTMLText.text(caption)
+    for pattern, replacement in _RULES_BEFORE_BASIC_CLEAN:
+        caption = re.sub(pattern, replacement, caption)
+    if len(re.findall(r"(?:\-|\_)", caption)) > 3:        # this-is-my-cute-cat / this_is_my_cute_cat
+        caption = re.sub(r"(?:\-|\_)", " ", caption)
+    caption = html.unescape(html.unescape(_fix_text(caption))).strip()   # the release's basic_clean
+    for pattern, replacement in _RULES_AFTER_BASIC_CLEAN:
+        caption = re.sub(pattern, replacement, caption)
+    return caption.strip()
+
+
+def preprocess_prompt(text, clean=True):
+    """A prompt as the release's T5Embedder.text_preprocessing hands it to the tokenizer: with
+    cleaning (its default, use_text_preprocessing=True) clean_caption applied twice, the second
+    pass catching what the first one exposed; without, text.lower().strip()."""
+    return clean_caption(clean_caption(text)) if clean else text.lower().strip()
 
 
 # ----------------------------------------------------------------------------------------------

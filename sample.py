@@ -8,8 +8,9 @@
     torchrun --nproc_per_node 8 sample.py t2i --ckpt runs/t2i/ema.safetensors \\
         --prompt-file captions.txt --num-samples 30000 --out samples/coco  # many, for FID: -> samples/coco.npz
 
-Each sample's initial noise is seeded by (--seed, its global index), so a result does not depend
-on batch size or world size, and `--num-samples` runs resume: files that exist are skipped.
+All of a sample's noise (initial and, for ddpm, ancestral) comes from a generator seeded by
+(--seed, its global index), so a result does not depend on batch size or world size, and
+`--num-samples` runs resume: files that exist are skipped.
 """
 import argparse
 import os
@@ -66,8 +67,11 @@ def read_images(paths, image_size):
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--images: no file {path}")
-        with Image.open(path) as image:
-            images.append(data.pixels_to_tensor(data.center_crop_arr(image, image_size)))
+        try:
+            with Image.open(path) as image:
+                images.append(data.pixels_to_tensor(data.center_crop_arr(image, image_size)))
+        except (OSError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated data, "broken PNG"
+            raise ValueError(f"{path}: not an image PIL can read ({error}); pass a PNG or JPEG file") from None
     return torch.stack(images)
 
 
@@ -135,11 +139,17 @@ CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t
 #                                 Sampling                                      #
 #################################################################################
 
-def initial_noise(indices, shape, seed, shared=False):
-    """(B, *shape) noise; sample i's from a generator seeded by (seed, i), or one noise for all."""
-    def one(i):
-        return torch.randn(shape, generator=train_i2i.sample_generator(seed, i))
-    return torch.stack([one(0 if shared else i) for i in indices])
+def sample_generators(indices, seed, frames=0):
+    """One CPU generator per sample i, seeded by (seed, i); with `frames` (interpolate) by (seed, i // frames):
+    each run of `frames` samples is one interpolation whose frames share all their noise, as in the demo, so
+    only the condition moves. It draws the sample's initial noise, then all the noise ddpm (or ddim with
+    eta > 0) adds: a sample depends neither on --batch-size nor on its batch mates."""
+    return [train_i2i.sample_generator(seed, i // frames if frames else i) for i in indices]
+
+
+def initial_noise(generators, shape):
+    """(B, *shape): each sample's initial noise, the first draw of its generator."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 @torch.no_grad()
@@ -147,14 +157,15 @@ def generate(model, info, space, cond_fn, indices, rows, args, device):
     """Samples for global `indices`, conditioned on condition rows `rows` -> (B, 3, S, S) in [-1, 1]."""
     size = info["image_size"] // space.downsampling
     shape = (space.channels, size, size)
-    noise = initial_noise(indices, shape, args.seed, shared=args.mode == "interpolate").to(device)
+    generators = sample_generators(indices, args.seed, args.frames if args.mode == "interpolate" else 0)
+    noise = initial_noise(generators, shape).to(device)
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=info.get("prediction", "epsilon"))
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
         model_fn = guided_model_fn(model, args.cfg_scale, **cond_fn(rows))
         x0 = diffusion.sample(lambda x, t: model_fn(x, t).float(), noise, args.method, args.steps,
                               skip_type=args.skip_type, clip_denoised=space.vae is None,
-                              generator=torch.Generator(device).manual_seed(args.seed))
+                              generator=generators)
         return space.decode(x0)
 
 
@@ -240,11 +251,11 @@ def main(argv=None):
         if rank == 0:
             print(f"sample.py: error: {error}", file=sys.stderr)
         sys.exit(2)
-    num_rows = len(references)
+    # Interpolation's condition rows are its frames; its references are only the two images.
+    num_rows = args.frames if args.mode == "interpolate" else len(references)
     if args.num_samples:
         sample_many(model, info, space, cond_fn, num_rows, args, device, rank, world_size)
     else:
-        num_rows = args.frames if args.mode == "interpolate" else num_rows
         sample_few(model, info, space, references, cond_fn, num_rows, args, device)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -70,11 +70,11 @@ def tiny_model(seed=0, **overrides):
     return model
 
 
-def tiny_inputs(model, batch=3, seed=1):
+def tiny_inputs(model, batch=3, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g, dtype=dtype)
     t = torch.rand(batch, generator=g) * 999
-    y = torch.randn(batch, model.cond_tokens, model.cond_dim, generator=g)
+    y = torch.randn(batch, model.cond_tokens, model.cond_dim, generator=g, dtype=dtype)
     mask = torch.ones(batch, model.cond_tokens, dtype=torch.bool)
     mask[1, 3:] = False
     return x, t, y, mask
@@ -94,13 +94,16 @@ def reference_forward(model, x, t, y, mask):
         w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // H), dim=-1)
         return (w @ v).transpose(0, 1).reshape(-1, D)
 
+    # The sinusoid of t is float32 by design (as the release computes it), whatever the model's
+    # dtype: computed here for the whole batch with the same ops, so that it is bitwise the model's.
+    k = torch.arange(128, dtype=torch.float32)
+    args = t.float()[:, None] * torch.exp(-math.log(10000) * k / 128)[None]
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
     outs = []
     for i in range(x.shape[0]):
         tokens = F.conv2d(x[i:i + 1], sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
         tokens = tokens.flatten(2)[0].T + sd["pos_embed"][0]
-        k = torch.arange(128, dtype=torch.float32)
-        args = t[i] * torch.exp(-math.log(10000) * k / 128)
-        c = lin(F.silu(lin(torch.cat([torch.cos(args), torch.sin(args)]), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+        c = lin(F.silu(lin(t_freq[i], "t_embedder.mlp.0")), "t_embedder.mlp.2")
         cond = y[i][mask[i]]
         cond = lin(gelu(lin(cond, "y_embedder.y_proj.fc1")), "y_embedder.y_proj.fc2")
         for b in range(len(model.blocks)):
@@ -122,6 +125,16 @@ def reference_forward(model, x, t, y, mask):
 
 def max_rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# Exactness checks run in float64: two correct computations of the same function then differ
+# only by summation order, about 1e-16 per operation, far below this bound on any CPU's kernels,
+# and a real mistake (a wrong scale, a missing mask) is far above it.
+EXACT = 1e-10
+
+
+def tiny_model64(**overrides):
+    return tiny_model(**overrides).double()
 
 
 def test_parameter_counts_match_spec():
@@ -162,24 +175,24 @@ def test_state_dict_keys_are_the_official_ones():
 
 
 def test_forward_matches_reference_with_padding_mask():
-    model = tiny_model()
-    x, t, y, mask = tiny_inputs(model)
+    model = tiny_model64()
+    x, t, y, mask = tiny_inputs(model, dtype=torch.float64)
     with torch.no_grad():
         out = model(x, t, y, mask)
         ref = reference_forward(model, x, t, y, mask)
     assert out.shape == (3, 8, 8, 8)
-    assert max_rel_err(out, ref) < 1e-5
+    assert max_rel_err(out, ref) < EXACT
 
 
 def test_plain_math_attention_path_matches_fused():
-    model = tiny_model()
-    x, t, y, mask = tiny_inputs(model)
+    model = tiny_model64()
+    x, t, y, mask = tiny_inputs(model, dtype=torch.float64)
     with torch.no_grad():
         fused = model(x, t, y, mask)
         for m in model.modules():
             if hasattr(m, "fused"):
                 m.fused = False
-        assert max_rel_err(model(x, t, y, mask), fused) < 1e-5
+        assert max_rel_err(model(x, t, y, mask), fused) < EXACT
 
 
 def test_padded_tokens_receive_no_attention_and_empty_condition_is_finite():
@@ -203,20 +216,21 @@ def test_output_channels_with_extra_inputs_and_without_learned_sigma():
 
 
 def test_condition_dropout_uses_null_embedding_cut_by_mask():
-    model = tiny_model(class_dropout_prob=1.0)
-    x, t, y, mask = tiny_inputs(model)
+    model = tiny_model64(class_dropout_prob=1.0)
+    x, t, y, mask = tiny_inputs(model, dtype=torch.float64)
     null = model.y_embedder.y_embedding.expand_as(y)
+    close = lambda a, b: max_rel_err(a, b) < EXACT
     with torch.no_grad():
         forced = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool))
-        assert torch.allclose(forced, model(x, t, null, mask))
-        assert max_rel_err(forced[1], reference_forward(model, x, t, null, mask)[1]) < 1e-5
+        assert close(forced, model(x, t, null, mask))
+        assert close(forced[1], reference_forward(model, x, t, null, mask)[1])
         model.train()
-        assert torch.allclose(model(x, t, y, mask), forced)  # p = 1: every sample dropped
+        assert close(model(x, t, y, mask), forced)  # p = 1: every sample dropped
         drop = torch.tensor([True, False, True])
         partial_drop = model(x, t, y, mask, drop_cond=drop)  # explicit choice wins over the draw
         model.eval()
-        assert torch.allclose(partial_drop[1], model(x, t, y, mask)[1])
-        assert torch.allclose(partial_drop[0], forced[0])
+        assert close(partial_drop[1], model(x, t, y, mask)[1])
+        assert close(partial_drop[0], forced[0])
 
 
 def test_condition_dropout_draw_comes_from_generator():
@@ -230,14 +244,14 @@ def test_condition_dropout_draw_comes_from_generator():
 
 
 def test_cfg_guides_epsilon_channels_only():
-    model = tiny_model()
-    x, t, y, mask = tiny_inputs(model)
+    model = tiny_model64()
+    x, t, y, mask = tiny_inputs(model, dtype=torch.float64)
     with torch.no_grad():
         cond = model(x, t, y, mask)
         uncond = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool))
         guided = model.forward_with_cfg(x, t, y, 4.5, mask)
-    assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < 1e-5
-    assert torch.allclose(guided[:, 4:], cond[:, 4:], atol=1e-6)
+    assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < EXACT
+    assert max_rel_err(guided[:, 4:], cond[:, 4:]) < EXACT
 
 
 def test_pos_embed_formula_and_other_resolutions():
@@ -1503,6 +1517,100 @@ def test_tokenizer_file_errors(tmp_path):
         encoders.T5Tokenizer.from_pretrained(_train_sentencepiece(bpe, model_type="bpe", vocab_size=200))
 
 
+# ---------------------------------------------------------------------------------------------
+# Prompt preprocessing as the release's T5Embedder does it. Every expected output is worked out
+# by hand from the release's rules, in their order; the comment beside each case gives the steps
+# that change the text (lowercasing is always the first).
+
+PROMPT_CASES = [
+    # Capitals: only lowercased.
+    ("A Red Car", "a red car"),
+    # URL-unquote first: %20 and + are spaces.
+    ("A%20Red+Car", "a red car"),
+    # URL rule 1 removes "https://", then (same pass, scanning on) "www.example.com/path";
+    # the double space collapses.
+    ("Visit https://www.Example.com/path for more", "visit for more"),
+    # A bare domain with one of the listed endings (.org) and its path: the second alternative.
+    ("logo from wikipedia.org/wiki today", "logo from today"),
+    # HTML: the tags go, "&amp;" becomes "&", which is bad punctuation -> " "; spaces collapse.
+    ("Fish &amp; <i>Chips</i>", "fish chips"),
+    # Double escaped: the HTML step leaves "&quot;", which the `&quot;?` rule removes.
+    ("Tom &amp;quot;Jerry&amp;quot;", "tom jerry"),
+    # "<person>" is replaced by "person" before the HTML step could drop it as a tag.
+    ("A <person> Riding", "a person riding"),
+    # @names go; the double space collapses.
+    ("Photo by @JohnDoe on stage", "photo by on stage"),
+    # CJK unified ideographs (U+4E00-9FFF) go, the leading space is stripped; Katakana (U+30A0-30FF)
+    # is in none of the release's ranges and stays.
+    ("一只猫 a cat", "a cat"),
+    ("ネコ cat", "ネコ cat"),
+    # Dashes: "—" (U+2014) -> "-"; quotes: “ ” -> '"', ‘ ’ -> "'". One "-" only: no word split.
+    ("a “quoted” ‘word’ — dash", "a \"quoted\" 'word' - dash"),
+    # More than 3 of "-" / "_": each becomes a space; exactly 3 stay.
+    ("this-is-my-cute-cat", "this is my cute cat"),
+    ("a-b-c-d", "a-b-c-d"),
+    # Bad punctuation runs ("***") -> " "; "!" is not bad punctuation; strip, collapse.
+    ("***SALE*** now!!", "sale now!!"),
+    # Two or more dots -> " ".
+    ("Wait... what", "wait what"),
+    # A lone " . " -> " ".
+    ("a cat . a dog", "a cat a dog"),
+    # A space after "," or "." that a word follows (and whose preceding character is no digit).
+    ("red,green.blue", "red, green. blue"),
+    # One pair of enclosing quotes goes (the last rules run on the collapsed text).
+    ('"Hello World"', "hello world"),
+    # "#12" (1-3 digits) goes, then the file name "cat.jpg"; strip, collapse.
+    ("photo #12 of cat.jpg", "photo of"),
+    # An IP address -> " ".
+    ("server 192.168.0.1 rack", "server rack"),
+    # "1920x1080" goes (the 6640vc231 rule \b\d+[a-zA-Z]+\d+\b already takes it).
+    ("poster 1920x1080", "poster"),
+    # Shop phrase "free shipping" goes; the trailing space is stripped at the end.
+    ("Red Dress Free Shipping", "red dress"),
+]
+
+
+@pytest.mark.parametrize("prompt, expected", PROMPT_CASES)
+def test_preprocess_prompt_rules(prompt, expected):
+    assert encoders.preprocess_prompt(prompt) == expected
+
+
+def test_preprocess_prompt_cleans_twice():
+    # Pass 1: the HTML step drops <b>, </b> and unescapes "&lt;i&gt;" to "<i>": "bold <i> text".
+    # Pass 2 reads that "<i>" as a tag and drops it: "bold  text" -> "bold text".
+    assert encoders.clean_caption("<b>Bold</b> &lt;i&gt; text") == "bold <i> text"
+    assert encoders.preprocess_prompt("<b>Bold</b> &lt;i&gt; text") == "bold text"
+
+
+def test_preprocess_prompt_idempotent():
+    # Each expected output holds nothing that any rule removes or changes (checked case by case
+    # above), so cleaning it again leaves it as it is.
+    for _, expected in PROMPT_CASES:
+        assert encoders.clean_caption(expected) == expected
+        assert encoders.preprocess_prompt(expected) == expected
+
+
+def test_preprocess_prompt_without_cleaning():
+    # use_text_preprocessing=False in the release: text.lower().strip() and nothing else.
+    prompt = "  A Red Car, https://X.com *** &amp;  "
+    assert encoders.preprocess_prompt(prompt, clean=False) == "a red car, https://x.com *** &amp;"
+
+
+def test_text_encoder_tokenizes_cleaned_prompts():
+    encoder = train_t2i.random_text_encoder(train_t2i.random_t5_description(), torch.device("cpu"))
+    assert encoder.clean
+    features, mask = encoder(["A Red Circle", "a red circle", "A ***Red*** Circle https://example.com"])
+    assert mask.all()  # the same three tokens (a, red, circle) and </s> in every row: no <unk>
+    torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
+    torch.testing.assert_close(features[0], features[2], rtol=0, atol=0)
+    # cache-text goes through the same encode
+    assert torch.equal(encoder.token_features(["A RED CIRCLE"])[0], features[1][mask[1]])
+    # Without cleaning, capitals are still lowered, but "***" reaches the tokenizer (<unk>: one more token).
+    raw = train_t2i.TextEncoder(encoder.tokenizer, encoder.t5, clean=False)
+    _, raw_mask = raw(["A Red Circle", "a red circle ***"])
+    assert raw_mask.sum(1).tolist() == [4, 5]
+
+
 ####################################################################################################
 # data
 ####################################################################################################
@@ -1735,6 +1843,104 @@ def test_dataset_without_a_readable_file_is_a_clear_error(tmp_path):
     dataset = data.open_dataset(str(tmp_path), 8)
     with pytest.raises(RuntimeError, match="no readable image.*all 2 files failed"):
         dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Too many bad files: a systematic failure stops with one line
+
+
+def png(seed, size=8):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_bad_folder(folder, count, is_good):
+    """count files NNNN.png, a small PNG where is_good(k), garbage bytes elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        (folder / f"{k:04d}.png").write_bytes(png(k) if is_good(k) else b"not an image %d" % k)
+    return folder
+
+
+
+
+def assert_one_line_naming_the_first_errors(message, folder, names):
+    assert "\n" not in message and "first errors:" in message and "python data.py stats" in message
+    for name in names:
+        assert f"{folder / name}: UnidentifiedImageError" in message
+    assert "BytesIO" not in message
+
+
+def test_a_folder_of_bad_files_stops_after_one_window(tmp_path):
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 1200, lambda k: False)), 8)
+    with pytest.raises(data.TooManyBadFiles) as error:
+        dataset[0]
+    message = str(error.value)
+    assert message.startswith(f"{data.BAD_FILE_WINDOW} of the last {data.BAD_FILE_WINDOW} files read failed")
+    assert_one_line_naming_the_first_errors(message, tmp_path, ["0000.png", "0001.png", "0002.png"])
+    assert "0003.png" not in message  # BAD_FILE_EXAMPLES errors, not all of them
+    assert isinstance(error.value, RuntimeError)
+
+
+def test_a_small_folder_of_bad_files_stops_at_the_first_item(tmp_path):
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 5, lambda k: False)), 8)
+    with pytest.raises(data.TooManyBadFiles, match=r"no readable image .* all 5 files failed; first errors"):
+        dataset[2]
+
+
+def test_sparse_bad_files_are_still_skipped(tmp_path):
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 1200, lambda k: k % 10 != 3)), 8)
+    skipped = [name for i in range(len(dataset)) for name in dataset[i]["skipped"]]
+    assert len(skipped) == 120  # each bad file once, by its own item
+
+
+def test_the_window_slides_and_only_more_than_half_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BAD_FILE_WINDOW", 10)
+    # Files 0-4 bad, 5-9 good, 10-15 bad. Items 0 (reads 0..5) and 6..9 fill the window with
+    # exactly half bad: fine. Item 10 reads 10, 11, ...: the bad files 0-4 leave the window
+    # first, and 15 pushes out good 5: 6 of 10 bad, the first of them now 10.
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 20, lambda k: 5 <= k < 10 or k >= 16)), 8)
+    for i in (0, 6, 7, 8, 9):
+        dataset[i]
+    with pytest.raises(data.TooManyBadFiles, match=r"^6 of the last 10 files read failed .* first errors: "
+                                                   r"\S+/0010.png: .* \| \S+/0011.png: .* \| \S+/0012.png: [^|]*$"):
+        dataset[10]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_and_stats_report_it_in_one_line_from_a_worker_too(tmp_path, workers):
+    folder = write_bad_folder(tmp_path, 1200, lambda k: False)
+    loader = data.make_loader(data.open_dataset(str(folder), 8), 4, 4, shuffle=False, num_workers=workers)
+    with pytest.raises(data.TooManyBadFiles) as error:
+        next(iter(loader))
+    # A worker's exception comes back as TooManyBadFiles("Caught ... Original Traceback ..."): still one line.
+    assert str(error.value).startswith(f"{data.BAD_FILE_WINDOW} of the last")
+    assert_one_line_naming_the_first_errors(str(error.value), folder, ["0000.png", "0001.png", "0002.png"])
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["stats", str(folder), "--image-size", "8", "--batch-size", "4", "--workers", str(workers)])
+    assert re.fullmatch(r"error: 1000 of the last 1000 files read failed [^\n]*", exit_info.value.code)
+
+
+# "all bad": met in main(), reading the held-out items, before any DataLoader. "mostly bad": the
+# held-out items (0, 300, 600, 900 of 1200) are good, so the training loop meets it, in the main
+# process with 0 workers, re-raised from a DataLoader worker with 1.
+@pytest.mark.slow
+@pytest.mark.parametrize("good, workers", [("all bad", "0"), ("mostly bad", "0"), ("mostly bad", "1")])
+def test_training_on_bad_files_exits_2_with_one_line(tmp_path, good, workers):
+    is_good = (lambda k: False) if good == "all bad" else (lambda k: k % 300 == 0)
+    folder = write_bad_folder(tmp_path / "images", 20 if good == "all bad" else 1200, is_good)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "train_i2i.py", *SCALE_RUN, "--global-batch-size", "8", "--data", str(folder), "--steps", "2",
+                             "--num-workers", workers, "--out", str(tmp_path / "run")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    # stderr may also hold the loop's tqdm bar ("\r  0%|  | 0/2 [...]"), which is not an error line.
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not re.match(r"\s*\d+%\|", line)]
+    assert len(lines) == 1 and lines[0].startswith("train_i2i.py: error: "), result.stderr[-3000:]
+    assert f"first errors: {folder}{os.sep}" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2252,27 +2458,180 @@ def write_cache(folder, vae_dir, dino_dir, spec="shapes:10", shard_size=4):
 # FSDP2 under torchrun
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_rank_and_their_checkpoint_resumes_in_one_rank(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = SCALE_RUN + ["--global-batch-size", "8", "--ckpt-every", "2", "--sample-every", "2"]
-    train_i2i.main(common + ["--out", str(one), "--steps", "4"])
-    # 2 ranks x 2 micro-batches of 2 (gradient sync only on the last) = 1 rank x 8.
-    result = torchrun("train_i2i.py", *common, "--out", two, "--steps", "2", "--grad-accum", "2")
+# The launch matrix: the training scripts under torchrun (2 ranks, gloo, CPU), in the
+# configurations users start them with, pairwise over task x precision x compile x data:
+#   test                                           task precision compile data        also
+#   ..._i2i_fp32_eager_on_the_fly_equals_one_rank  i2i  fp32      eager   on the fly  --grad-accum 2, guided grid
+#                                                                                     between checkpoints; = 1 rank
+#   ..._i2i_bf16_compiled_cache_resumes_on_one_rank i2i bf16      compile cache       grid between checkpoints;
+#                                                                                     2-rank checkpoint, 1-rank resume
+#   ..._t2i_bf16_compiled_on_the_fly               t2i  bf16      compile on the fly  guided grid between checkpoints
+#   ..._t2i_fp32_eager_caches_equal_one_rank       t2i  fp32      eager   image+text  --grad-accum 2, guided grid; = 1 rank
+#                                                                         caches
+#   ..._nvs_bf16_eager_exact_timesteps             nvs  bf16      eager   on the fly  guided grid; exact t, fp32 residual
+#                                                                                     stream; 1 rank within the bf16 bound
+#   ..._nvs_fp32_compiled_grad_accum               nvs  fp32      compile on the fly  --grad-accum 2, grid
+# (NVS has no feature cache.) Every grid falls between checkpoints, so an EMA update follows it.
+
+LAUNCH_SIZE = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2"]
+LAUNCH_LOOP = ["--global-batch-size", "8", "--log-every", "1", "--sample-steps", "2", "--num-samples", "4"]
+LAUNCH_NVS = ["--init", "scratch", "--model", "DiT-S/4", *LAUNCH_SIZE, *LAUNCH_LOOP, "--image-size", "16",
+              "--data", "multiview:4", "--held-out-objects", "1", "--steps", "3", "--ckpt-every", "3",
+              "--sample-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def launch_assets(tmp_path_factory):
+    """Tiny random encoders, a feature cache of shapes:16 at 32 px and its text cache."""
+    root = tmp_path_factory.mktemp("launch")
+    vae_dir, dino_dir = tiny_encoders(root)
+    write_cache(root / "cache", vae_dir, dino_dir, "shapes:16")
+    train_t2i.main(["cache-text", "--data", f"cache:{root / 'cache'}", "--out", str(root / "text"),
+                    "--image-size", "32", "--num-samples", "4"])
+    return {"vae": vae_dir, "dino": dino_dir, "cache": f"cache:{root / 'cache'}", "text": str(root / "text")}
+
+
+def assert_launched(result, out, steps, grids):
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in line] \
+        == list(range(1, steps + 1))
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"step_{step:07d}.png" for step in grids]
+
+
+@pytest.mark.slow
+def test_launch_i2i_fp32_eager_on_the_fly_equals_one_rank(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Grids at 2 and 4 with a checkpoint at 4 only: EMA updates follow the step-2 grid (it once
+    # left the EMA's root unsharded) and the grid is guided (it once bypassed FSDP's hooks).
+    common = SCALE_RUN + ["--global-batch-size", "8", "--ckpt-every", "4", "--sample-every", "2", "--cfg-scale", "2"]
+    train_i2i.main(common + ["--out", str(one), "--steps", "5"])
+    # 2 ranks x 2 micro-batches of 2 (gradient sync only on the last) = 1 rank x 8.
+    result = torchrun("train_i2i.py", *common, "--out", two, "--steps", "4", "--grad-accum", "2")
+    assert_launched(result, two, 4, [2, 4])
     assert result.stdout.count("from scratch") == 1  # rank 0 alone prints and writes
     assert sorted(os.listdir(two)) == ["checkpoints", "ema.safetensors", "metrics.jsonl", "samples"]
-    assert os.listdir(two / "samples") == ["step_0000002.png"] and logged(two, "step") == [1, 2]
-    export_at_2 = load_file(two / "ema.safetensors")  # gathered from both ranks' shards by rank 0
-    train_i2i.main(common + ["--out", str(two), "--steps", "4", "--resume"])  # 1 rank continues
-    assert logged(two, "step") == [1, 2, 3, 4]
+    export_at_4 = load_file(two / "ema.safetensors")  # gathered from both ranks' shards by rank 0
+    train_i2i.main(common + ["--out", str(two), "--steps", "5", "--resume"])  # 1 rank continues
+    assert logged(two, "step") == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm"):  # the loss all-reduced, the norm clipped over all shards
         assert logged(two, key) == pytest.approx(logged(one, key), rel=TOLERANCE)
-    assert_same_weights(export_at_2, checkpoint_weights(checkpoint(one, 2), "ema"))
-    for step in (2, 4):
+    assert_same_weights(export_at_4, checkpoint_weights(checkpoint(one, 4), "ema"))
+    for step in (4, 5):
         for part in ("model", "ema"):
             assert_same_weights(checkpoint_weights(checkpoint(two, step), part),
                                 checkpoint_weights(checkpoint(one, step), part))
+
+
+@pytest.mark.slow
+def test_launch_i2i_bf16_compiled_cache_resumes_on_one_rank(tmp_path, launch_assets):
+    common = ["--model", "DiT-S/2", *LAUNCH_SIZE, *LAUNCH_LOOP, "--image-size", "32", "--vae", launch_assets["vae"],
+              "--encoder", launch_assets["dino"], "--data", launch_assets["cache"], "--precision", "bf16",
+              "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(tmp_path)]
+    result = torchrun("train_i2i.py", *common, "--steps", "3")
+    assert_launched(result, tmp_path, 3, [2, 3])
+    train_i2i.main(common + ["--steps", "4", "--resume"])  # the 2-rank bf16 checkpoint on 1 rank
+    assert logged(tmp_path, "step") == [1, 2, 3, 4] and np.isfinite(logged(tmp_path, "loss")).all()
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step_0000002.png", "step_0000003.png", "step_0000004.png"]
+
+
+@pytest.mark.slow
+def test_launch_t2i_bf16_compiled_on_the_fly(tmp_path, i2i_run):
+    result = torchrun("train_t2i.py", "--init", i2i_run / "ema.safetensors", "--model", "DiT-S/4",
+                      "--image-size", "16", "--data", "shapes:64", *LAUNCH_LOOP, "--precision", "bf16", "--compile",
+                      "--steps", "3", "--ckpt-every", "3", "--sample-every", "2", "--cfg-scale", "4.5", "--out", tmp_path)
+    assert_launched(result, tmp_path, 3, [2, 3])
+    assert np.isfinite(logged(tmp_path, "loss")).all()
+
+
+@pytest.mark.slow
+def test_launch_t2i_fp32_eager_caches_equal_one_rank(tmp_path, launch_assets):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--init", "scratch", "--model", "DiT-S/2", *LAUNCH_SIZE, *LAUNCH_LOOP, "--image-size", "32",
+              "--vae", launch_assets["vae"], "--data", launch_assets["cache"], "--text-cache", launch_assets["text"],
+              "--steps", "3", "--ckpt-every", "3", "--sample-every", "2", "--cfg-scale", "4.5"]
+    result = torchrun("train_t2i.py", *common, "--grad-accum", "2", "--out", two)
+    assert_launched(result, two, 3, [2, 3])
+    train_t2i.main(common + ["--out", str(one)])
+    assert logged(two, "loss") == pytest.approx(logged(one, "loss"), rel=TOLERANCE)
+    assert_same_weights(load_file(two / "ema.safetensors"), load_file(one / "ema.safetensors"))
+
+
+# Runs a training script as torchrun starts it, recording what reaches the model in training:
+# the timesteps at the timestep embedder beside those the loop drew, and the dtypes of the
+# condition and of the residual stream entering each block. Written to out/seen_<rank>.json.
+RECORDING_LAUNCHER = """
+import json, os, runpy, sys
+import torch
+sys.path.insert(0, {repo!r})
+import dit, train_i2i
+seen = {{"drawn": [], "t": [], "y": [], "residual": []}}
+draw, embed, forward, block = (train_i2i.sample_randomness, dit.TimestepEmbedder.forward, dit.LumosDiT.forward,
+                               dit.LumosBlock.forward)
+
+def sample_randomness(*args):
+    drawn = draw(*args)
+    seen["drawn"] += drawn[1].tolist()
+    return drawn
+
+def timestep_embedder(self, t):
+    if torch.is_grad_enabled():
+        seen["t"] += t.tolist()
+    return embed(self, t)
+
+def model_forward(self, x, t, y, *args, **kwargs):
+    if torch.is_grad_enabled():
+        seen["y"].append(str(y.dtype))
+    return forward(self, x, t, y, *args, **kwargs)
+
+def block_forward(self, x, *args):
+    if torch.is_grad_enabled():
+        seen["residual"].append(str(x.dtype))
+    return block(self, x, *args)
+
+train_i2i.sample_randomness, dit.TimestepEmbedder.forward = sample_randomness, timestep_embedder
+dit.LumosDiT.forward, dit.LumosBlock.forward = model_forward, block_forward
+script, out = sys.argv[1], sys.argv[sys.argv.index("--out") + 1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+with open(os.path.join(out, "seen_%s.json" % os.environ.get("RANK", 0)), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_launch_nvs_bf16_eager_exact_timesteps(tmp_path):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(RECORDING_LAUNCHER.format(repo=REPO))
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["train_nvs.py", *LAUNCH_NVS, "--precision", "bf16", "--cfg-scale", "3"]
+    result = torchrun(launcher, *common, "--out", two)
+    assert_launched(result, two, 3, [2, 3])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, launcher, *common, "--out", one], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert_launched(single, one, 3, [2, 3])
+    reference = json.loads((one / "seen_0.json").read_text())
+    for seen in (json.loads((two / f"seen_{rank}.json").read_text()) for rank in (0, 1)):
+        # The timesteps the loop drew reach the embedder exactly (FSDP's input cast once made 999
+        # 1000 and 517 516 in bf16); the residual stream stays fp32 as autocast keeps it, and the
+        # condition tokens have the dtype they have on one rank (NVS's pose mixer runs under autocast).
+        assert seen["t"] == seen["drawn"] and len(seen["t"]) == 12
+        assert set(seen["residual"]) == {"torch.float32"} and set(seen["y"]) == set(reference["y"])
+    assert reference["t"] == reference["drawn"] and len(reference["t"]) == 24
+    # bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 = 0.2 %. Two ranks
+    # run each matmul on half the batch, so the fp32 accumulation order differs and a product may
+    # round to the neighbouring bf16 value; gradients are reduced in fp32 either way. The loss is
+    # a mean of 8 x 3 x 16 x 16 squared errors, mostly the fp32 noise's own energy early on, so
+    # such roundings move it far less than one bf16 step: we allow half of one (1e-3); here, on
+    # AMD EPYC, the two differ by 2e-6. Exact timesteps and dtypes are checked above, not by this.
+    assert logged(two, "loss") == pytest.approx(logged(one, "loss"), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_launch_nvs_fp32_compiled_grad_accum(tmp_path):
+    result = torchrun("train_nvs.py", *LAUNCH_NVS, "--compile", "--grad-accum", "2", "--out", tmp_path)
+    assert_launched(result, tmp_path, 3, [2, 3])
+    assert np.isfinite(logged(tmp_path, "loss")).all()
 
 
 @pytest.mark.slow
@@ -2322,17 +2681,44 @@ def test_cached_batches_equal_encoding_on_the_fly(tmp_path):
     cache = write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:12", shard_size=5)
     images = data.open_dataset("shapes:12", 32)
     space = train_i2i.ImageSpace(encoders.VAE.from_pretrained(vae_dir))
-    condition = train_i2i.image_condition(encoders.DINOEncoder.from_pretrained(dino_dir))
+    dino = encoders.DINOEncoder.from_pretrained(dino_dir)
+    condition = train_i2i.image_condition(dino)
     batches = [next(iter(data.make_loader(source, 12, 12, seed=3))) for source in (images, cache)]
     assert torch.equal(batches[0]["index"], batches[1]["index"]) and batches[0]["caption"] == batches[1]["caption"]
     flips, _, _, _, posterior = train_i2i.sample_randomness(batches[0]["global_index"], 0, (4, 4, 4), 1000, 0.1, True)
     assert flips.any() and not flips.all()
-    on_the_fly = train_i2i.diffusion_targets(batches[0], flips, posterior, space)
-    assert_close_to_scale(train_i2i.diffusion_targets(batches[1], flips, posterior, space), on_the_fly, TOLERANCE)
-    assert_close_to_scale(train_i2i.cached_condition(batches[1], space)["y"], condition(batches[0], space)["y"], TOLERANCE)
-    # The grids' references: decoded cached means, what the VAE makes of the images.
-    references = space.decode(space.encode(batches[0]["image"]))
-    assert_close_to_scale(train_i2i.reference_images(batches[1], space), references, TOLERANCE)
+    on_the_fly, cached = (train_i2i.mirrored(batch, flips) for batch in batches)
+    target = train_i2i.diffusion_targets(on_the_fly, posterior, space)
+    assert_close_to_scale(train_i2i.diffusion_targets(cached, posterior, space), target, TOLERANCE)
+    # The condition is of the target's own image, mirrored where the target is, in both paths.
+    mirror_images = torch.where(flips[:, None, None, None], batches[0]["image"].flip(-1), batches[0]["image"])
+    expected = dino.encode(mirror_images)[:, None]
+    assert_close_to_scale(condition(on_the_fly, space)["y"], expected, TOLERANCE)
+    assert_close_to_scale(train_i2i.cached_condition(cached, space)["y"], expected, TOLERANCE)
+    assert (expected[flips] - dino.encode(batches[0]["image"])[flips][:, None]).abs().max() > 1e-3  # DINO sees the flip
+    # The grids' references: decoded cached means, what the VAE makes of the (mirrored) images.
+    references = space.decode(space.encode(mirror_images))
+    assert_close_to_scale(train_i2i.reference_images(cached, space), references, TOLERANCE)
+
+
+def test_training_conditions_on_the_very_image_it_denoises(tmp_path, monkeypatch):
+    """I2I in the loop: a mirrored target's condition is the mirrored image's, never the original's."""
+    seen = {"original": [], "target": [], "condition": []}
+    mirrored, encode, dino_encode = train_i2i.mirrored, train_i2i.ImageSpace.encode, encoders.DINOEncoder.encode
+    monkeypatch.setattr(train_i2i, "mirrored", lambda batch, flips: seen["original"].append(
+        (batch["image"].clone(), flips.clone())) or mirrored(batch, flips))
+    monkeypatch.setattr(train_i2i.ImageSpace, "encode",
+                        lambda self, images, *a: seen["target"].append(images.clone()) or encode(self, images, *a))
+    monkeypatch.setattr(encoders.DINOEncoder, "encode",
+                        lambda self, images: seen["condition"].append(images.clone()) or dino_encode(self, images))
+    train_i2i.main(SCALE_RUN + ["--out", str(tmp_path), "--steps", "2", "--global-batch-size", "8",
+                                "--sample-every", "0", "--ckpt-every", "0"])
+    (_, no_flips), *steps = seen["original"]  # the grids' held-out batch first, never mirrored
+    assert not no_flips.any() and len(steps) == 2
+    for (images, flips), target, condition in zip(steps, seen["target"], seen["condition"]):
+        assert flips.any() and not flips.all()
+        assert torch.equal(target, torch.where(flips[:, None, None, None], images.flip(-1), images))
+        assert torch.equal(condition, target)
 
 
 def test_restart_skips_finished_shards_and_refuses_other_settings(tmp_path):
@@ -2393,11 +2779,14 @@ def test_two_rank_extraction_covers_every_image_once(tmp_path):
         assert cache[i]["caption"] == single[i]["caption"]
 
 
-def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch, precision):
+    # In bf16 too: the frozen encoders run in fp32 in both paths (the cache holds fp32), so both
+    # train on the same targets and conditions, and the bf16 forward sees the same inputs.
     vae_dir, dino_dir = tiny_encoders(tmp_path)
     write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:16")
     run = SCALE_RUN + ["--image-size", "32", "--vae", vae_dir, "--encoder", dino_dir, "--global-batch-size", "4",
-                      "--steps", "3", "--sample-every", "3"]
+                      "--steps", "3", "--sample-every", "3", "--precision", precision]
     train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
 
     def must_not_run(*args, **kwargs):
@@ -2453,10 +2842,7 @@ def test_interpolation_shares_noise_and_mixes_features(tiny_export):
     model, info = sample.load_generator(export, torch.device("cpu"))
     _, cond_fn = sample.interpolation_conditions(args, info, None, torch.device("cpu"))
     y = cond_fn([0, 1, 2])["y"][:, 0]
-    torch.testing.assert_close(y[1], (y[0] + y[2]) / 2)
-    noise = sample.initial_noise([0, 1, 2], (3, 4, 4), seed=0, shared=True)
-    assert torch.equal(noise[0], noise[2])
-    assert not torch.equal(*sample.initial_noise([0, 1], (3, 4, 4), seed=0))
+    torch.testing.assert_close(y[1], (y[0] + y[2]) / 2)  # the noise: see the interpolation tests below
 
 
 @pytest.mark.slow
@@ -2519,6 +2905,134 @@ def test_official_multiscale_checkpoint_gets_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["i2i", "--ckpt", str(tmp_path / "t2i_1024.pth"), "--images", "x.png"])
     assert "multi-scale" in capsys.readouterr().err
+
+
+def pngs(folder, count):
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))).astype(int) for i in range(count)])
+
+
+# ---------------------------------------------------------------------------------------------
+# All of sample i's randomness from (seed, i)
+
+@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_per_sample_generators_make_sampler_noise_independent_of_batch_mates(method, eta):
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
+    model_fn = lambda x, t: 0.1 * x  # noqa: E731  (an epsilon "model": the added noise is what matters)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    seeded = lambda i: torch.Generator().manual_seed(100 + i)  # noqa: E731
+    together = diffusion.sample(model_fn, noise, method, 4, eta=eta, generator=[seeded(i) for i in range(3)])
+    for i in range(3):
+        alone = diffusion.sample(model_fn, noise[i:i + 1], method, 4, eta=eta, generator=[seeded(i)])
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        diffusion.sample(model_fn, noise, method, 4, eta=eta, generator=[seeded(0), seeded(1)])
+
+
+def test_ddpm_samples_do_not_depend_on_batch_size(tmp_path, tiny_export):
+    export, images = tiny_export
+    common = ["i2i", "--ckpt", export, "--images", images[0], "--per-image", "3", "--method", "ddpm", "--steps", "3"]
+    for batch_size in (1, 3):
+        sample.main(common + ["--batch-size", str(batch_size), "--out", str(tmp_path / str(batch_size))])
+    one, three = pngs(tmp_path / "1", 3), pngs(tmp_path / "3", 3)
+    assert np.abs(one - three).max() <= 1  # float sums in another batch order: at most a rounding step
+    assert np.abs(one[0] - one[1]).max() > 10 and np.abs(one[1] - one[2]).max() > 10  # one condition, other noise
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolate --num-samples N cycles through all --frames
+
+def test_interpolation_frames_share_all_noise_and_each_run_of_frames_gets_new_noise():
+    noise = sample.initial_noise(sample.sample_generators([0, 1, 2, 3], seed=0, frames=3), (3, 4, 4))
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[3])
+    assert not torch.equal(*sample.initial_noise(sample.sample_generators([0, 1], seed=0), (3, 4, 4)))
+
+
+def test_interpolate_num_samples_cycles_through_every_frame(tmp_path, tiny_export, monkeypatch):
+    export, images = tiny_export
+    rows_seen = []
+    generate = sample.generate
+
+    def spy(model, info, space, cond_fn, indices, rows, args, device):
+        rows_seen.extend(rows)
+        return generate(model, info, space, cond_fn, indices, rows, args, device)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    common = ["interpolate", "--ckpt", export, "--images", *images, "--frames", "3", "--steps", "2",
+              "--method", "ddpm"]
+    sample.main(common + ["--num-samples", "6", "--batch-size", "4", "--out", str(tmp_path / "many")])
+    assert rows_seen == [0, 1, 2, 0, 1, 2]
+    sample.main(common + ["--out", str(tmp_path / "few")])
+    many, few = pngs(tmp_path / "many", 6), pngs(tmp_path / "few", 3)
+    assert np.abs(many[:3] - few).max() <= 1  # the first interpolation is the one without --num-samples
+    assert np.abs(many[3:] - many[:3]).max() > 10  # the second one has noise of its own
+
+
+# ---------------------------------------------------------------------------------------------
+# A bad checkpoint or image file is one line and exit status 2
+
+class CodePayload:
+    """Unpickling this runs a shell command: torch.load(weights_only=True) must refuse it unrun."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_export, tmp_path_factory):
+    """{kind: path} of broken files, plus a marker path that the payload would create if it ran."""
+    export, _ = tiny_export
+    folder = tmp_path_factory.mktemp("bad")
+    with open(export, "rb") as f:
+        blob = f.read()
+    files = {"truncated.safetensors": blob[: len(blob) // 2], "not_a_zip.pth": b"not a torch.save zip file\n" * 20,
+             "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "not_an_image.jpg": b"plain text\n"}
+    for name, payload in files.items():
+        (folder / name).write_bytes(payload)
+    marker = folder / "payload_ran"
+    torch.save({"x_embedder.proj.weight": torch.zeros(1), "hook": CodePayload(marker)}, folder / "payload.pth")
+    return {name: str(folder / name) for name in [*files, "payload.pth"]}, marker
+
+
+def run_script(cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_one_line_error(result, path, prog, what):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{prog}: error: ") and path in lines[0] and what in lines[0], lines[0]
+
+
+BAD_CHECKPOINTS = {"truncated.safetensors": "not a readable safetensors file",
+                   "not_a_zip.pth": "not a torch.save checkpoint",
+                   "payload.pth": "GLOBAL posix.system"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*BAD_CHECKPOINTS, "corrupt.png", "not_an_image.jpg"])
+def test_sample_reports_a_bad_file_in_one_line(kind, bad_files, tiny_export, tmp_path):
+    files, marker = bad_files
+    export, images = tiny_export
+    ckpt, image = (files[kind], images[0]) if kind in BAD_CHECKPOINTS else (export, files[kind])
+    result = run_script(tmp_path, os.path.join(REPO, "sample.py"), "i2i", "--ckpt", ckpt, "--images", image,
+                        "--out", tmp_path / "out")
+    assert_one_line_error(result, files[kind], "sample.py", BAD_CHECKPOINTS.get(kind, "not an image PIL can read"))
+    assert not marker.exists()  # the payload was refused, never run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_finetune_init_reports_a_bad_checkpoint_in_one_line(kind, bad_files, tmp_path):
+    files, marker = bad_files
+    result = run_script(tmp_path, os.path.join(REPO, "train_t2i.py"), "--init", files[kind], "--out", tmp_path / "t2i")
+    assert_one_line_error(result, files[kind], "train_t2i.py", BAD_CHECKPOINTS[kind])
+    assert not marker.exists()
 
 
 ####################################################################################################
@@ -2706,6 +3220,14 @@ def test_text_cache_gives_the_online_conditions_of_a_task(tmp_path):
                            None, None, torch.device("cpu"))
     with pytest.raises(ValueError, match="lacks 2 caption"):
         train_t2i.t2i_task(t2i_args(*common[:-1], "6", "--text-cache", cache_dir), None, None, torch.device("cpu"))
+    assert online.metadata["clean_captions"]  # the export tells sample.py to clean prompts as in training
+    info_path = os.path.join(cache_dir, "text_cache.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    with open(info_path, "w") as f:  # a cache written before prompts were cleaned
+        json.dump({k: v for k, v in info.items() if k != "clean_captions"}, f)
+    with pytest.raises(ValueError, match="holds features of uncleaned captions"):
+        train_t2i.t2i_task(t2i_args(*common, "--text-cache", cache_dir), None, None, torch.device("cpu"))
 
 
 def test_default_needs_the_i2i_export_and_rejects_an_image_encoder(tmp_path, monkeypatch, capsys):
@@ -2770,6 +3292,18 @@ def test_coco_fid30k_protocol_end_to_end_on_a_tiny_fake_coco(i2i_run, tmp_path):
     assert result["images"] == 5 and np.isfinite(result["fid"]) and result["fid"] > 0
     assert np.load(tmp_path / "fid" / "samples.npz")["arr_0"].shape == (5, 16, 16, 3)
     assert (tmp_path / "fid" / "captions.txt").read_text().splitlines() == [caption for _, caption in pairs]
+
+
+def test_t2i_never_mirrors_an_image_against_its_caption(tmp_path, monkeypatch):
+    """Captions name left and right ("... at the top left"): a mirrored image would contradict its own."""
+    flips_seen = []
+    mirrored = train_i2i.mirrored
+    monkeypatch.setattr(train_i2i, "mirrored", lambda batch, flips: flips_seen.append(flips) or mirrored(batch, flips))
+    train_t2i.main(["--init", "scratch", *TINY_MODEL, "--data", "shapes:64", *TINY_LOOP, "--steps", "2",
+                    "--ckpt-every", "0", "--out", str(tmp_path)])
+    assert len(flips_seen) == 3 and not torch.cat(flips_seen).any()  # the grid's batch, then 2 steps of 8
+    drawn = train_i2i.sample_randomness(torch.arange(16), 0, (3, 16, 16), 1000, 0.1, False)[0]
+    assert drawn.any()  # the loop did draw flips for these samples: T2I masked them
 
 
 @pytest.mark.slow
@@ -3762,3 +4296,65 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and error.startswith(f"evaluate.py {argv[0]}: error:"), error
         assert re.search(message, error), error
+
+
+####################################################################################################
+# nvs source views
+####################################################################################################
+
+# ---------------------------------------------------------------------------------------------
+# A fresh source view per training sample (Zero-1-to-3 sees every pair of views)
+
+
+def source_of(item):
+    return int(re.search(r"<-(?:\d+/)?(\d+)", item["name"]).group(1))
+
+
+@pytest.mark.parametrize("kind", ["multiview", "zero123"])
+def test_training_samples_pair_a_target_with_every_other_view(tmp_path, kind):
+    if kind == "multiview":
+        dataset = train_nvs.MultiViewShapes(2, 8, seed=1)
+    else:
+        write_objects(tmp_path, 2, image_size=8)
+        dataset = train_nvs.Zero123Folder(str(tmp_path), 8, seed=1)
+    target = 12 + 5  # view 5 of the second object
+    sources = [source_of(dataset.item(target, g)) for g in range(100)]
+    assert 5 not in sources and set(sources) == set(range(12)) - {5}  # all 11 other views
+    again = dataset.item(target, 37)
+    assert again["name"] == dataset.item(target, 37)["name"] and again["index"] == target
+    fixed = dataset[target]  # held-out grids and tools: one fixed pair per item, as before
+    assert fixed["name"] == dataset[target]["name"] and source_of(fixed) != 5
+
+
+def test_zero123_source_replaced_past_a_bad_view_stays_per_sample(tmp_path):
+    write_objects(tmp_path, 1, image_size=8)
+    os.remove(tmp_path / "000000" / "003.npy")
+    dataset = train_nvs.Zero123Folder(str(tmp_path), 8, seed=0)
+    items = [dataset.item(4, g) for g in range(100)]
+    assert all("003.png" not in item["name"] for item in items)
+    kept = [item for item in items if item["name"].startswith("000000/004.png<-")]
+    assert {source_of(item) for item in kept} == set(range(12)) - {3, 4}
+    passed_over = [item for item in items if item["skipped"]]  # drew 3: the next target, 5, with a new draw
+    assert passed_over and all(item["name"].startswith("000000/005.png<-") for item in passed_over)
+
+
+def step_items(dataset, world_size, steps, workers=0):
+    """{global_index: (name, pose)} of the first `steps` global batches of 8, read by every rank."""
+    items = {}
+    for rank in range(world_size):
+        loader = data.make_loader(dataset, 8, 8 // world_size // 2, rank, world_size, seed=3, num_workers=workers)
+        for batch in itertools.islice(loader, 2 * steps):  # 2 accumulation micro-batches per step
+            for g, name, pose in zip(batch["global_index"].tolist(), batch["name"], batch["pose"]):
+                items[g] = (name, pose.tolist())
+    return items
+
+
+def test_loader_draws_the_source_from_the_global_index_on_any_world_size():
+    dataset = train_nvs.MultiViewShapes(2, 8, seed=0)
+    one, two = step_items(dataset, 1, 3), step_items(dataset, 2, 3, workers=1)
+    assert sorted(one) == list(range(24)) and one == two
+    sampler = data.GlobalSampler(len(dataset), 8, seed=3)
+    for g, (name, _) in one.items():
+        assert name == dataset.item(sampler.dataset_index(g), g)["name"]
+    # One epoch covers every target once; its sources are the per-sample draws, not ds[i]'s.
+    assert {name for name, _ in one.values()} != {dataset[i]["name"] for i in range(24)}

@@ -16,8 +16,8 @@ Real runs encode each image anew at every step unless the frozen encoders ran on
         --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256
     torchrun ... train_i2i.py --data cache:/data/cache256 --vae stabilityai/sd-vae-ft-mse \
         --encoder facebook/dino-vitb16 --image-size 256 ...
-reads the VAE posteriors (both flips) and DINO features from the cache and never runs the
-encoders; the VAE is still loaded, since its decoder draws the sample grids.
+reads the VAE posteriors and DINO features of each image and its mirror image from the cache and
+never runs the encoders; the VAE is still loaded, since its decoder draws the sample grids.
 
 Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a `Task`:
     build_model() -> nn.Module       LumosDiT, or a module with the same forward(x, t, **cond) and
@@ -25,16 +25,19 @@ Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a 
     condition(batch, space) -> dict  the model's keyword arguments for this batch, e.g.
                                      {"y": (B, L, C) condition tokens, "mask": (B, L) or None};
                                      `batch` is a dict from data.collate_samples ("image":
-                                     (B, 3, S, S) in [-1, 1], unflipped, "caption", ...) on the
-                                     device, or from a data.FeatureCache ("latent_mean",
-                                     "latent_std", "cond" in place of "image"); `space` is the
+                                     (B, 3, S, S) in [-1, 1], "caption", ...) on the device, or
+                                     from a data.FeatureCache ("latent_mean", "latent_std",
+                                     "cond" in place of "image"), after `mirrored`: sample i is
+                                     the mirror image where the loop drew a flip, so condition
+                                     and target always show one image; `space` is the
                                      ImageSpace (e.g. to encode a source view)
     dataset                          a map-style dataset of such items (data.py)
     eval_items                       a few held-out items: conditions and references of the grids
     evaluate(model, step) -> dict    optional extra metrics of the EMA model, logged with the loss
     metadata                         extra fields for the exported safetensors
-    hflip                            random horizontal flips of the target image (off for NVS,
-                                     where a flip would also mirror the camera)
+    hflip                            random horizontal flips of the training images, target and
+                                     condition alike (off for NVS, where a flip would mirror the
+                                     camera, and for T2I, where captions name left and right)
 Per-sample randomness (flip, timestep, noise, condition dropout, VAE posterior noise) is drawn
 from a generator seeded by (--seed, the sample's global index), so results do not depend on how
 samples are split across ranks, loader workers or accumulation steps.
@@ -57,7 +60,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -68,7 +70,7 @@ from tqdm import tqdm
 import data
 from diffusion import GaussianDiffusion, beta_schedule, guided_model_fn
 from dit import DiT_models, LumosDiT, build_model, forward_flops
-from encoders import VAE, DINOEncoder, load_into
+from encoders import VAE, DINOEncoder, load_into, load_weights_only, open_safetensors
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
@@ -216,7 +218,7 @@ def random_vit_config(image_size):
 
 
 def image_condition(encoder):
-    """The I2I condition: the L2-normalised DINO CLS of the (unflipped) image, as one token."""
+    """The I2I condition: the L2-normalised DINO CLS of the image (as `mirrored` left it), one token."""
     def condition(batch, space):
         return {"y": encoder.encode(batch["image"])[:, None], "mask": None}
     return condition
@@ -227,23 +229,32 @@ def cached_condition(batch, space):
     return {"y": batch["cond"][:, None].float(), "mask": None}
 
 
-def diffusion_targets(batch, flips, posterior_noise, space):
-    """x0 (B, C, h, w): each image, mirrored where `flips` (B,) is True, in the diffusion's space
-    (a VAE posterior sample drawn with `posterior_noise`). A feature-cache batch holds the
-    posteriors of both mirror images, so the VAE does not run."""
+def mirrored(batch, flips):
+    """The batch with sample i mirrored where flips[i]: its image, or, from a feature cache (which
+    holds both mirror images' posteriors and CLS features, [unflipped, flipped]), the row of that
+    mirror image. Target and condition both read this batch, so they are of one image, as the
+    paper's z = E(x), tau(x) are: a mirrored target beside the unmirrored image's condition would
+    teach the model that the reference's left and right are a coin flip."""
     if "latent_mean" in batch:
         rows, which = torch.arange(len(flips), device=flips.device), flips.long()
-        return space.from_posterior(batch["latent_mean"][rows, which], batch["latent_std"][rows, which],
-                                    posterior_noise)
-    images = torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"])
-    return space.encode(images, posterior_noise)
+        return {**batch, **{key: batch[key][rows, which] for key in ("latent_mean", "latent_std", "cond")}}
+    return {**batch, "image": torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"])}
+
+
+def diffusion_targets(batch, posterior_noise, space):
+    """x0 (B, C, h, w) of a `mirrored` batch in the diffusion's space: a VAE posterior sample drawn
+    with `posterior_noise`, from the cached posterior (the VAE does not run) or the image."""
+    if "latent_mean" in batch:
+        return space.from_posterior(batch["latent_mean"], batch["latent_std"], posterior_noise)
+    return space.encode(batch["image"], posterior_noise)
 
 
 def reference_images(batch, space):
-    """(B, 3, S, S) in [-1, 1]: the batch's images, or the VAE decoding of their cached posterior means."""
+    """(B, 3, S, S) in [-1, 1] of a `mirrored` batch: its images, or the VAE decoding of their
+    cached posterior means."""
     if "image" in batch:
         return batch["image"].float().clamp(-1, 1)
-    return space.decode(space.from_posterior(batch["latent_mean"][:, 0], batch["latent_std"][:, 0]))
+    return space.decode(space.from_posterior(batch["latent_mean"], batch["latent_std"]))
 
 
 #################################################################################
@@ -269,21 +280,38 @@ def parallelize(model, args, world_size, train=True):
     and at the root. The backward pass recomputes each block by calling it again, compiled graph
     and FSDP all-gather included; compile per block, since the blocks are identical and one graph
     serves all; shard per block, so each block's all-gather overlaps the previous block's compute.
-    `Module.compile` compiles in place, so state-dict keys stay plain (no `_orig_mod.`). bf16
-    keeps fp32 master weights: FSDP computes in bf16 and reduces gradients in fp32."""
+    `Module.compile` compiles in place, so state-dict keys stay plain (no `_orig_mod.`).
+
+    Precision is the same on one rank and many. bf16 keeps fp32 master weights: FSDP gathers them
+    in bf16 and reduces gradients in fp32, and the forward runs under the loop's autocast, as on
+    one rank. FSDP must not cast the forward's inputs (its default): that rounds the timesteps
+    (999 -> 1000 in bf16), the condition and the fp32 residual stream between blocks, none of
+    which autocast touches. The EMA (train=False) stays fp32, as the 1-rank grids sample it."""
     model.grad_checkpointing = train and args.grad_checkpointing
     if train and args.compile:
         for block in model.blocks:
             block.compile()
     if world_size > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        bf16 = args.precision == "bf16"
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        bf16 = train and args.precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                      reduce_dtype=torch.float32)
+                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+        # The guided forward calls self.forward directly, past the hooks that gather the root's
+        # parameters: register it as a forward of its own.
+        register_fsdp_forward_method(model, "forward_with_cfg")
     return model
+
+
+def reshard(model):
+    """Free the root's gathered parameters after an inference forward. FSDP2 keeps a root's
+    parameters unsharded after its forward (training would gather them again for the backward at
+    once), but the EMA runs no backward: left so, its full tensors meet the model's shards in
+    the next EMA update."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def local(tensor):
@@ -417,7 +445,7 @@ def export_metadata(path):
     """The metadata of an `ema.safetensors` export (read without loading its tensors)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:  # a damaged file: one line, not SafetensorError's traceback
         raw = f.metadata() or {}
     if "lumos" not in raw:
         raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
@@ -427,7 +455,7 @@ def export_metadata(path):
 def read_export(path):
     """(state dict, metadata) of an `ema.safetensors` export."""
     metadata = export_metadata(path)
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return {k: f.get_tensor(k) for k in f.keys()}, metadata
 
 
@@ -465,6 +493,7 @@ def sample_grid(ema, task, space, diffusion, eval_batch, noise, args, path):
     model_fn = guided_model_fn(ema, args.cfg_scale, **cond)
     x0 = diffusion.sample(model_fn, noise, args.sample_method, args.sample_steps, clip_denoised=space.vae is None,
                           generator=torch.Generator(noise.device).manual_seed(args.seed))
+    reshard(ema)
     images = space.decode(x0)
     if path is not None:
         references = reference_images(eval_batch, space)
@@ -484,6 +513,13 @@ def train(args, task):
         _train(args, task, rank, world_size, device)
     except UsageError as error:
         exit_with_usage_error(error, os.path.basename(sys.argv[0]))
+    except data.TooManyBadFiles as error:
+        # Met by the rank whose reads failed while the others may wait in a collective: no
+        # barrier (exit_with_usage_error's), this rank prints its one line and exits; torchrun
+        # ends the rest. str(error) is one line even when a DataLoader worker raised it; the
+        # newline ends tqdm's progress line.
+        print(f"\n{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -527,8 +563,9 @@ def _train(args, task, rank, world_size, device):
     x_size = args.image_size // space.downsampling
     x_shape = (space.channels, x_size, x_size)
     dropout_prob = config["class_dropout_prob"]
-    eval_batch = to_device(data.collate_samples(task.eval_items[: args.num_samples]), device)
     num_eval = len(task.eval_items[: args.num_samples])
+    eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
+                          torch.zeros(num_eval, dtype=torch.bool, device=device))
     eval_noise = torch.randn((num_eval, *x_shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
@@ -558,8 +595,11 @@ def _train(args, task, rank, world_size, device):
             flips, t, drop, noise, posterior = sample_randomness(
                 batch["global_index"], args.seed, x_shape, diffusion.num_timesteps, dropout_prob, space.vae is not None)
             flips, t, drop, noise = flips.to(device), t.to(device), drop.to(device), noise.to(device)
-            with torch.no_grad(), autocast():
-                x0 = diffusion_targets(batch, flips & task.hflip, posterior, space)
+            # The frozen encoders run in fp32 whatever --precision is: the feature cache holds their
+            # fp32 outputs, and both paths must train on the same targets and conditions.
+            with torch.no_grad():
+                batch = mirrored(batch, flips & task.hflip)
+                x0 = diffusion_targets(batch, posterior, space)
                 cond = task.condition(batch, space)
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(micro_step == args.grad_accum - 1)
@@ -781,7 +821,7 @@ def _load_checkpoint_state(folder, entry):
 def _load_official_state(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_weights_only(path)  # a damaged file or one holding code: a one-line ValueError
     for key in ("state_dict", "model", "ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

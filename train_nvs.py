@@ -30,7 +30,9 @@ Data (`--data`):
                                 with coloured faces), 12 views each, ray-cast by `render_view`
     /data/views_release         Zero-1-to-3 layout: one folder per object holding NNN.png views
                                 and NNN.npy world-to-camera 3x4 matrices [R|T]
-An item is one target view with another view of the same object as its source. A view whose
+An item is one target view with another view of the same object as its source, drawn afresh for
+every training sample from (seed, its global index), as Zero-1-to-3 draws it per sample, so that
+training sees every pair of views; `ds[i]` (the held-out pairs) keeps a fixed source. A view whose
 image or pose file is missing or unreadable is skipped and counted, never fatal: the pair is
 replaced by the next good one and the bad file is reported in "skipped" (the loop logs it and
 counts it in `skipped_files`), as data.py does for images.
@@ -179,7 +181,8 @@ LIGHT = np.array([0.4, -0.3, 0.85]) / np.linalg.norm([0.4, -0.3, 0.85])  # fixed
 AMBIENT, DIFFUSE = 0.5, 0.5
 RENDER_SUPERSAMPLING = 2  # rays per pixel side, box-filtered: anti-aliased edges
 _MULTIVIEW_STREAM = 3  # keeps these draws apart from data.py's streams under the same seed
-_PAIR_STREAM = 4
+_PAIR_STREAM = 4  # the fixed source of `ds[i]` (held-out grids, tools)
+_SAMPLE_PAIR_STREAM = 5  # the source drawn per training sample, from its global index
 
 
 def convex_polyhedron(shape):
@@ -292,15 +295,27 @@ def render_view(obj, world_to_camera, image_size):
     return np.round(color).clip(0, 255).astype(np.uint8)
 
 
-def source_view(seed, object_index, target, views):
-    """The source view paired with `target` of an object: another of its views, drawn from (seed, object, target)."""
-    draw = int(np.random.default_rng([seed, _PAIR_STREAM, object_index, target]).integers(views - 1))
+def source_view(seed, target, views, key):
+    """The source view paired with `target` of an object of `views` views: another of its views,
+    drawn from (seed, *key)."""
+    draw = int(np.random.default_rng([seed, *key]).integers(views - 1))
     return draw + (draw >= target)
+
+
+def pair_key(object_index, target, global_index, attempt=0):
+    """The draw key of a pair's source: per training sample (from its position in the global
+    stream, data.GlobalSampler), so every pair of an object's views is seen as Zero-1-to-3 does;
+    fixed by (object, target) for `ds[i]` (global_index None: held-out grids, tools). `attempt`
+    counts the pairs a bad view made the item pass over."""
+    if global_index is None:
+        return [_PAIR_STREAM, object_index, target]
+    return [_SAMPLE_PAIR_STREAM, global_index, attempt]
 
 
 class MultiViewShapes(Dataset):
     """`num_objects` procedural objects (`sample_object`) from VIEWS_PER_OBJECT cameras each; item
-    i is view i % V of object first_object + i // V as target, paired with another view as source.
+    i is view i % V of object first_object + i // V as target, paired with another view as source,
+    drawn per training sample by `item(i, global_index)` (data.WithGlobalIndex), fixed for `ds[i]`.
     Objects depend only on (seed, object index), so a set with first_object = N holds objects that
     a set of N objects never shows (the held-out ones)."""
 
@@ -319,10 +334,14 @@ class MultiViewShapes(Dataset):
                 f"seed {self.seed})")
 
     def __getitem__(self, i):
+        return self.item(i)
+
+    def item(self, i, global_index=None):
+        """Item i, its source view drawn from (seed, global_index) (see pair_key)."""
         if not 0 <= i < len(self):
             raise IndexError(f"multiview index {i} out of range [0, {len(self)})")
         object_index, target = self.first_object + i // self.views, i % self.views
-        source = source_view(self.seed, object_index, target, self.views)
+        source = source_view(self.seed, target, self.views, pair_key(object_index, target, global_index))
         obj = sample_object(self.seed, object_index, self.views)
         image, source_image = (data.pixels_to_tensor(render_view(obj, obj["cameras"][v], self.image_size))
                                for v in (target, source))
@@ -394,7 +413,8 @@ class Zero123Folder(Dataset):
     """Views rendered in the Zero-1-to-3 layout: `root/<object>/NNN.png` with `NNN.npy` holding
     the 3x4 world-to-camera matrix [R|T] (RGBA renders are composited on white by data.to_rgb).
     Item i is view i of all objects' views, in sorted order, as target, with another view of the
-    same object, drawn from (seed, i), as source. `objects`: the object folders to use (default:
+    same object as source, drawn per training sample by `item(i, global_index)` (see pair_key),
+    fixed by (seed, i) for `ds[i]`. `objects`: the object folders to use (default:
     `list_zero123_objects(root)`). A pair with a bad view is replaced by the next good pair."""
 
     def __init__(self, root, image_size, seed=0, objects=None):
@@ -417,18 +437,22 @@ class Zero123Folder(Dataset):
     def __repr__(self):
         return f"Zero123Folder({self.root!r}, {len(self.starts) - 1} objects, {len(self)} views)"
 
-    def pair(self, i):
-        """(target, source) view indices of item i."""
+    def pair(self, i, global_index=None, attempt=0):
+        """(target, source) view indices of item i (see pair_key)."""
         obj = np.searchsorted(self.starts, i, side="right") - 1
         first, end = int(self.starts[obj]), int(self.starts[obj + 1])
-        return i, first + source_view(self.seed, first, i - first, end - first)
+        key = pair_key(first, i - first, global_index, attempt)
+        return i, first + source_view(self.seed, i - first, end - first, key)
 
     def __getitem__(self, i):
+        return self.item(i)
+
+    def item(self, i, global_index=None):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
         skipped = []
         for step in range(len(self)):
-            target, source = self.pair((i + step) % len(self))
+            target, source = self.pair((i + step) % len(self), global_index, step)
             try:
                 (image, target_camera), (source_image, source_camera) = (
                     read_view(os.path.join(self.root, self.paths[v]), self.image_size) for v in (target, source))

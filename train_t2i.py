@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import data
 from dit import DiT_models, LumosDiT
-from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze
+from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze, preprocess_prompt
 from train_i2i import (DEFAULT_I2I_EXPORT, RECOMPUTED_KEYS, Task, add_train_args, check_args, describe_keys,
                        exit_with_usage_error, held_out_items, inherit_init_settings, load_i2i_init,
                        model_size, setup_distributed, train, transfer_weights)
@@ -79,17 +79,20 @@ class TextEncoder:
 
     L is the longest caption of the batch in tokens (at most max_length); the features of padding
     positions are zero. The valid tokens' features do not depend on the padding: T5 masks padded keys.
+    Captions are preprocessed as the official model's were (encoders.preprocess_prompt): cleaned
+    twice by the release's caption cleaner, or with clean=False only lowercased and stripped. This
+    is the one place where captions reach the tokenizer (training, cache-text and sampling).
     """
 
-    def __init__(self, tokenizer, t5, max_length=MAX_TEXT_TOKENS):
-        self.tokenizer, self.t5, self.max_length = tokenizer, t5, max_length
+    def __init__(self, tokenizer, t5, max_length=MAX_TEXT_TOKENS, clean=True):
+        self.tokenizer, self.t5, self.max_length, self.clean = tokenizer, t5, max_length, clean
         self.width = t5.config.d_model
         self.dtype = next(t5.parameters()).dtype
 
     @torch.no_grad()
     def encode(self, captions):
         """-> features (B, L, C) in the T5's dtype, padding zero; mask (B, L) bool."""
-        ids, mask = self.tokenizer(list(captions), self.max_length)
+        ids, mask = self.tokenizer([preprocess_prompt(c, self.clean) for c in captions], self.max_length)
         length = int(mask.sum(1).max())
         device = next(self.t5.parameters()).device
         ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
@@ -130,22 +133,23 @@ def text_encoder_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def random_text_encoder(description, device):
-    """The tiny random T5 of `description` (random_t5_description()), frozen, on `device`."""
+def random_text_encoder(description, device, clean=True):
+    """The tiny random T5 of `description` (random_t5_description()), frozen, on `device`; `clean`:
+    TextEncoder's prompt cleaning."""
     tokenizer = T5Tokenizer.from_pieces(description["tokenizer_pieces"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(description["t5_seed"])
         t5 = T5Encoder(T5Config(**description["t5_config"]))
-    return TextEncoder(tokenizer, freeze(t5).to(device, text_encoder_dtype(device)))
+    return TextEncoder(tokenizer, freeze(t5).to(device, text_encoder_dtype(device)), clean=clean)
 
 
-def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS):
+def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS, clean=True):
     """The frozen text encoder `spec` names: a Hub repo or folder holding a T5 v1.1 encoder and its
     spiece.model (e.g. DeepFloyd/t5-v1_1-xxl), or random-t5."""
     if spec == RANDOM_T5:
-        return random_text_encoder(random_t5_description(), device)
+        return random_text_encoder(random_t5_description(), device, clean)
     t5 = T5Encoder.from_pretrained(spec, dtype=text_encoder_dtype(device)).to(device)
-    return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length)
+    return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length, clean)
 
 
 def text_condition_from_metadata(info, device):
@@ -154,10 +158,11 @@ def text_condition_from_metadata(info, device):
     if info.get("task") != "t2i":
         raise ValueError(f"text prompts need a train_t2i.py export (ema.safetensors); this is a "
                          f"{info.get('task', 'i2i')!r} model")
+    clean = info.get("clean_captions", False)  # exports made before the cleaning was added: as trained
     if info["encoder"] == RANDOM_T5:
-        encoder = random_text_encoder(info, device)
+        encoder = random_text_encoder(info, device, clean)
     else:
-        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"])
+        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"], clean)
 
     def condition(prompts):
         y, mask = encoder(prompts)
@@ -447,6 +452,9 @@ def open_text_cache(args, eval_captions):
         raise ValueError(f"--text-cache {args.text_cache} was made with "
                          f"{' '.join(f'--{k} {v}' for k, v in made.items())}; pass those "
                          f"(given: {' '.join(f'--{k} {v}' for k, v in given.items())})")
+    if not cache.info.get("clean_captions"):
+        raise ValueError(f"--text-cache {args.text_cache} holds features of uncleaned captions (made before "
+                         f"train_t2i.py cleaned prompts as the release does): write it anew with cache-text")
     missing = [caption for caption in eval_captions if caption not in cache]
     if missing:
         raise ValueError(f"--text-cache {args.text_cache} lacks {len(missing)} caption(s) of the sample grid, "
@@ -501,9 +509,11 @@ def t2i_task(args, i2i_state, i2i_info, device):
     torch.manual_seed(args.seed)  # the new condition weights
     template = t2i_model(args, i2i_state, i2i_info, encode.width)
     metadata = {"task": "t2i", "init": args.init, "n_captions": args.n_captions, "max_text_tokens": MAX_TEXT_TOKENS,
+                "clean_captions": True,
                 **(random_t5_description() if args.t5 == RANDOM_T5 else {})}
+    # No flips (as PixArt): captions name left and right, and a mirrored image would contradict its own.
     return Task(build_model=lambda: copy.deepcopy(template), condition=text_condition(encode, device),
-                dataset=train_set, eval_items=eval_items, metadata=metadata)
+                dataset=train_set, eval_items=eval_items, metadata=metadata, hflip=False)
 
 
 #################################################################################
@@ -574,7 +584,7 @@ def cache_text(argv):
         captions = dataset_captions(base, args.workers, show_progress=rank == 0) + [item["caption"] for item in eval_items]
         encoder = load_text_encoder(args.t5, device)
         settings = {"data": args.data, "seed": args.seed, "num_samples": args.num_samples, "t5": args.t5,
-                    "max_length": MAX_TEXT_TOKENS}
+                    "clean_captions": encoder.clean, "max_length": MAX_TEXT_TOKENS}
         written = write_text_cache(captions, args.out, encoder, settings, args.shard_size, args.batch_size,
                                    rank, world_size)
         print(f"rank {rank}: wrote {len(written)} shards" if world_size > 1 else f"{TextFeatureCache(args.out)!r} complete")

@@ -1060,7 +1060,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.function(args)
-    except (FileNotFoundError, ValueError, TooManyBadFiles) as error:
+    except (FileNotFoundError, ValueError) as error:  # TooManyBadFiles is a ValueError too
         sys.exit(f"error: {error}")
 
 

@@ -46,7 +46,9 @@ import collections
 import datetime
 import glob
 import io
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -482,6 +484,16 @@ def shapes_caption(attrs):
             f"on {article} {attrs['background']} background")
 
 
+def shapes_vocabulary():
+    """Every word of every shapes caption (shapes_caption over all attribute values), sorted: the
+    vocabulary of the offline default's text encoder."""
+    words = set()
+    for shape, color, size, position, background in itertools.product(SHAPES, COLORS, SIZES, POSITIONS, COLORS):
+        attrs = {"shape": shape, "color": color, "size": size, "position": position, "background": background}
+        words.update(shapes_caption(attrs).split())
+    return sorted(words)
+
+
 def shape_outline(shape, cx, cy, extent):
     """Polygon vertices [(x, y), ...] of `shape` centred on (cx, cy) with bounding box side
     `extent`, in pixels (y down); None for the circle, which is drawn as an ellipse."""
@@ -572,6 +584,41 @@ class ShapesDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Relative camera pose (Zero-1-to-3), the NVS condition beside the source view. Camera centres
+# C = -R^T T from the world-to-camera [R|T], in spherical coordinates about the world origin with
+# z up (polar angle from +z, azimuth from +x towards +y, radius); the pose of the target relative
+# to the source is [d_polar, sin(d_azimuth), cos(d_azimuth), d_radius] (d_polar = -d_elevation).
+
+POSE_DIM = 4
+
+
+def camera_position(world_to_camera):
+    """(3, 4) world-to-camera [R|T] -> camera centre in world coordinates (3,), -R^T T."""
+    rotation, translation = world_to_camera[:, :3], world_to_camera[:, 3]
+    return -rotation.T @ translation
+
+
+def spherical(position):
+    """(x, y, z) -> (polar angle from +z, azimuth from +x towards +y, radius), in radians."""
+    x, y, z = position
+    return math.atan2(math.hypot(x, y), z), math.atan2(y, x), math.sqrt(x * x + y * y + z * z)
+
+
+def pose_vector(d_polar, d_azimuth, d_radius):
+    """float32 (4,) [d_polar, sin d_azimuth, cos d_azimuth, d_radius] from the spherical changes
+    of the camera (radians), e.g. to ask a trained model for a view 30 degrees round the object."""
+    d_azimuth = d_azimuth % (2 * math.pi)
+    return torch.tensor([d_polar, math.sin(d_azimuth), math.cos(d_azimuth), d_radius], dtype=torch.float32)
+
+
+def relative_pose(source_camera, target_camera):
+    """The pose (4,) of the target camera relative to the source one, both world-to-camera (3, 4)."""
+    polar_s, azimuth_s, radius_s = spherical(camera_position(np.asarray(source_camera, np.float64)))
+    polar_t, azimuth_t, radius_t = spherical(camera_position(np.asarray(target_camera, np.float64)))
+    return pose_vector(polar_t - polar_s, azimuth_t - azimuth_s, radius_t - radius_s)
+
+
+# ---------------------------------------------------------------------------------------------
 # Opening a dataset from a spec string
 
 DEFAULT_SHAPES_IMAGES = 10000
@@ -658,6 +705,21 @@ def open_dataset(spec, image_size, seed=0):
 
 # ---------------------------------------------------------------------------------------------
 # Sampling: which dataset item every rank reads at every step
+
+
+def setup_distributed(timeout=None):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs as a world of one. Idempotent.
+    -> (rank, world size, device): this rank's GPU (NCCL), or the CPU (gloo) where there is none."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return rank, world_size, device
 
 
 def epoch_permutation(num_items, seed, epoch):
@@ -1003,15 +1065,12 @@ def cache(args):
     if args.shard_size <= 0 or args.batch_size <= 0:
         raise ValueError(f"--shard-size ({args.shard_size}) and --batch-size ({args.batch_size}) must be positive")
     dataset = open_dataset(args.data, args.image_size, args.seed)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    vae = VAE.from_pretrained(args.vae).to(device)
-    encoder = DINOEncoder.from_pretrained(args.encoder).to(device)
+    vae, encoder = VAE.from_pretrained(args.vae), DINOEncoder.from_pretrained(args.encoder)
     settings = {"data": args.data, "seed": args.seed, "image_size": args.image_size, "vae": args.vae,
                 "encoder": args.encoder}
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Long timeout: at the final barrier a rank may wait for another's last shard.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    # Long timeout: at the final barrier a rank may wait for another's last shard.
+    device = setup_distributed(timeout=datetime.timedelta(hours=12))[2]
+    vae, encoder = vae.to(device), encoder.to(device)
     try:
         started = time.perf_counter()
         write_feature_cache(dataset, args.out, vae, encoder, settings, args.shard_size,

@@ -7,12 +7,13 @@ discrete VP schedule. Schedule arithmetic is done in float64 and cast to the sam
 dtype where it meets a tensor.
 
 Sections, in order: schedules, GaussianDiffusion (with the training losses), samplers,
-guidance. Shapes: B batch, C channels, H x W spatial; a timestep tensor `t` is (B,).
+guidance, and `draw_samples`, the one way images are drawn. Shapes: B batch, C channels, H x W spatial; a timestep tensor `t` is (B,).
 """
 
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -450,3 +451,29 @@ def guided_model_fn(model, cfg_scale: float = 1.0, **cond):
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, **cond)
     return lambda x, t: model.forward_with_cfg(x, t, cfg_scale=cfg_scale, **cond)
+
+
+# ---------------------------------------------------------------------------------------
+# Drawing samples
+# ---------------------------------------------------------------------------------------
+
+def sample_generator(seed, index):
+    """A CPU generator seeded by (seed, index) through SeedSequence: one per training sample (its
+    global index) and one per generated image (its index in a grid or a sample.py run)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def draw_samples(diffusion, model, cond, shape, indices, seed, method, steps, cfg_scale=1.0,
+                 device="cpu", **options):
+    """The one way images are drawn (training grids, NVS metrics, sample.py): x0 (B, *shape) for
+    images `indices`, each from its own generator sample_generator(seed, index), which draws its
+    initial noise and then all the noise ddpm (or ddim with eta > 0) adds, so an image depends
+    neither on its batch mates nor on the world size. cond: the model's condition for these B
+    images; options: GaussianDiffusion.sample's (skip_type, clip_denoised, eta, ...). The model's
+    output is read in float32 (it may run under autocast)."""
+    generators = [sample_generator(seed, index) for index in indices]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    model_fn = guided_model_fn(model, cfg_scale, **cond)
+    return diffusion.sample(lambda x, t: model_fn(x, t).float(), noise, method, steps, generator=generators,
+                            **options)

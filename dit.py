@@ -7,14 +7,19 @@ enters only through cross-attention, so the same blocks serve every condition.
     model = DiT_models["DiT-XL/2"]()                       # I2I, 822,006,176 parameters
     out = model(latent, t, cond_tokens, mask)              # (B, 2*4, 32, 32): epsilon, then v
 """
+import json
 import math
+import os
 from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from encoders import load_into, load_weights_only, open_safetensors
 
 
 def modulate(x, shift, scale):
@@ -379,3 +384,129 @@ def build_model(name, **overrides):
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
     return DiT_models[name](**overrides)
+
+
+#################################################################################
+#           Weights on disk: exports, training checkpoints, the release         #
+#################################################################################
+
+def checkpoint_dir(out):
+    return os.path.join(out, "checkpoints")
+
+
+def latest_checkpoint(out):
+    """Path of the latest complete checkpoint of the run folder `out`, or None. A save killed
+    midway leaves only a `.tmp` folder, which is never "latest" (train_i2i renames it to its final
+    name as the commit point, then points `latest` at it)."""
+    pointer = os.path.join(checkpoint_dir(out), "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(checkpoint_dir(out), f.read().strip())
+        if os.path.isdir(path):
+            return path
+    complete = sorted(d for d in os.listdir(checkpoint_dir(out)) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(checkpoint_dir(out)) else []
+    return os.path.join(checkpoint_dir(out), complete[-1]) if complete else None
+
+
+def export_metadata(path):
+    """The metadata of an `ema.safetensors` export (read without loading its tensors)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open_safetensors(path) as f:  # a damaged file: one line, not SafetensorError's traceback
+        raw = f.metadata() or {}
+    if "lumos" not in raw:
+        raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def load_export(path, device="cpu"):
+    """(EMA model, metadata) from an `ema.safetensors` export of any task, with nothing else needed."""
+    state, info = read_weights(path)
+    model = LumosDiT(**info["config"])
+    load_into(model, state, path)
+    return model.to(device).eval().requires_grad_(False), export_metadata(path)
+
+
+def read_weights(spec, entry="ema"):
+    """(state dict, info) of a trained LumosDiT. `spec`:
+      *.safetensors   a training script's export (EMA weights; its metadata gives the run's settings)
+      a folder        a training checkpoint (DCP, `checkpoints/step_N`) or a run folder (its latest
+                      checkpoint); `entry` picks its "ema" or "model" weights
+      *.pth/.pt/.bin  the official `Lumos_I2I.pth`: a state dict, possibly nested under
+                      "state_dict", "model" or "ema"; the sizes are read off the tensors
+    info: "config" (LumosDiT config, in today's form), "task", and the settings of the run: "model",
+    "vae", "encoder", "image_size", "prediction" and the task's own (None where the file does not
+    say: the official file says only what its tensors show)."""
+    if spec.endswith(".safetensors"):
+        state, info = _read_export(spec)
+    elif os.path.isdir(spec):
+        state, info = _read_checkpoint(spec, entry)
+    elif spec.endswith((".pth", ".pt", ".bin")):
+        state, info = _read_official(spec)
+    else:
+        raise ValueError(f"{spec}: expected an ema.safetensors export, a checkpoint or run folder, "
+                         f"or a .pth state dict")
+    return state, {**info, "config": upgrade_config(info["config"])}
+
+
+def _read_export(path):
+    lumos = export_metadata(path)["lumos"]
+    with open_safetensors(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return state, {**lumos, "task": lumos.get("task", "i2i")}
+
+
+def _read_checkpoint(folder, entry):
+    path = folder if os.path.exists(os.path.join(folder, "run_config.json")) else latest_checkpoint(folder)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: neither a checkpoint (no run_config.json) nor a run folder "
+                                f"with a complete checkpoint under checkpoints/")
+    with open(os.path.join(path, "run_config.json")) as f:
+        run_config = json.load(f)
+    config = upgrade_config(run_config["model_config"])
+    state = {entry: LumosDiT(**config).state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    info = {k: run_config.get(k) for k in ("model", "vae", "encoder", "image_size", "prediction")}
+    task_metadata = run_config.get("task_metadata", {})
+    return state[entry], {**info, **task_metadata, "task": task_metadata.get("task", "i2i"), "config": config}
+
+
+def _read_official(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    state = load_weights_only(path)  # a damaged file or one holding code: a one-line ValueError
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    multi_scale = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder")))
+    if multi_scale:
+        raise ValueError(f"{path}: a multi-scale model with {', '.join(multi_scale[:2])} (PixArt-alpha's 1024 px "
+                         f"size and aspect-ratio embedders), which this project does not implement")
+    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{path}: not a LumosDiT state dict (no x_embedder.proj.weight)")
+    config, name = config_from_state(state, path)
+    # Its training size: a 4-channel model works on SD-VAE latents, 8x smaller than the image.
+    image_size = config["input_size"] * (8 if config["in_channels"] == 4 else 1)
+    return state, {"config": config, "task": None, "model": name, "vae": None, "encoder": None,
+                   "image_size": image_size, "prediction": None}
+
+
+def config_from_state(state, source):
+    """(LumosDiT config, DiT_models name) of an I2I state dict with the official LumosDiT keys."""
+    width, channels, patch = state["x_embedder.proj.weight"].shape[:3]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    sizes = {name: make.keywords for name, make in DiT_models.items()}
+    same_size = [n for n, kw in sizes.items()
+                 if (kw["depth"], kw["hidden_size"], kw["patch_size"]) == (depth, width, patch)]
+    if not same_size:
+        raise ValueError(f"{source}: depth {depth}, width {width}, patch {patch} is none of dit.DiT_models")
+    name = same_size[0]
+    null_condition = state["y_embedder.y_embedding"]
+    grid = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else 32 // patch
+    predicted = state["final_layer.linear.weight"].shape[0] // patch ** 2
+    config = dict(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width, depth=depth,
+                  num_heads=sizes[name]["num_heads"], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                  cond_dim=null_condition.shape[1], cond_tokens=null_condition.shape[0],
+                  learn_sigma=predicted == 2 * channels, cond_dropout_prob=0.1, lewei_scale=1.0, out_channels=channels)
+    return config, name

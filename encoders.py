@@ -1,6 +1,7 @@
 """Frozen encoders, re-implemented in plain PyTorch and loaded from Hugging Face Hub weights.
 
 DINO ViT (v1 and v2) gives the image condition, T5 the text condition, the SD-VAE the latent space.
+In order: the Lumos conditions built on them, the networks, then the loading from the Hub.
 Each network is written out here and loads the published checkpoints as they are on the Hub
 (or in a local folder with the same files); the tests prove each computes the same function as
 the reference library. transformers/diffusers are never imported at run time.
@@ -17,7 +18,7 @@ import struct
 import unicodedata
 import urllib.parse
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from html.parser import HTMLParser
 
 import torch
@@ -34,167 +35,173 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-
 # ----------------------------------------------------------------------------------------------
-# Loading: one file of a Hub repo or local folder -> path; checkpoint files -> state dict.
+# The Lumos conditions: what the DiT's cross-attention sees in each task (the frozen networks
+# that compute them follow), and the space the diffusion runs in.
 # ----------------------------------------------------------------------------------------------
 
-
-class HubFileUnavailable(FileNotFoundError):
-    """The Hub could not be asked (offline or unreachable) and the file is not in the local cache."""
-
-
-def _unavailable_message(repo, filenames, subfolder):
-    names = [f"{subfolder}/{name}" if subfolder else name for name in filenames]
-    return (
-        f"{repo}: no {' / '.join(names)} in the local Hugging Face cache and the Hub cannot be reached; "
-        f"unset HF_HUB_OFFLINE and connect, or run `hf download {repo} {names[0]}`, "
-        f"or pass a local folder that holds the file"
-    )
+RANDOM_VIT = "random-vit"  # the offline default's image encoder: a small DINO-class ViT, frozen random weights
+RANDOM_T5 = "random-t5"  # the offline default's text encoder: a tiny T5 v1.1, frozen random weights
+RANDOM_T5_SEED = 0
+MAX_TEXT_TOKENS = 120  # Lumos pads / truncates every caption to 120 T5 tokens
 
 
-def locate(repo_or_dir, filename, revision=None, subfolder=None):
-    """Local path of `filename` in a Hub repo id or a local folder (same layout); None if it has no such file.
+class ImageSpace:
+    """Where the diffusion runs: pixels in [-1, 1] (no VAE), or SD-VAE latents times its scale."""
 
-    An existing path is a local folder; anything else is a Hub repo id, fetched through
-    huggingface_hub (so its cache, HF_HUB_OFFLINE and revisions apply).
+    def __init__(self, vae=None):
+        self.vae = vae
+        self.channels = vae.post_quant_conv.in_channels if vae else 3
+        self.downsampling = 8 if vae else 1
+
+    def encode(self, images, posterior_noise=None):
+        """images (B, 3, S, S) in [-1, 1] -> (B, C, S/f, S/f); a posterior sample given its noise."""
+        if self.vae is None:
+            return images
+        return self.from_posterior(*self.vae.encode(images), posterior_noise)
+
+    def from_posterior(self, mean, std, posterior_noise=None):
+        """VAE posterior mean, std (B, C, h, w) in raw units -> the diffusion's latent: the sample
+        given by the noise (or the mean without one), times the VAE's scale."""
+        latent = mean if posterior_noise is None else mean + std * posterior_noise.to(mean)
+        return latent.float() * self.vae.scaling_factor
+
+    def decode(self, x):
+        """(B, C, S/f, S/f) -> images (B, 3, S, S) in [-1, 1]."""
+        images = x if self.vae is None else self.vae.decode(x / self.vae.scaling_factor)
+        return images.float().clamp(-1, 1)
+
+
+def load_image_encoder(spec, image_size, device, random_config=None):
+    """The frozen DINO condition encoder: Hub repo / folder / .pth, or a small random ViT of the same
+    class (seeded; `random_config` defaults to random_vit_config, and exports record it, so that
+    sample.py rebuilds the identical one)."""
+    if spec == RANDOM_VIT:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = DINOEncoder(**(random_config or random_vit_config(image_size)))
+    else:
+        encoder = DINOEncoder.from_pretrained(spec)
+    return encoder.to(device)
+
+
+def random_vit_config(image_size):
+    return dict(image_size=image_size, patch_size=max(4, image_size // 4), width=128, depth=2, heads=2)
+
+
+def image_condition(encoder):
+    """I2I: the L2-normalised DINO CLS of the image itself (DINOEncoder.encode), one token."""
+    def condition(batch, space):
+        return {"y": encoder.encode(batch["image"])[:, None], "mask": None}
+    return condition
+
+
+def cached_condition(batch, space):
+    """I2I from a feature cache (data.py): the same DINO CLS token, computed beforehand."""
+    return {"y": batch["cond"][:, None].float(), "mask": None}
+
+
+def nvs_condition(encoder):
+    """NVS: the source view's DINO CLS token, the source itself in the diffusion space (a VAE
+    latent is its posterior mean, as Zero-1-to-3's), and the relative camera pose."""
+    def condition(batch, space):
+        return {"y": encoder.encode(batch["source"])[:, None], "mask": None,
+                "source": space.encode(batch["source"]), "pose": batch["pose"].float()}
+    return condition
+
+
+def text_condition(encode, device):
+    """T2I: the batch's captions through `encode` (a TextEncoder, or train_t2i's TextFeatureCache)."""
+    def condition(batch, space):
+        y, mask = encode(batch["caption"])
+        return {"y": y.to(device), "mask": mask.to(device)}
+    return condition
+
+
+class TextEncoder:
+    """A frozen T5 tokenizer and encoder: captions -> the T2I condition.
+
+        features, mask = TextEncoder(tokenizer, t5)(captions)   # (B, L, C) float32, (B, L) bool
+
+    L is the longest caption of the batch in tokens (at most max_length); the features of padding
+    positions are zero. The valid tokens' features do not depend on the padding: T5 masks padded keys.
+    Captions are preprocessed as the official model's were (preprocess_prompt): cleaned twice by
+    the release's caption cleaner, or with clean=False only lowercased and stripped. This is the one
+    place where captions reach the tokenizer (training, cache-text and sampling).
     """
-    folder = pathlib.Path(repo_or_dir)
-    if folder.is_dir():
-        path = folder / (subfolder or "") / filename
-        return path if path.is_file() else None
-    repo = str(repo_or_dir)
-    try:
-        return pathlib.Path(hf_hub_download(repo, filename, subfolder=subfolder, revision=revision))
-    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
-    except LocalEntryNotFoundError:
-        raise HubFileUnavailable(_unavailable_message(repo, [filename], subfolder)) from None
-    except EntryNotFoundError:
-        return None
-    except HFValidationError:
-        raise FileNotFoundError(f"{repo}: not a local folder, nor a valid Hub repo id") from None
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"{repo}: the Hub repo has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"{repo}: no such Hub repo, or it is gated/private (log in with `hf auth login`)"
-        ) from None
+
+    def __init__(self, tokenizer, t5, max_length=MAX_TEXT_TOKENS, clean=True):
+        self.tokenizer, self.t5, self.max_length, self.clean = tokenizer, t5, max_length, clean
+        self.width = t5.config.d_model
+        self.dtype = next(t5.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """-> features (B, L, C) in the T5's dtype, padding zero; mask (B, L) bool."""
+        ids, mask = self.tokenizer([preprocess_prompt(c, self.clean) for c in captions], self.max_length)
+        length = int(mask.sum(1).max())
+        device = next(self.t5.parameters()).device
+        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
+        return self.t5(ids, mask) * mask[..., None].to(self.dtype), mask.bool()
+
+    def __call__(self, captions):
+        features, mask = self.encode(captions)
+        return features.float(), mask
+
+    def token_features(self, captions):
+        """-> [(n_i, C)]: each caption's valid tokens, in the T5's dtype, on the CPU."""
+        features, mask = self.encode(captions)
+        return [row[:n].cpu() for row, n in zip(features, mask.sum(1).tolist())]
 
 
-def read_config(repo_or_dir, revision=None, subfolder=None):
-    """The repo's config.json as a dict; {} when it has none."""
-    path = locate(repo_or_dir, "config.json", revision, subfolder)
-    return json.loads(path.read_text()) if path else {}
+def random_t5_description(words):
+    """What rebuilds the offline default's text encoder exactly (stored in the export's metadata):
+    the tokenizer's pieces, one per word of `words` (the shapes captions' vocabulary), equally likely
+    (any other word reads as <unk>); a tiny T5 v1.1 config of that vocabulary; the seed of its weights."""
+    pieces = [(SPACE_SYMBOL + word, -math.log(len(words))) for word in words]
+    vocab_size = T5Tokenizer.from_pieces(pieces).vocab_size
+    config = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)
+    return {"tokenizer_pieces": pieces, "t5_config": asdict(config), "t5_seed": RANDOM_T5_SEED}
 
 
-def _locate_first(repo_or_dir, filenames, revision, subfolder):
-    """Path of the first of `filenames` the repo has. Offline, a file missing from the cache is
-    skipped in favour of a later cached one; the error comes only when none can be found."""
-    unavailable = False
-    for filename in filenames:
-        try:
-            path = locate(repo_or_dir, filename, revision, subfolder)
-        except HubFileUnavailable:
-            unavailable = True
-            continue
-        if path is not None:
-            return path
-    if unavailable:
-        raise HubFileUnavailable(_unavailable_message(repo_or_dir, filenames, subfolder))
-    where = f"{repo_or_dir}/{subfolder}" if subfolder else str(repo_or_dir)
-    raise FileNotFoundError(f"{where}: none of {', '.join(filenames)} found")
+def text_encoder_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def open_safetensors(path):
-    """safe_open(path); a truncated or damaged file is a one-line ValueError naming it."""
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or damaged: "
-                         f"copy, download or export it again") from None
+def random_text_encoder(description, device, clean=True):
+    """The tiny random T5 of `description` (random_t5_description), frozen, on `device`."""
+    tokenizer = T5Tokenizer.from_pieces(description["tokenizer_pieces"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(description["t5_seed"])
+        t5 = T5Encoder(T5Config(**description["t5_config"]))
+    return TextEncoder(tokenizer, freeze(t5).to(device, text_encoder_dtype(device)), clean=clean)
 
 
-def load_weights_only(path):
-    """torch.load(weights_only=True, mmap=True) of a pickled checkpoint (.pth/.pt/.bin). A file that is not
-    one, is damaged, or holds code rather than tensors is a one-line ValueError naming it: torch's own
-    messages run to paragraphs (and suggest weights_only=False, which would run that code)."""
-    if not zipfile.is_zipfile(path):  # mmap reads only torch.save's zip format; a truncated one has no directory
-        raise ValueError(f"{path}: not a torch.save checkpoint (no zip archive: truncated, damaged or another "
-                         f"format); copy or download it again, or re-save it with torch.save or as safetensors")
-    try:
-        # mmap: tensors stay on disk until used, so dropping a key never reads its bytes.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        # weights_only stopped at a global (a function or class), which it never calls: name it.
-        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
-        raise ValueError(f"{path}: refused, not a plain tensor checkpoint that torch.load(weights_only=True) "
-                         f"accepts ({reason}); re-save it as a dict of tensors or as safetensors") from None
+def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS, clean=True, vocabulary=()):
+    """The frozen text encoder `spec` names: a Hub repo or folder holding a T5 v1.1 encoder and its
+    spiece.model (e.g. DeepFloyd/t5-v1_1-xxl), or random-t5 over the words of `vocabulary`."""
+    if spec == RANDOM_T5:
+        return random_text_encoder(random_t5_description(vocabulary), device, clean)
+    t5 = T5Encoder.from_pretrained(spec, dtype=text_encoder_dtype(device)).to(device)
+    return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length, clean)
 
 
-def _read_tensor_file(path, keep):
-    """The tensors of one checkpoint file whose key passes `keep`; the others are never read."""
-    if path.suffix == ".safetensors":
-        with open_safetensors(path) as file:
-            return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
-    payload = load_weights_only(path)
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: holds a {type(payload).__name__}, expected a dict of tensors")
-    kept = {key: value for key, value in payload.items() if keep(key)}
-    not_tensors = [key for key, value in kept.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"{path}: entries that are not tensors: {', '.join(not_tensors[:5])}")
-    return kept
+def text_condition_from_metadata(info, device):
+    """prompts -> the model's condition {"y": (B, L, C), "mask": (B, L)}, from the text encoder a
+    train_t2i.py export was trained with; `info` is that export's metadata["lumos"]."""
+    if info.get("task") != "t2i":
+        raise ValueError(f"text prompts need a train_t2i.py export (ema.safetensors); this is a "
+                         f"{info.get('task', 'i2i')!r} model")
+    clean = info.get("clean_captions", False)  # exports made before the cleaning was added: as trained
+    if info["encoder"] == RANDOM_T5:
+        encoder = random_text_encoder(info, device, clean)
+    else:
+        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"], clean)
 
-
-def load_state_dict(repo_or_dir, filenames, revision=None, subfolder=None, keep=None):
-    """Tensors of the first checkpoint in `filenames` (candidates, most preferred first) the repo has.
-
-    An `*.index.json` names shards; only those holding a kept key are fetched and opened.
-    `keep(key) -> bool` filters keys before any tensor is read into memory.
-    """
-    keep = keep or (lambda key: True)
-    path = _locate_first(repo_or_dir, filenames, revision, subfolder)
-    if not path.name.endswith(".index.json"):
-        return _read_tensor_file(path, keep)
-    weight_map = json.loads(path.read_text())["weight_map"]
-    state = {}
-    for shard in sorted({shard for key, shard in weight_map.items() if keep(key)}):
-        shard_path = locate(repo_or_dir, shard, revision, subfolder)
-        if shard_path is None:
-            raise FileNotFoundError(f"{repo_or_dir}: shard {shard} named in {path.name} is missing")
-        state.update(_read_tensor_file(shard_path, keep))
-    return state
-
-
-def _summary(kind, keys):
-    shown = ", ".join(keys[:5])
-    return f"{len(keys)} {kind} ({shown}{', ...' if len(keys) > 5 else ''})"
-
-
-def load_into(module, state_dict, source, assign=False):
-    """Copy `state_dict` into `module`, strictly: any missing, unexpected or wrong-shape key is an error."""
-    expected = module.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    wrong_shape = [
-        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(param.shape)}"
-        for key, param in expected.items()
-        if key in state_dict and state_dict[key].shape != param.shape
-    ]
-    problems = [
-        _summary(kind, keys)
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong_shape))
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{source}: checkpoint does not fit {type(module).__name__}: {'; '.join(problems)}")
-    module.load_state_dict(state_dict, strict=True, assign=assign)
-
-
-def freeze(module):
-    """Eval mode and no gradients: the encoders are fixed feature extractors. Returns `module`."""
-    return module.eval().requires_grad_(False)
+    def condition(prompts):
+        y, mask = encoder(prompts)
+        return {"y": y, "mask": mask}
+    return condition
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1408,3 +1415,168 @@ class T5Tokenizer:
             input_ids[row, :len(ids)] = torch.tensor(ids)
             attention_mask[row, :len(ids)] = 1
         return input_ids, attention_mask
+
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: one file of a Hub repo or local folder -> path; checkpoint files -> state dict.
+# ----------------------------------------------------------------------------------------------
+
+
+class HubFileUnavailable(FileNotFoundError):
+    """The Hub could not be asked (offline or unreachable) and the file is not in the local cache."""
+
+
+def _unavailable_message(repo, filenames, subfolder):
+    names = [f"{subfolder}/{name}" if subfolder else name for name in filenames]
+    return (
+        f"{repo}: no {' / '.join(names)} in the local Hugging Face cache and the Hub cannot be reached; "
+        f"unset HF_HUB_OFFLINE and connect, or run `hf download {repo} {names[0]}`, "
+        f"or pass a local folder that holds the file"
+    )
+
+
+def locate(repo_or_dir, filename, revision=None, subfolder=None):
+    """Local path of `filename` in a Hub repo id or a local folder (same layout); None if it has no such file.
+
+    An existing path is a local folder; anything else is a Hub repo id, fetched through
+    huggingface_hub (so its cache, HF_HUB_OFFLINE and revisions apply).
+    """
+    folder = pathlib.Path(repo_or_dir)
+    if folder.is_dir():
+        path = folder / (subfolder or "") / filename
+        return path if path.is_file() else None
+    repo = str(repo_or_dir)
+    try:
+        return pathlib.Path(hf_hub_download(repo, filename, subfolder=subfolder, revision=revision))
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
+    except LocalEntryNotFoundError:
+        raise HubFileUnavailable(_unavailable_message(repo, [filename], subfolder)) from None
+    except EntryNotFoundError:
+        return None
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo}: not a local folder, nor a valid Hub repo id") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{repo}: the Hub repo has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo}: no such Hub repo, or it is gated/private (log in with `hf auth login`)"
+        ) from None
+
+
+def read_config(repo_or_dir, revision=None, subfolder=None):
+    """The repo's config.json as a dict; {} when it has none."""
+    path = locate(repo_or_dir, "config.json", revision, subfolder)
+    return json.loads(path.read_text()) if path else {}
+
+
+def _locate_first(repo_or_dir, filenames, revision, subfolder):
+    """Path of the first of `filenames` the repo has. Offline, a file missing from the cache is
+    skipped in favour of a later cached one; the error comes only when none can be found."""
+    unavailable = False
+    for filename in filenames:
+        try:
+            path = locate(repo_or_dir, filename, revision, subfolder)
+        except HubFileUnavailable:
+            unavailable = True
+            continue
+        if path is not None:
+            return path
+    if unavailable:
+        raise HubFileUnavailable(_unavailable_message(repo_or_dir, filenames, subfolder))
+    where = f"{repo_or_dir}/{subfolder}" if subfolder else str(repo_or_dir)
+    raise FileNotFoundError(f"{where}: none of {', '.join(filenames)} found")
+
+
+def open_safetensors(path):
+    """safe_open(path); a truncated or damaged file is a one-line ValueError naming it."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or damaged: "
+                         f"copy, download or export it again") from None
+
+
+def load_weights_only(path):
+    """torch.load(weights_only=True, mmap=True) of a pickled checkpoint (.pth/.pt/.bin). A file that is not
+    one, is damaged, or holds code rather than tensors is a one-line ValueError naming it: torch's own
+    messages run to paragraphs (and suggest weights_only=False, which would run that code)."""
+    if not zipfile.is_zipfile(path):  # mmap reads only torch.save's zip format; a truncated one has no directory
+        raise ValueError(f"{path}: not a torch.save checkpoint (no zip archive: truncated, damaged or another "
+                         f"format); copy or download it again, or re-save it with torch.save or as safetensors")
+    try:
+        # mmap: tensors stay on disk until used, so dropping a key never reads its bytes.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # weights_only stopped at a global (a function or class), which it never calls: name it.
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+        raise ValueError(f"{path}: refused, not a plain tensor checkpoint that torch.load(weights_only=True) "
+                         f"accepts ({reason}); re-save it as a dict of tensors or as safetensors") from None
+
+
+def _read_tensor_file(path, keep):
+    """The tensors of one checkpoint file whose key passes `keep`; the others are never read."""
+    if path.suffix == ".safetensors":
+        with open_safetensors(path) as file:
+            return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
+    payload = load_weights_only(path)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: holds a {type(payload).__name__}, expected a dict of tensors")
+    kept = {key: value for key, value in payload.items() if keep(key)}
+    not_tensors = [key for key, value in kept.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path}: entries that are not tensors: {', '.join(not_tensors[:5])}")
+    return kept
+
+
+def load_state_dict(repo_or_dir, filenames, revision=None, subfolder=None, keep=None):
+    """Tensors of the first checkpoint in `filenames` (candidates, most preferred first) the repo has.
+
+    An `*.index.json` names shards; only those holding a kept key are fetched and opened.
+    `keep(key) -> bool` filters keys before any tensor is read into memory.
+    """
+    keep = keep or (lambda key: True)
+    path = _locate_first(repo_or_dir, filenames, revision, subfolder)
+    if not path.name.endswith(".index.json"):
+        return _read_tensor_file(path, keep)
+    weight_map = json.loads(path.read_text())["weight_map"]
+    state = {}
+    for shard in sorted({shard for key, shard in weight_map.items() if keep(key)}):
+        shard_path = locate(repo_or_dir, shard, revision, subfolder)
+        if shard_path is None:
+            raise FileNotFoundError(f"{repo_or_dir}: shard {shard} named in {path.name} is missing")
+        state.update(_read_tensor_file(shard_path, keep))
+    return state
+
+
+def _summary(kind, keys):
+    shown = ", ".join(keys[:5])
+    return f"{len(keys)} {kind} ({shown}{', ...' if len(keys) > 5 else ''})"
+
+
+def load_into(module, state_dict, source, assign=False):
+    """Copy `state_dict` into `module`, strictly: any missing, unexpected or wrong-shape key is an error."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(param.shape)}"
+        for key, param in expected.items()
+        if key in state_dict and state_dict[key].shape != param.shape
+    ]
+    problems = [
+        _summary(kind, keys)
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong_shape))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def freeze(module):
+    """Eval mode and no gradients: the encoders are fixed feature extractors. Returns `module`."""
+    return module.eval().requires_grad_(False)

@@ -57,6 +57,7 @@ from data import (
     COLORS, IMAGE_EXTENSIONS, POSITIONS, SHAPES, SIZES, center_crop_arr, render_shape, sample_shape_attrs,
     shape_outline, to_rgb,
 )
+import sample
 from encoders import IMAGENET_MEAN, IMAGENET_STD, DINOEncoder, load_into
 
 
@@ -1046,8 +1047,6 @@ def coco_captions(annotation_file, count=30000, seed=0):
 def run_coco_fid(args):
     """FID-30K: draw the captions, generate one image per caption with sample.py (under torchrun too),
     centre-crop and resize the matching real images and the samples to --size, FID between them."""
-    import sample  # generation needs the whole model stack; the metrics above do not
-
     pairs = coco_captions(args.annotations, args.num, args.seed)
     missing = [name for name, _ in pairs if not os.path.isfile(os.path.join(args.images, name))]
     if missing:

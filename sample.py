@@ -23,16 +23,13 @@ from PIL import Image
 from torchvision.utils import save_image
 
 import data
-import train_i2i
-from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, guided_model_fn
-from dit import LumosDiT
-from encoders import load_into
-from train_nvs import NVSDiT, nvs_condition, pose_vector
-from train_t2i import text_condition_from_metadata
+from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, draw_samples
+from dit import LumosDiT, read_weights
+from encoders import (VAE, ImageSpace, load_image_encoder, load_into, nvs_condition,
+                      text_condition_from_metadata)
 
 # The official release gives weights only: the rest of its set-up (SPEC sections 2 and 4).
 OFFICIAL_SETUP = {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "facebook/dino-vitb16", "prediction": "epsilon"}
-MODEL_CLASSES = {"i2i": LumosDiT, "t2i": LumosDiT, "nvs": NVSDiT}
 
 
 #################################################################################
@@ -40,20 +37,16 @@ MODEL_CLASSES = {"i2i": LumosDiT, "t2i": LumosDiT, "nvs": NVSDiT}
 #################################################################################
 
 def load_generator(ckpt, device):
-    """(model, info) from an export (ema.safetensors of any task), an I2I training run folder, or the
-    official `Lumos_I2I.pth`. info: task, space, vae, encoder, image_size, prediction, and the
-    task's own fields (text encoder, pose, ...)."""
-    if ckpt.endswith(".safetensors"):
-        task = train_i2i.export_metadata(ckpt)["lumos"].get("task", "i2i")
-        model, metadata = train_i2i.load_export(ckpt, device, MODEL_CLASSES[task])
-        return model, metadata["lumos"]
-    state, info = train_i2i.load_i2i_init(ckpt)
+    """(model, info) from an export (ema.safetensors of any task), a training run or checkpoint
+    folder, or the official `Lumos_I2I.pth` (dit.read_weights). info: task, space, vae, encoder,
+    image_size, prediction, and the task's own fields (text encoder, pose, ...)."""
+    state, info = read_weights(ckpt)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = LumosDiT(**info["config"])
     load_into(model, state, ckpt, assign=True)
-    if os.path.isfile(ckpt):  # the official file: weights only
-        info.update({k: v for k, v in OFFICIAL_SETUP.items() if info.get(k) is None})
-    info.update(task="i2i", space="latent" if info["vae"] else "pixel")
+    if info["task"] is None:  # the official file: weights only
+        info.update({k: v for k, v in OFFICIAL_SETUP.items() if info.get(k) is None}, task="i2i")
+    info.update(space="latent" if info["vae"] else "pixel")
     return model.to(device).eval().requires_grad_(False), info
 
 
@@ -118,7 +111,7 @@ def nvs_conditions(args, info, space, device):
         raise ValueError("nvs takes one source image (--images) and one or more --poses")
     try:
         poses = [[float(v) for v in pose.split(",")] for pose in args.poses]
-        poses = torch.stack([pose_vector(np.radians(p), np.radians(a), r) for p, a, r in poses]).to(device)
+        poses = torch.stack([data.pose_vector(np.radians(p), np.radians(a), r) for p, a, r in poses]).to(device)
     except ValueError:
         raise ValueError(f"--poses {' '.join(args.poses)}: each must be d_polar,d_azimuth,d_radius") from None
     source = read_images(args.images, info["image_size"]).expand(len(poses), -1, -1, -1)
@@ -128,7 +121,7 @@ def nvs_conditions(args, info, space, device):
 
 def condition_encoder(info, device):
     """The frozen DINO of the checkpoint: its repo or folder, or its seeded random ViT."""
-    return train_i2i.load_image_encoder(info["encoder"], info["image_size"], device, info.get("encoder_config"))
+    return load_image_encoder(info["encoder"], info["image_size"], device, info.get("encoder_config"))
 
 
 CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t2i": t2i_conditions,
@@ -139,33 +132,19 @@ CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t
 #                                 Sampling                                      #
 #################################################################################
 
-def sample_generators(indices, seed, frames=0):
-    """One CPU generator per sample i, seeded by (seed, i); with `frames` (interpolate) by (seed, i // frames):
-    each run of `frames` samples is one interpolation whose frames share all their noise, as in the demo, so
-    only the condition moves. It draws the sample's initial noise, then all the noise ddpm (or ddim with
-    eta > 0) adds: a sample depends neither on --batch-size nor on its batch mates."""
-    return [train_i2i.sample_generator(seed, i // frames if frames else i) for i in indices]
-
-
-def initial_noise(generators, shape):
-    """(B, *shape): each sample's initial noise, the first draw of its generator."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
-
-
 @torch.no_grad()
 def generate(model, info, space, cond_fn, indices, rows, args, device):
-    """Samples for global `indices`, conditioned on condition rows `rows` -> (B, 3, S, S) in [-1, 1]."""
+    """Samples for global `indices`, conditioned on condition rows `rows` -> (B, 3, S, S) in [-1, 1].
+    Image i is diffusion.draw_samples' image i of --seed, as in the training grids; interpolate's
+    frames of one interpolation share all their noise (index i // frames), as in the demo, so that
+    only the condition moves."""
     size = info["image_size"] // space.downsampling
-    shape = (space.channels, size, size)
-    generators = sample_generators(indices, args.seed, args.frames if args.mode == "interpolate" else 0)
-    noise = initial_noise(generators, shape).to(device)
+    noise_indices = [i // args.frames for i in indices] if args.mode == "interpolate" else indices
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=info.get("prediction", "epsilon"))
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    with autocast:
-        model_fn = guided_model_fn(model, args.cfg_scale, **cond_fn(rows))
-        x0 = diffusion.sample(lambda x, t: model_fn(x, t).float(), noise, args.method, args.steps,
-                              skip_type=args.skip_type, clip_denoised=space.vae is None,
-                              generator=generators)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        x0 = draw_samples(diffusion, model, cond_fn(rows), (space.channels, size, size), noise_indices, args.seed,
+                          args.method, args.steps, args.cfg_scale, device, skip_type=args.skip_type,
+                          clip_denoised=space.vae is None)
         return space.decode(x0)
 
 
@@ -241,11 +220,11 @@ def main(argv=None):
     parser.add_argument("--vae", help="override the checkpoint's VAE repo/folder")
     parser.add_argument("--encoder", help="override the checkpoint's condition encoder repo/folder")
     args = parser.parse_args(argv)
-    rank, world_size, device = train_i2i.setup_distributed()
+    rank, world_size, device = data.setup_distributed()
     try:
         model, info = load_generator(args.ckpt, device)
         info.update({k: getattr(args, k) for k in ("vae", "encoder") if getattr(args, k)})
-        space = train_i2i.ImageSpace(train_i2i.VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
+        space = ImageSpace(VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
         references, cond_fn = CONDITIONS[args.mode](args, info, space, device)
     except (ValueError, FileNotFoundError) as error:
         if rank == 0:

@@ -33,7 +33,8 @@ Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a 
                                      ImageSpace (e.g. to encode a source view)
     dataset                          a map-style dataset of such items (data.py)
     eval_items                       a few held-out items: conditions and references of the grids
-    evaluate(model, step) -> dict    optional extra metrics of the EMA model, logged with the loss
+    evaluate(images, batch) -> dict  optional metrics of the grid's images (B, 3, S, S) in [-1, 1]
+                                     against their held-out batch, logged with the loss
     metadata                         extra fields for the exported safetensors
     hflip                            random horizontal flips of the training images, target and
                                      condition alike (off for NVS, where a flip would mirror the
@@ -68,15 +69,16 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 import data
-from diffusion import GaussianDiffusion, beta_schedule, guided_model_fn
-from dit import DiT_models, LumosDiT, build_model, forward_flops
-from encoders import VAE, DINOEncoder, load_into, load_weights_only, open_safetensors
+from data import setup_distributed
+from diffusion import GaussianDiffusion, beta_schedule, draw_samples, sample_generator
+from dit import (DiT_models, build_model, checkpoint_dir, forward_flops, latest_checkpoint, read_weights,
+                 upgrade_config)
+from encoders import (RANDOM_VIT, VAE, ImageSpace, cached_condition, image_condition, load_image_encoder,
+                      random_vit_config)
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
                "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-RANDOM_VIT = "random-vit"
-
 # torch.distributed.checkpoint works in a single process too, and warns about it at every save.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -171,63 +173,8 @@ def model_size(args):
 
 
 #################################################################################
-#                       Frozen encoders and the image space                     #
+#            One image per sample: mirror images, targets, references          #
 #################################################################################
-
-class ImageSpace:
-    """Where the diffusion runs: pixels in [-1, 1] (no VAE), or SD-VAE latents times its scale."""
-
-    def __init__(self, vae=None):
-        self.vae = vae
-        self.channels = vae.post_quant_conv.in_channels if vae else 3
-        self.downsampling = 8 if vae else 1
-
-    def encode(self, images, posterior_noise=None):
-        """images (B, 3, S, S) in [-1, 1] -> (B, C, S/f, S/f); a posterior sample given its noise."""
-        if self.vae is None:
-            return images
-        return self.from_posterior(*self.vae.encode(images), posterior_noise)
-
-    def from_posterior(self, mean, std, posterior_noise=None):
-        """VAE posterior mean, std (B, C, h, w) in raw units -> the diffusion's latent: the sample
-        given by the noise (or the mean without one), times the VAE's scale."""
-        latent = mean if posterior_noise is None else mean + std * posterior_noise.to(mean)
-        return latent.float() * self.vae.scaling_factor
-
-    def decode(self, x):
-        """(B, C, S/f, S/f) -> images (B, 3, S, S) in [-1, 1]."""
-        images = x if self.vae is None else self.vae.decode(x / self.vae.scaling_factor)
-        return images.float().clamp(-1, 1)
-
-
-def load_image_encoder(spec, image_size, device, random_config=None):
-    """The frozen DINO condition encoder: Hub repo / folder / .pth, or a small random ViT of the same
-    class (seeded; `random_config` defaults to random_vit_config, and exports record it, so that
-    sample.py rebuilds the identical one)."""
-    if spec == RANDOM_VIT:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            encoder = DINOEncoder(**(random_config or random_vit_config(image_size)))
-    else:
-        encoder = DINOEncoder.from_pretrained(spec)
-    return encoder.to(device)
-
-
-def random_vit_config(image_size):
-    return dict(image_size=image_size, patch_size=max(4, image_size // 4), width=128, depth=2, heads=2)
-
-
-def image_condition(encoder):
-    """The I2I condition: the L2-normalised DINO CLS of the image (as `mirrored` left it), one token."""
-    def condition(batch, space):
-        return {"y": encoder.encode(batch["image"])[:, None], "mask": None}
-    return condition
-
-
-def cached_condition(batch, space):
-    """The I2I condition read from a feature cache: the same DINO CLS token, computed beforehand."""
-    return {"y": batch["cond"][:, None].float(), "mask": None}
-
 
 def mirrored(batch, flips):
     """The batch with sample i mirrored where flips[i]: its image, or, from a feature cache (which
@@ -258,22 +205,8 @@ def reference_images(batch, space):
 
 
 #################################################################################
-#                       Distributed set-up and parallelism                      #
+#                                 Parallelism                                   #
 #################################################################################
-
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs as a world of one. Idempotent."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
 
 def parallelize(model, args, world_size, train=True):
     """torchtitan's order: activation checkpointing, then compile each block, then FSDP2 per block
@@ -338,11 +271,6 @@ def device_peak_tflops(device, override=None):
 #                        Per-sample randomness                                  #
 #################################################################################
 
-def sample_generator(seed, index):
-    """A CPU generator for one sample, seeded by (seed, its global index) through SeedSequence."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
-
-
 def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob, latent):
     """Every random choice of a training sample, from a generator seeded by (seed, global index).
 
@@ -365,24 +293,6 @@ def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob
 #################################################################################
 #                                Checkpoints                                    #
 #################################################################################
-
-def checkpoint_dir(out):
-    return os.path.join(out, "checkpoints")
-
-
-def latest_checkpoint(out):
-    """Path of the latest complete checkpoint, or None. A save killed midway leaves only a
-    `.tmp` folder, which is never "latest" (the rename to the final name is the commit point)."""
-    pointer = os.path.join(checkpoint_dir(out), "latest")
-    if os.path.exists(pointer):
-        with open(pointer) as f:
-            path = os.path.join(checkpoint_dir(out), f.read().strip())
-        if os.path.isdir(path):
-            return path
-    complete = sorted(d for d in os.listdir(checkpoint_dir(out)) if d.startswith("step_") and not d.endswith(".tmp")) \
-        if os.path.isdir(checkpoint_dir(out)) else []
-    return os.path.join(checkpoint_dir(out), complete[-1]) if complete else None
-
 
 def training_state(model, ema, optimizer, counters):
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -418,6 +328,7 @@ def load_checkpoint(path, model, ema, optimizer, run_config):
     """Restore everything from `path` in place; returns the counters tensor."""
     with open(os.path.join(path, "run_config.json")) as f:
         saved = json.load(f)
+    saved["model_config"] = upgrade_config(saved["model_config"])  # saved by an earlier version
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run_config.items() if saved.get(k) != v]
     if changed:
         raise UsageError(f"--resume: {path} was made with another configuration ({'; '.join(changed)}); "
@@ -441,33 +352,6 @@ def export_ema(args, ema, rank, metadata):
         os.replace(path + ".tmp", path)
 
 
-def export_metadata(path):
-    """The metadata of an `ema.safetensors` export (read without loading its tensors)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    with open_safetensors(path) as f:  # a damaged file: one line, not SafetensorError's traceback
-        raw = f.metadata() or {}
-    if "lumos" not in raw:
-        raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
-    return {k: json.loads(v) for k, v in raw.items()}
-
-
-def read_export(path):
-    """(state dict, metadata) of an `ema.safetensors` export."""
-    metadata = export_metadata(path)
-    with open_safetensors(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, metadata
-
-
-def load_export(path, device="cpu", model_class=LumosDiT):
-    """(EMA model, metadata) from an `ema.safetensors` export, with nothing else needed
-    (`model_class`: train_nvs.NVSDiT for an NVS export)."""
-    state, metadata = read_export(path)
-    model = model_class(**metadata["lumos"]["config"])
-    load_into(model, state, path)
-    return model.to(device).eval().requires_grad_(False), metadata
-
-
 def write_atomically(path, payload):
     with open(path + ".tmp", "wb") as f:
         f.write(payload)
@@ -486,13 +370,15 @@ def barrier():
 #################################################################################
 
 @torch.no_grad()
-def sample_grid(ema, task, space, diffusion, eval_batch, noise, args, path):
-    """EMA samples from fixed noise and fixed held-out conditions, written under their references."""
+def sample_grid(ema, task, space, diffusion, eval_batch, args, path):
+    """EMA samples of the held-out conditions, image i drawn as sample.py draws image i
+    (diffusion.draw_samples, seeded by (--seed, i)), written under their references when `path`
+    is given. -> (B, 3, S, S) in [-1, 1]."""
     ema.eval()
-    cond = task.condition(eval_batch, space)
-    model_fn = guided_model_fn(ema, args.cfg_scale, **cond)
-    x0 = diffusion.sample(model_fn, noise, args.sample_method, args.sample_steps, clip_denoised=space.vae is None,
-                          generator=torch.Generator(noise.device).manual_seed(args.seed))
+    size = args.image_size // space.downsampling
+    x0 = draw_samples(diffusion, ema, task.condition(eval_batch, space), (space.channels, size, size),
+                      range(len(eval_batch["index"])), args.seed, args.sample_method, args.sample_steps,
+                      args.cfg_scale, eval_batch["index"].device, clip_denoised=space.vae is None)
     reshard(ema)
     images = space.decode(x0)
     if path is not None:
@@ -562,11 +448,10 @@ def _train(args, task, rank, world_size, device):
     batches = iter(loader)
     x_size = args.image_size // space.downsampling
     x_shape = (space.channels, x_size, x_size)
-    dropout_prob = config["class_dropout_prob"]
+    dropout_prob = config["cond_dropout_prob"]
     num_eval = len(task.eval_items[: args.num_samples])
     eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
                           torch.zeros(num_eval, dtype=torch.bool, device=device))
-    eval_noise = torch.randn((num_eval, *x_shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
     ema_decay = args.ema_decay if args.ema_decay is not None else (0.9999 if args.model else 0.99)
@@ -631,9 +516,9 @@ def _train(args, task, rank, world_size, device):
             log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             path = os.path.join(args.out, "samples", f"step_{step:07d}.png") if rank == 0 else None
-            sample_grid(ema, task, space, diffusion, eval_batch, eval_noise, args, path)
+            images = sample_grid(ema, task, space, diffusion, eval_batch, args, path)
             if task.evaluate:
-                log_line(args, rank, {"step": step, **task.evaluate(ema, step)})
+                log_line(args, rank, {"step": step, **task.evaluate(images, eval_batch)})
             model.train()
         stop_now = all_reduce([float(stop["signal"] is not None)], device, dist.ReduceOp.MAX)[0] > 0
         if stop_now or args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
@@ -707,178 +592,87 @@ def to_device(batch, device):
 
 
 #################################################################################
-#              Fine-tuning from trained weights (T2I, NVS, sample.py)           #
+#                Fine-tuning from I2I weights (train_t2i.py, train_nvs.py)      #
 #################################################################################
 
-RECOMPUTED_KEYS = ("pos_embed",)  # LumosDiT recomputes it for its own size when loading
 DEFAULT_I2I_EXPORT = os.path.join("runs", "i2i", "ema.safetensors")  # `python train_i2i.py`'s output
 
 
+def resolve_init(args, inherited, scratch_defaults):
+    """Read --init (dit.read_weights: an I2I export, checkpoint or run folder, the official .pth; or
+    scratch) and fill into `args` what the weights fix: the `inherited` arguments (taken when not
+    given, refused when given otherwise), the image size and prediction (taken when not given);
+    then `scratch_defaults` for whatever is still unset. -> (state dict or None, info or None)."""
+    state = info = None
+    if args.init != "scratch":
+        state, info = read_weights(args.init, args.init_entry)
+        if info["task"] not in ("i2i", None):  # None: the official file, an I2I model
+            raise ValueError(f"--init {args.init}: a {info['task']!r} model; start from an I2I model")
+        sizes = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
+        if sizes:
+            raise ValueError(f"{', '.join(sizes)}: the model's size comes from --init {args.init}; "
+                             f"these apply only with --init scratch")
+        saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
+        for name in inherited:
+            given = getattr(args, name)
+            if given is not None and saved.get(name) is not None and given != saved[name]:
+                raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
+                                 f"{saved[name]}; drop the flag or use --init scratch")
+        for name in (*inherited, "image_size", "prediction"):
+            if getattr(args, name) is None:
+                setattr(args, name, saved.get(name))
+        channels = info["config"]["in_channels"]
+        if channels != (4 if args.vae else 3):
+            raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
+                             f"{'latent' if args.vae else 'pixel'} space: " +
+                             ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
+    for name, default in scratch_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return state, info
+
+
 def transfer_weights(model, state_dict, new_keys=(), widened_keys=(), source="checkpoint"):
-    """Load an I2I model's `state_dict` into `model`, a LumosDiT with the same blocks and some new or
-    wider layers (NVS: pose_mixer new, x_embedder widened; T2I: the condition projection and
-    y_embedding new). Every key of `model` is
-      carried:  the checkpoint's tensor, of the same shape (pos_embed: recomputed for the model's size);
-      widened:  listed in `widened_keys`: the checkpoint's tensor fills the leading part of dim 1
-                (the input channels), the rest is zero, so the new inputs start switched off;
-      new:      listed in `new_keys`: kept as the model initialised it, a checkpoint tensor of the
-                same name is not used.
-    A checkpoint key the model lacks, a model key in neither the checkpoint nor `new_keys`, or a
-    shape outside these rules is a ValueError naming the keys. Returns {"carried", "widened", "new",
-    "recomputed"}: lists of keys, for the caller to print.
-    """
+    """Load an I2I model's weights into `model`, a LumosDiT with the same blocks and some new or
+    wider layers (T2I: the condition projection and null condition are new; NVS: pose_mixer is new
+    and x_embedder also takes the source view's channels). A widened tensor gets the checkpoint's
+    values in the leading part of dim 1 (the input channels) and zeros after, so the new inputs
+    start switched off; a new key keeps the model's initialisation; pos_embed is recomputed
+    (LumosDiT). Any other key missing, unexpected or of another shape is a ValueError naming it.
+    -> {"carried", "widened", "new"}: lists of keys, for print_transfer."""
     expected = model.state_dict()
-    unexpected = [k for k in state_dict if k not in expected]
-    missing = [k for k in expected if k not in state_dict and k not in new_keys and k not in RECOMPUTED_KEYS]
-    merged, wrong_shape = {}, []
-    for key, current in expected.items():
-        if key in new_keys or key in RECOMPUTED_KEYS:
-            merged[key] = current
-        elif key not in state_dict:
-            continue
-        elif key in widened_keys:
-            saved = state_dict[key]
-            fits = saved.ndim == current.ndim and saved.shape[1] <= current.shape[1] and \
-                saved.shape[:1] + saved.shape[2:] == current.shape[:1] + current.shape[2:]
-            if not fits:
-                wrong_shape.append(f"{key} {tuple(saved.shape)} vs model {tuple(current.shape)}")
-                continue
-            merged[key] = torch.zeros_like(current)
-            merged[key][:, : saved.shape[1]] = saved.to(current.dtype)
-        elif state_dict[key].shape != current.shape:
-            wrong_shape.append(f"{key} {tuple(state_dict[key].shape)} vs model {tuple(current.shape)}")
-        else:
-            merged[key] = state_dict[key]
-    found = {"unexpected": unexpected, "missing": missing, "wrong-shape": wrong_shape}
+    state = {key: value for key, value in state_dict.items() if key not in new_keys}
+    for key in widened_keys:
+        saved = state.get(key)
+        if saved is not None and saved.ndim > 1 and saved.shape[1] < expected[key].shape[1]:
+            padding = saved.new_zeros(saved.shape[0], expected[key].shape[1] - saved.shape[1], *saved.shape[2:])
+            state[key] = torch.cat([saved, padding], dim=1)
+    wrong_shape = [f"{key} {tuple(value.shape)} vs model {tuple(expected[key].shape)}" for key, value in state.items()
+                   if key in expected and key != "pos_embed" and value.shape != expected[key].shape]
+    loaded = model.load_state_dict(state, strict=False) if not wrong_shape else None
+    found = {"wrong-shape": wrong_shape} if wrong_shape else {
+        "missing": [key for key in loaded.missing_keys if key not in new_keys and key != "pos_embed"],
+        "unexpected": loaded.unexpected_keys}
     problems = [f"{len(keys)} {kind} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
                 for kind, keys in found.items() if keys]
     if problems:
         raise ValueError(f"{source}: does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(merged, strict=True)
-    kinds = {"widened": widened_keys, "new": new_keys, "recomputed": RECOMPUTED_KEYS}
-    report = {kind: [k for k in expected if k in keys] for kind, keys in kinds.items()}
-    return {"carried": [k for k in expected if not any(k in keys for keys in kinds.values())], **report}
+    carried = [key for key in expected if key in state and key not in widened_keys]
+    return {"carried": carried, "widened": list(widened_keys), "new": list(new_keys)}
 
 
-def describe_keys(keys):
-    """A short listing of state-dict keys, the blocks' keys collapsed to `blocks.{0..N-1}.* (K each)`."""
-    block_ids = sorted({int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in keys) if m})
-    parts = [k for k in keys if not k.startswith("blocks.")]
-    if block_ids:
-        per_block = sum(k.startswith("blocks.0.") for k in keys)
-        parts.append(f"blocks.{{{block_ids[0]}..{block_ids[-1]}}}.* ({per_block} each)")
-    return ", ".join(parts) or "none"
-
-
-#################################################################################
-#                      Reading an I2I checkpoint to start from                  #
-#################################################################################
-
-def load_i2i_init(spec, entry="ema"):
-    """(state_dict, info) of the I2I model to start from. `spec`:
-      *.safetensors   train_i2i.py's export (EMA weights; its metadata gives the run's settings)
-      a folder        a training checkpoint (DCP, `checkpoints/step_N`) or a run folder (its latest
-                      checkpoint); `entry` picks its "ema" or "model" weights
-      *.pth/.pt/.bin  the official `Lumos_I2I.pth`: a state dict, possibly nested under
-                      "state_dict", "model" or "ema"; the sizes are read off the tensors
-    info: "config" (LumosDiT config) and what the weights fix about the run: "model", "vae",
-    "encoder", "image_size", "prediction" (None where the file does not say)."""
-    if spec.endswith(".safetensors"):
-        return _load_export_state(spec)
-    if os.path.isdir(spec):
-        return _load_checkpoint_state(spec, entry)
-    if spec.endswith((".pth", ".pt", ".bin")):
-        return _load_official_state(spec)
-    raise ValueError(f"--init {spec}: expected scratch, an ema.safetensors export, a checkpoint or run "
-                     f"folder, or a .pth state dict")
-
-
-def _load_export_state(path):
-    state, metadata = read_export(path)
-    lumos = metadata["lumos"]
-    if lumos.get("task", "i2i") != "i2i":
-        raise ValueError(f"--init {path}: a {lumos['task']!r} export; start from an I2I model")
-    return state, {k: lumos.get(k) for k in ("config", "model", "vae", "encoder", "image_size", "prediction")}
-
-
-def _load_checkpoint_state(folder, entry):
-    path = folder if os.path.exists(os.path.join(folder, "run_config.json")) else latest_checkpoint(folder)
-    if path is None:
-        raise FileNotFoundError(f"--init {folder}: neither a checkpoint (no run_config.json) nor a run folder "
-                                f"with a complete checkpoint under checkpoints/")
-    with open(os.path.join(path, "run_config.json")) as f:
-        run_config = json.load(f)
-    model_config = run_config["model_config"]
-    if model_config["in_channels"] != model_config.get("out_channels", model_config["in_channels"]):
-        raise ValueError(f"--init {path}: not an I2I checkpoint (in_channels {model_config['in_channels']}, "
-                         f"out_channels {model_config['out_channels']})")
-    state = {entry: LumosDiT(**model_config).state_dict()}
-    dcp.load(state, checkpoint_id=path)
-    info = {k: run_config.get(k) for k in ("model", "vae", "encoder", "image_size", "prediction")}
-    return state[entry], {**info, "config": model_config}
-
-
-def _load_official_state(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init {path}: no such file")
-    state = load_weights_only(path)  # a damaged file or one holding code: a one-line ValueError
-    for key in ("state_dict", "model", "ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    multi_scale = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder")))
-    if multi_scale:
-        raise ValueError(f"{path}: a multi-scale model with {', '.join(multi_scale[:2])} (PixArt-alpha's 1024 px "
-                         f"size and aspect-ratio embedders), which this project does not implement")
-    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
-        raise ValueError(f"--init {path}: not a LumosDiT state dict (no x_embedder.proj.weight)")
-    config, name = config_from_state(state, path)
-    # Its training size: a 4-channel model works on SD-VAE latents, 8x smaller than the image.
-    image_size = config["input_size"] * (8 if config["in_channels"] == 4 else 1)
-    return state, {"config": config, "model": name, "vae": None, "encoder": None, "image_size": image_size,
-                   "prediction": None}
-
-
-def inherit_init_settings(args, info, inherited):
-    """Fill into `args` the settings that the --init weights fix (the `inherited` argument names,
-    image size, prediction), refusing flags that contradict them; `info` from load_i2i_init."""
-    overrides = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
-    if overrides:
-        raise ValueError(f"{', '.join(overrides)}: the model's size comes from --init {args.init}; "
-                         f"these apply only with --init scratch")
-    saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
-    for name in inherited:
-        given = getattr(args, name)
-        if given is not None and saved.get(name) is not None and given != saved[name]:
-            raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
-                             f"{saved[name]}; drop the flag or use --init scratch")
-    for name in (*inherited, "image_size", "prediction"):
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name))
-    channels = info["config"]["in_channels"]
-    if channels != (4 if args.vae else 3):
-        raise ValueError(f"--init {args.init} is a {channels}-channel model, but this run is in "
-                         f"{'latent' if args.vae else 'pixel'} space: " +
-                         ("pass --vae (the SD-VAE it was trained with)" if channels == 4 else "drop --vae"))
-
-
-def config_from_state(state, source):
-    """(LumosDiT config, DiT_models name) of a state dict with the official LumosDiT keys."""
-    width, channels, patch = state["x_embedder.proj.weight"].shape[:3]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    sizes = {name: make.keywords for name, make in DiT_models.items()}
-    same_size = [n for n, kw in sizes.items()
-                 if (kw["depth"], kw["hidden_size"], kw["patch_size"]) == (depth, width, patch)]
-    if not same_size:
-        raise ValueError(f"{source}: depth {depth}, width {width}, patch {patch} is none of dit.DiT_models")
-    name = same_size[0]
-    null_condition = state["y_embedder.y_embedding"]
-    grid = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else 32 // patch
-    predicted = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    config = dict(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width, depth=depth,
-                  num_heads=sizes[name]["num_heads"], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
-                  cond_dim=null_condition.shape[1], cond_tokens=null_condition.shape[0],
-                  learn_sigma=predicted == 2 * channels, class_dropout_prob=0.1, lewei_scale=1.0, out_channels=channels)
-    return config, name
+def print_transfer(init, report, new_what):
+    """What transfer_weights did, on rank 0: the blocks' keys collapsed to `blocks.{0..N-1}.* (K each)`."""
+    def describe(keys):
+        block_ids = sorted({int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in keys) if m})
+        parts = [k for k in keys if not k.startswith("blocks.")]
+        if block_ids:
+            parts.append(f"blocks.{{{block_ids[0]}..{block_ids[-1]}}}.* ({sum(k.startswith('blocks.0.') for k in keys)} each)")
+        return ", ".join(parts) or "none"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"from {init}: loaded {describe(report['carried'])} (pos_embed recomputed for this size)"
+              + (f"\n  widened, the new input channels zero: {describe(report['widened'])}" if report["widened"] else "")
+              + f"\n  new ({new_what}): {describe(report['new'])}", flush=True)
 
 
 #################################################################################

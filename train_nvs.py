@@ -7,7 +7,7 @@ camera, given one view of it and the relative camera pose (Zero-1-to-3's recipe 
         --encoder facebook/dino-vitb16 --image-size 256 --data /data/views_release --lr 1e-4 --out runs/nvs
     python train_nvs.py --init scratch --out runs/nvs_scratch   # the no-prior baseline, same model size
 
-The model (`NVSDiT`) is the I2I LumosDiT with two additions:
+The model is the I2I LumosDiT with two additions (`LumosDiT(pose_dim=4)`, see dit.py):
   - input: the source view (its latent, or its pixels in pixel space) concatenated to the noisy
     target; the output keeps the target's channels (`out_channels`);
   - condition: the source view's DINO feature joined with the relative camera pose and mapped
@@ -16,10 +16,8 @@ Loaded from I2I weights, the new patch-embedding input channels are zero and `po
 identity on the feature and zero on the pose, so at step 0 the model computes exactly the I2I
 function of the target alone; every transformer block carries over.
 
-Relative pose, as Zero-1-to-3's code: camera centres C = -R^T T from the world-to-camera [R|T],
-in spherical coordinates about the world origin with z up (polar angle from +z, azimuth from +x
-towards +y, radius); the pose of the target relative to the source is
-[d_polar, sin(d_azimuth), cos(d_azimuth), d_radius] (d_polar = -d_elevation).
+Relative pose, as Zero-1-to-3's code: data.relative_pose, [d_polar, sin(d_azimuth),
+cos(d_azimuth), d_radius] of the target camera relative to the source one.
 
 Dropping the condition (the training dropout for classifier-free guidance and the null branch of
 CFG): the DINO feature becomes the null embedding and the source view becomes zeros, so the
@@ -48,121 +46,31 @@ import re
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
 from torch.utils.data import Dataset
 
 import data
-from diffusion import GaussianDiffusion, beta_schedule
+from data import POSE_DIM, relative_pose, setup_distributed
 from dit import DiT_models, LumosDiT
-from encoders import VAE
+from encoders import RANDOM_VIT, load_image_encoder, nvs_condition, random_vit_config
 from evaluate import psnr, ssim
-from train_i2i import (DEFAULT_I2I_EXPORT, RANDOM_VIT, ImageSpace, Task, add_train_args, check_args,
-                       describe_keys, exit_with_usage_error, export_metadata, inherit_init_settings,
-                       load_export, load_i2i_init, load_image_encoder, model_size, random_vit_config,
-                       sample_grid, setup_distributed, to_device, train, transfer_weights)
-
-POSE_DIM = 4  # [d_polar, sin d_azimuth, cos d_azimuth, d_radius]
-
-
-#################################################################################
-#                     Relative camera pose (Zero-1-to-3)                        #
-#################################################################################
-
-def camera_position(world_to_camera):
-    """(3, 4) world-to-camera [R|T] -> camera centre in world coordinates (3,), -R^T T."""
-    rotation, translation = world_to_camera[:, :3], world_to_camera[:, 3]
-    return -rotation.T @ translation
-
-
-def spherical(position):
-    """(x, y, z) -> (polar angle from +z, azimuth from +x towards +y, radius), in radians."""
-    x, y, z = position
-    return math.atan2(math.hypot(x, y), z), math.atan2(y, x), math.sqrt(x * x + y * y + z * z)
-
-
-def pose_vector(d_polar, d_azimuth, d_radius):
-    """float32 (4,) [d_polar, sin d_azimuth, cos d_azimuth, d_radius] from the spherical changes
-    of the camera (radians), e.g. to ask a trained model for a view 30 degrees round the object."""
-    d_azimuth = d_azimuth % (2 * math.pi)
-    return torch.tensor([d_polar, math.sin(d_azimuth), math.cos(d_azimuth), d_radius], dtype=torch.float32)
-
-
-def relative_pose(source_camera, target_camera):
-    """The pose (4,) of the target camera relative to the source one, both world-to-camera (3, 4)."""
-    polar_s, azimuth_s, radius_s = spherical(camera_position(np.asarray(source_camera, np.float64)))
-    polar_t, azimuth_t, radius_t = spherical(camera_position(np.asarray(target_camera, np.float64)))
-    return pose_vector(polar_t - polar_s, azimuth_t - azimuth_s, radius_t - radius_s)
+from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, model_size,
+                       print_transfer, resolve_init, train, transfer_weights)
 
 
 #################################################################################
 #                                  The model                                    #
 #################################################################################
 
-class NVSDiT(LumosDiT):
-    """LumosDiT for novel view synthesis. Same config keys as LumosDiT, with in_channels =
-    2 * out_channels (noisy target, then source view); the only new module is `pose_mixer`,
-    Linear(cond_dim + 4, cond_dim) from [DINO feature, relative pose] to a condition token,
-    initialised as the identity on the feature and zero on the pose (Zero-1-to-3's cc_projection)."""
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        if self.in_channels != 2 * self.out_channels:
-            raise ValueError(f"NVSDiT takes the target and the source view: in_channels must be 2 x out_channels, "
-                             f"got {self.in_channels} and {self.out_channels}")
-        self.pose_mixer = nn.Linear(self.cond_dim + POSE_DIM, self.cond_dim)
-        with torch.no_grad():
-            self.pose_mixer.weight.zero_()
-            self.pose_mixer.weight[:, : self.cond_dim].copy_(torch.eye(self.cond_dim))
-            self.pose_mixer.bias.zero_()
-
-    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None, *, source, pose):
-        """
-        x: (B, C, H, W) noisy target, C = out_channels; t: (B,) float timesteps in [0, 1000);
-        y: (B, L, cond_dim) DINO feature tokens of the source view; mask: (B, L) or None;
-        source: (B, C, H, W) the source view in the space of x; pose: (B, 4) relative pose;
-        drop_cond: (B,) bool, True gives the null condition (no feature, zero source; the pose is
-        kept); None in training draws it with class_dropout_prob (from `generator` if given).
-        Returns (B, pred_channels, H, W).
-        """
-        if tuple(source.shape) != tuple(x.shape) or tuple(pose.shape) != (x.shape[0], POSE_DIM):
-            raise ValueError(f"NVSDiT: source {tuple(source.shape)} must match x {tuple(x.shape)} and pose "
-                             f"{tuple(pose.shape)} must be ({x.shape[0]}, {POSE_DIM})")
-        dropout_prob = self.y_embedder.dropout_prob
-        if drop_cond is None and self.training and dropout_prob > 0:  # the same draw as LumosDiT's
-            draw = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else x.device)
-            drop_cond = draw.to(x.device) < dropout_prob
-        if drop_cond is not None:
-            drop = drop_cond.to(x.device)
-            null = self.y_embedder.y_embedding[: y.shape[1]].to(y.dtype)
-            y = torch.where(drop[:, None, None], null[None], y)
-            source = torch.where(drop[:, None, None, None], torch.zeros_like(source), source)
-        pose_tokens = pose.to(y.dtype)[:, None].expand(-1, y.shape[1], -1)
-        cond_tokens = self.pose_mixer(torch.cat([y, pose_tokens], dim=-1))
-        # The null feature is already inside cond_tokens; all-False stops the parent drawing a second drop.
-        keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return super().forward(torch.cat([x, source.to(x.dtype)], dim=1), t, cond_tokens, mask, drop_cond=keep)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None, *, source, pose):
-        """Classifier-free guidance in one batch: eps_u + s * (eps_c - eps_u) on the epsilon channels,
-        the null half without the source view (see forward); shapes as forward."""
-        batch = x.shape[0]
-        drop_cond = torch.arange(2 * batch, device=x.device) >= batch
-        doubled = lambda a: None if a is None else torch.cat([a, a])
-        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond,
-                           source=doubled(source), pose=doubled(pose))
-        eps, rest = out[:, : self.out_channels], out[:, self.out_channels:]
-        eps_cond, eps_uncond = eps.chunk(2)
-        return torch.cat([eps_uncond + cfg_scale * (eps_cond - eps_uncond), rest[:batch]], dim=1)
-
-
 def nvs_config(i2i_config, input_size):
-    """The NVSDiT config for an I2I LumosDiT config: the same blocks, the source view as extra input."""
+    """The NVS LumosDiT config for an I2I one: the same blocks, the source view as extra input
+    channels, the relative pose mixed into the condition."""
     channels = i2i_config["in_channels"]
     if i2i_config.get("out_channels", channels) != channels:
         raise ValueError(f"the I2I model must predict its own input channels, got in {channels}, "
                          f"out {i2i_config['out_channels']}")
-    return {**i2i_config, "input_size": input_size, "in_channels": 2 * channels, "out_channels": channels}
+    return {**i2i_config, "input_size": input_size, "in_channels": 2 * channels, "out_channels": channels,
+            "pose_dim": POSE_DIM}
 
 
 #################################################################################
@@ -490,37 +398,8 @@ def open_multiview(spec, image_size, seed=0, held_out_objects=8):
 #                                  The task                                     #
 #################################################################################
 
-def nvs_condition(encoder):
-    """The model's view inputs for a batch: the source's DINO CLS token, the source itself in the
-    diffusion space (a VAE latent is its posterior mean, as Zero-1-to-3's), and the relative pose."""
-    def condition(batch, space):
-        return {"y": encoder.encode(batch["source"])[:, None], "mask": None,
-                "source": space.encode(batch["source"]), "pose": batch["pose"].float()}
-    return condition
-
-
-def held_out_metrics(task, args, device):
-    """Task.evaluate: PSNR and SSIM (evaluate.py, on [0, 1] images) of the target views generated for
-    the grid's held-out pairs, from the grid's fixed noise and sampler, against the true views."""
-    batch = to_device(data.collate_samples(task.eval_items[: args.num_samples]), device)
-    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=args.prediction)
-    spaces = []  # the VAE is loaded at the first evaluation, not while the loop loads its own
-
-    def evaluate(model, step):
-        if not spaces:
-            spaces.append(ImageSpace(VAE.from_pretrained(args.vae).to(device) if args.vae else None))
-        space = spaces[0]
-        size = args.image_size // space.downsampling
-        noise = torch.randn((len(batch["image"]), space.channels, size, size),
-                            generator=torch.Generator().manual_seed(args.seed)).to(device)
-        generated = sample_grid(model, task, space, diffusion, batch, noise, args, None).float() * 0.5 + 0.5
-        reference = batch["image"].float() * 0.5 + 0.5
-        return {"psnr": psnr(generated, reference).mean().item(), "ssim": ssim(generated, reference).mean().item()}
-    return evaluate
-
-
 def nvs_task(args, i2i_state, i2i_info, device):
-    """The NVS Task for the loop: NVSDiT from the I2I weights (or scratch), multi-view data, no flips."""
+    """The NVS Task for the loop: the NVS LumosDiT from the I2I weights (or scratch), multi-view data, no flips."""
     train_set, held_out_set = open_multiview(args.data, args.image_size, args.seed, args.held_out_objects)
     # A random-ViT encoder is rebuilt as the I2I run built it, from that run's image size.
     encoder_size = (i2i_info or {}).get("image_size") or args.image_size
@@ -530,16 +409,12 @@ def nvs_task(args, i2i_state, i2i_info, device):
         name, overrides = model_size(args)
         i2i_config = {**DiT_models[name].keywords, **overrides, "in_channels": 4 if args.vae else 3,
                       "learn_sigma": args.learn_sigma, "cond_dim": encoder.norm.normalized_shape[0], "cond_tokens": 1}
-        template = NVSDiT(**nvs_config(i2i_config, input_size))
+        template = LumosDiT(**nvs_config(i2i_config, input_size))
     else:
-        template = NVSDiT(**nvs_config(i2i_info["config"], input_size))
+        template = LumosDiT(**nvs_config(i2i_info["config"], input_size))
         report = transfer_weights(template, i2i_state, new_keys=("pose_mixer.weight", "pose_mixer.bias"),
                                   widened_keys=("x_embedder.proj.weight",), source=f"--init {args.init}")
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"from {args.init}: loaded {len(report['carried'])} tensors: {describe_keys(report['carried'])}\n"
-                  f"  widened to the source view's channels (new channels zero): {describe_keys(report['widened'])}\n"
-                  f"  new (identity on the feature, zero on the pose): {describe_keys(report['new'])}\n"
-                  f"  recomputed for {args.image_size} px: {describe_keys(report['recomputed'])}", flush=True)
+        print_transfer(args.init, report, "identity on the feature, zero on the pose")
     count = min(args.num_samples, len(held_out_set))
     task = Task(build_model=lambda: copy.deepcopy(template), condition=nvs_condition(encoder), dataset=train_set,
                 eval_items=[held_out_set[k * len(held_out_set) // count] for k in range(count)],
@@ -548,15 +423,15 @@ def nvs_task(args, i2i_state, i2i_info, device):
                                   "relative to the source (Zero-1-to-3)",
                           "encoder_config": random_vit_config(encoder_size) if args.encoder == RANDOM_VIT else None},
                 hflip=False)  # a flipped target would belong to a mirrored camera
-    task.evaluate = held_out_metrics(task, args, device)
+    task.evaluate = held_out_metrics
     return task
 
 
-def load_nvs_export(path, device="cpu"):
-    """(EMA NVSDiT, metadata) from train_nvs.py's `ema.safetensors`, with nothing else needed."""
-    if export_metadata(path)["lumos"].get("task") != "nvs":
-        raise ValueError(f"{path}: not an export of train_nvs.py (metadata task is not 'nvs')")
-    return load_export(path, device, NVSDiT)
+def held_out_metrics(images, batch):
+    """Task.evaluate: PSNR and SSIM (evaluate.py, on [0, 1] images) of the grid's generated target
+    views against the true ones."""
+    generated, reference = images.float() * 0.5 + 0.5, batch["image"].float() * 0.5 + 0.5
+    return {"psnr": psnr(generated, reference).mean().item(), "ssim": ssim(generated, reference).mean().item()}
 
 
 #################################################################################
@@ -586,32 +461,21 @@ def add_nvs_args(parser):
     return parser
 
 
-def resolve_init(args):
-    """Read --init and fill the settings it fixes into `args`: (state_dict or None, info or None)."""
-    if args.init == "auto":
-        args.init = DEFAULT_I2I_EXPORT if os.path.exists(DEFAULT_I2I_EXPORT) else "scratch"
-        if args.init == "scratch" and int(os.environ.get("RANK", 0)) == 0:
-            print(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (its offline "
-                  f"default) or pass --init; training from scratch now", flush=True)
-    state, info = (None, None) if args.init == "scratch" else load_i2i_init(args.init, args.init_entry)
-    if info is not None:
-        inherit_init_settings(args, info, INHERITED_ARGS)
-        if args.encoder is None:
-            raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
-                             f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
-    for name, default in SCRATCH_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    return state, info
-
-
 def main(argv=None):
     parser = add_nvs_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = parser.parse_args(argv)
     _, world_size, device = setup_distributed()  # train() finds it set up
     try:
-        state, info = resolve_init(args)
+        if args.init == "auto":
+            args.init = DEFAULT_I2I_EXPORT if os.path.exists(DEFAULT_I2I_EXPORT) else "scratch"
+            if args.init == "scratch" and int(os.environ.get("RANK", 0)) == 0:
+                print(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (its offline "
+                      f"default) or pass --init; training from scratch now", flush=True)
+        state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
+        if info is not None and args.encoder is None:
+            raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
+                             f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
         check_args(args, world_size)
         task = nvs_task(args, state, info, device)
     except (ValueError, FileNotFoundError) as error:

@@ -38,11 +38,8 @@ end; the export's metadata holds its config, seed and vocabulary, so sample.py r
 """
 import argparse
 import copy
-import dataclasses
 import hashlib
-import itertools
 import json
-import math
 import os
 import sys
 
@@ -54,128 +51,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+from data import setup_distributed
 from dit import DiT_models, LumosDiT
-from encoders import SPACE_SYMBOL, T5Config, T5Encoder, T5Tokenizer, freeze, preprocess_prompt
-from train_i2i import (DEFAULT_I2I_EXPORT, RECOMPUTED_KEYS, Task, add_train_args, check_args, describe_keys,
-                       exit_with_usage_error, held_out_items, inherit_init_settings, load_i2i_init,
-                       model_size, setup_distributed, train, transfer_weights)
+from encoders import MAX_TEXT_TOKENS, RANDOM_T5, load_text_encoder, random_t5_description, text_condition
+from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, held_out_items,
+                       model_size, print_transfer, resolve_init, train, transfer_weights)
 
-RANDOM_T5 = "random-t5"
-RANDOM_T5_SEED = 0
-MAX_TEXT_TOKENS = 120  # Lumos pads / truncates every caption to 120 T5 tokens
 # The only weights T2I does not take from the I2I model: they depend on the condition's width.
 NEW_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
             "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
-
-
-#################################################################################
-#                               The text encoder                                #
-#################################################################################
-
-class TextEncoder:
-    """A frozen T5 tokenizer and encoder: captions -> the T2I condition.
-
-        features, mask = TextEncoder(tokenizer, t5)(captions)   # (B, L, C) float32, (B, L) bool
-
-    L is the longest caption of the batch in tokens (at most max_length); the features of padding
-    positions are zero. The valid tokens' features do not depend on the padding: T5 masks padded keys.
-    Captions are preprocessed as the official model's were (encoders.preprocess_prompt): cleaned
-    twice by the release's caption cleaner, or with clean=False only lowercased and stripped. This
-    is the one place where captions reach the tokenizer (training, cache-text and sampling).
-    """
-
-    def __init__(self, tokenizer, t5, max_length=MAX_TEXT_TOKENS, clean=True):
-        self.tokenizer, self.t5, self.max_length, self.clean = tokenizer, t5, max_length, clean
-        self.width = t5.config.d_model
-        self.dtype = next(t5.parameters()).dtype
-
-    @torch.no_grad()
-    def encode(self, captions):
-        """-> features (B, L, C) in the T5's dtype, padding zero; mask (B, L) bool."""
-        ids, mask = self.tokenizer([preprocess_prompt(c, self.clean) for c in captions], self.max_length)
-        length = int(mask.sum(1).max())
-        device = next(self.t5.parameters()).device
-        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
-        return self.t5(ids, mask) * mask[..., None].to(self.dtype), mask.bool()
-
-    def __call__(self, captions):
-        features, mask = self.encode(captions)
-        return features.float(), mask
-
-    def token_features(self, captions):
-        """-> [(n_i, C)]: each caption's valid tokens, in the T5's dtype, on the CPU."""
-        features, mask = self.encode(captions)
-        return [row[:n].cpu() for row, n in zip(features, mask.sum(1).tolist())]
-
-
-def shapes_vocabulary():
-    """Every word of every `shapes` caption (data.shapes_caption over all attribute values), sorted."""
-    words = set()
-    for shape, color, size, position, background in itertools.product(
-            data.SHAPES, data.COLORS, data.SIZES, data.POSITIONS, data.COLORS):
-        attrs = {"shape": shape, "color": color, "size": size, "position": position, "background": background}
-        words.update(data.shapes_caption(attrs).split())
-    return sorted(words)
-
-
-def random_t5_description():
-    """What rebuilds the offline default's text encoder exactly (stored in the export's metadata):
-    the tokenizer's pieces, one per word of the shapes captions, equally likely (any other word
-    reads as <unk>); a tiny T5 v1.1 config of that vocabulary; the seed of its random weights."""
-    words = shapes_vocabulary()
-    pieces = [(SPACE_SYMBOL + word, -math.log(len(words))) for word in words]
-    vocab_size = T5Tokenizer.from_pieces(pieces).vocab_size
-    config = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)
-    return {"tokenizer_pieces": pieces, "t5_config": dataclasses.asdict(config), "t5_seed": RANDOM_T5_SEED}
-
-
-def text_encoder_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def random_text_encoder(description, device, clean=True):
-    """The tiny random T5 of `description` (random_t5_description()), frozen, on `device`; `clean`:
-    TextEncoder's prompt cleaning."""
-    tokenizer = T5Tokenizer.from_pieces(description["tokenizer_pieces"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(description["t5_seed"])
-        t5 = T5Encoder(T5Config(**description["t5_config"]))
-    return TextEncoder(tokenizer, freeze(t5).to(device, text_encoder_dtype(device)), clean=clean)
-
-
-def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS, clean=True):
-    """The frozen text encoder `spec` names: a Hub repo or folder holding a T5 v1.1 encoder and its
-    spiece.model (e.g. DeepFloyd/t5-v1_1-xxl), or random-t5."""
-    if spec == RANDOM_T5:
-        return random_text_encoder(random_t5_description(), device, clean)
-    t5 = T5Encoder.from_pretrained(spec, dtype=text_encoder_dtype(device)).to(device)
-    return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length, clean)
-
-
-def text_condition_from_metadata(info, device):
-    """prompts -> the model's condition {"y": (B, L, C), "mask": (B, L)}, from the text encoder a
-    train_t2i.py export was trained with; `info` is that export's metadata["lumos"]."""
-    if info.get("task") != "t2i":
-        raise ValueError(f"text prompts need a train_t2i.py export (ema.safetensors); this is a "
-                         f"{info.get('task', 'i2i')!r} model")
-    clean = info.get("clean_captions", False)  # exports made before the cleaning was added: as trained
-    if info["encoder"] == RANDOM_T5:
-        encoder = random_text_encoder(info, device, clean)
-    else:
-        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"], clean)
-
-    def condition(prompts):
-        y, mask = encoder(prompts)
-        return {"y": y, "mask": mask}
-    return condition
-
-
-def text_condition(encode, device):
-    """Task.condition: the batch's captions through `encode` (a TextEncoder or TextFeatureCache)."""
-    def condition(batch, space):
-        y, mask = encode(batch["caption"])
-        return {"y": y.to(device), "mask": mask.to(device)}
-    return condition
 
 
 #################################################################################
@@ -479,12 +363,7 @@ def t2i_model(args, i2i_state, i2i_info, text_width):
     model = LumosDiT(**{**config, "input_size": input_size, "cond_dim": text_width, "cond_tokens": MAX_TEXT_TOKENS})
     if i2i_state is not None:
         report = transfer_weights(model, i2i_state, new_keys=NEW_KEYS, source=f"--init {args.init}")
-        loaded = [key for key in report["carried"] if key not in RECOMPUTED_KEYS]
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"from {args.init}: loaded {len(loaded)} tensors: {describe_keys(loaded)}\n"
-                  f"  recomputed for this model's size: {describe_keys(list(RECOMPUTED_KEYS))}\n"
-                  f"  new (T5 condition of width {text_width}, initialised as LumosDiT does): "
-                  f"{describe_keys(report['new'])}", flush=True)
+        print_transfer(args.init, report, f"T5 condition of width {text_width}, initialised as LumosDiT does")
     return model
 
 
@@ -505,12 +384,12 @@ def t2i_task(args, i2i_state, i2i_info, device):
     if args.text_cache:
         encode = open_text_cache(args, [item["caption"] for item in eval_items])
     else:
-        encode = load_text_encoder(args.t5, device)
+        encode = load_text_encoder(args.t5, device, vocabulary=data.shapes_vocabulary())
     torch.manual_seed(args.seed)  # the new condition weights
     template = t2i_model(args, i2i_state, i2i_info, encode.width)
     metadata = {"task": "t2i", "init": args.init, "n_captions": args.n_captions, "max_text_tokens": MAX_TEXT_TOKENS,
                 "clean_captions": True,
-                **(random_t5_description() if args.t5 == RANDOM_T5 else {})}
+                **(random_t5_description(data.shapes_vocabulary()) if args.t5 == RANDOM_T5 else {})}
     # No flips (as PixArt): captions name left and right, and a mirrored image would contradict its own.
     return Task(build_model=lambda: copy.deepcopy(template), condition=text_condition(encode, device),
                 dataset=train_set, eval_items=eval_items, metadata=metadata, hflip=False)
@@ -540,23 +419,6 @@ def add_t2i_args(parser):
     return parser
 
 
-def resolve_init(args):
-    """Read --init and fill the settings it fixes into `args`: (state_dict or None, info or None)."""
-    if args.encoder is not None:
-        raise ValueError("--encoder names the I2I image encoder, which T2I does not use; pass the text encoder as --t5")
-    args.encoder = args.t5  # the loop records the condition encoder under "encoder"
-    if args.init == DEFAULT_I2I_EXPORT and not os.path.exists(DEFAULT_I2I_EXPORT):
-        raise FileNotFoundError(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (the "
-                                f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
-    state, info = (None, None) if args.init == "scratch" else load_i2i_init(args.init, args.init_entry)
-    if info is not None:
-        inherit_init_settings(args, info, INHERITED_ARGS)
-    for name, default in SCRATCH_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    return state, info
-
-
 def cache_text(argv):
     """`train_t2i.py cache-text`: the text-feature cache of --data (and of the sample grid's captions)."""
     parser = argparse.ArgumentParser(
@@ -574,6 +436,7 @@ def cache_text(argv):
     a("--batch-size", type=int, default=64)
     a("--workers", type=int, default=0, help="data loader workers reading the captions")
     args = parser.parse_args(argv)
+    # The ranks share no process group: each writes its own shards (write_text_cache).
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -582,7 +445,7 @@ def cache_text(argv):
         base = data.open_dataset(args.data, args.image_size, seed=args.seed)
         eval_items = t2i_eval_items(base, SkipUncaptioned(base), args.image_size, args.seed, args.num_samples)
         captions = dataset_captions(base, args.workers, show_progress=rank == 0) + [item["caption"] for item in eval_items]
-        encoder = load_text_encoder(args.t5, device)
+        encoder = load_text_encoder(args.t5, device, vocabulary=data.shapes_vocabulary())
         settings = {"data": args.data, "seed": args.seed, "num_samples": args.num_samples, "t5": args.t5,
                     "clean_captions": encoder.clean, "max_length": MAX_TEXT_TOKENS}
         written = write_text_cache(captions, args.out, encoder, settings, args.shard_size, args.batch_size,
@@ -602,7 +465,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, world_size, device = setup_distributed()  # train() finds it set up
     try:
-        state, info = resolve_init(args)
+        if args.encoder is not None:
+            raise ValueError("--encoder names the I2I image encoder, which T2I does not use; pass the text encoder as --t5")
+        args.encoder = args.t5  # the loop records the condition encoder under "encoder"
+        if args.init == DEFAULT_I2I_EXPORT and not os.path.exists(DEFAULT_I2I_EXPORT):
+            raise FileNotFoundError(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (the "
+                                    f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
+        state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
         check_args(args, world_size)
         task = t2i_task(args, state, info, device)
     except (ValueError, FileNotFoundError) as error:

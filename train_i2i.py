@@ -57,7 +57,6 @@ import time
 import warnings
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp

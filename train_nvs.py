@@ -45,7 +45,6 @@ import os
 import re
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

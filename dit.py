@@ -2,10 +2,14 @@
 
 Exact to the official Lumos checkpoints (key names, shapes, computation): see SPEC.md section 2.
 The timestep drives adaLN; the condition (one DINO CLS token for I2I, up to 120 T5 tokens for T2I)
-enters only through cross-attention, so the same blocks serve every condition.
+enters only through cross-attention, so the same blocks serve every condition. Novel view synthesis
+is an option of the same model (`pose_dim=4`): the source view joins the noisy target on channels
+and the relative camera pose is mixed into the condition token.
 
     model = DiT_models["DiT-XL/2"]()                       # I2I, 822,006,176 parameters
     out = model(latent, t, cond_tokens, mask)              # (B, 2*4, 32, 32): epsilon, then v
+    nvs = LumosDiT(in_channels=8, out_channels=4, pose_dim=4)
+    out = nvs(target, t, cond_tokens, source=source_latent, pose=pose)
 """
 import json
 import math
@@ -26,18 +30,14 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def attention(q, k, v, mask=None, fused=True):
+def attention(q, k, v, mask=None):
     """q (B, H, N, hd), k/v (B, H, M, hd), mask (B, 1, 1, M) bool, True = attend -> (B, H, N, hd).
 
-    `fused=False` is the plain-math path: the same function, visible to FlopCounterMode and
-    used by bench.py as the reference the fused kernel is compared against.
+    Under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` this runs as plain matmuls and
+    softmax: the reference bench.py compares the fused kernels against, and the form whose
+    matmuls FlopCounterMode counts (it sees no FLOPs in the CPU flash kernel).
     """
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 #################################################################################
@@ -98,7 +98,8 @@ class ConditionEmbedder(nn.Module):
 
     In training a sample's condition is replaced by `y_embedding` with probability `dropout_prob`.
     The caption mask is kept, so the null tokens are cut to the caption's length (as the official
-    forward does, in training and under CFG alike).
+    forward does, in training and under CFG alike). The drop (`token_drop`) and the projection
+    (`forward`) are two calls so that NVS can mix the pose into the tokens in between.
     """
 
     def __init__(self, cond_dim, hidden_size, cond_tokens, dropout_prob):
@@ -108,17 +109,25 @@ class ConditionEmbedder(nn.Module):
         self.register_buffer("y_embedding", torch.randn(cond_tokens, cond_dim) / cond_dim ** 0.5)
         self.dropout_prob = dropout_prob
 
-    def forward(self, y, drop_cond=None, generator=None):
-        """y (B, L, C_cond); drop_cond (B,) bool forces the null condition per sample (CFG, or a
-        training loop that draws its own per-sample randomness); otherwise in training mode the
-        drop is drawn here, from `generator` if given."""
+    def token_drop(self, y, drop_cond=None, generator=None):
+        """y (B, L, C_cond) -> (y with the null condition in dropped rows, drop (B,) bool or None).
+
+        drop_cond (B,) bool forces the null condition per sample (CFG, or a training loop that
+        draws its own per-sample randomness); otherwise in training mode the drop is drawn here,
+        from `generator` if given. None means no sample was dropped.
+        """
         if drop_cond is None and self.training and self.dropout_prob > 0:
             device = generator.device if generator is not None else y.device
             draw = torch.rand(y.shape[0], generator=generator, device=device)
             drop_cond = draw.to(y.device) < self.dropout_prob
-        if drop_cond is not None:
-            null = self.y_embedding[: y.shape[1]].to(y.dtype)
-            y = torch.where(drop_cond.to(y.device)[:, None, None], null[None], y)
+        if drop_cond is None:
+            return y, None
+        drop_cond = drop_cond.to(y.device)
+        null = self.y_embedding[: y.shape[1]].to(y.dtype)
+        return torch.where(drop_cond[:, None, None], null[None], y), drop_cond
+
+    def forward(self, y):
+        """y (B, L, C_cond), after token_drop (and the pose mixer for NVS) -> (B, L, D)."""
         return self.y_proj(y)
 
 
@@ -132,14 +141,13 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.fused = True
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, fused=self.fused)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -148,12 +156,15 @@ class CrossAttention(nn.Module):
 
     mask (B, L) bool, True for real tokens. A sample with no real token gets zero output
     (attention over nothing), not the NaN that an all -inf softmax row would give.
+
+    With one condition token (I2I) the softmax over a single key is exactly 1, so the output is
+    proj(v) of that token, the same for every query: q_linear and the k half of kv_linear get no
+    gradient in I2I. They matter for T2I's many tokens, and the official checkpoints keep them.
     """
 
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.fused = True
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -167,7 +178,7 @@ class CrossAttention(nn.Module):
         if mask is not None:
             has_token = mask.any(dim=1)
             attn_mask = (mask | ~has_token[:, None])[:, None, None, :]
-        out = attention(q, k, v, attn_mask, fused=self.fused).transpose(1, 2).reshape(B, N, D)
+        out = attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, N, D)
         if mask is not None:
             out = out * has_token[:, None, None].to(out.dtype)
         return self.proj(out)
@@ -176,7 +187,9 @@ class CrossAttention(nn.Module):
 class LumosBlock(nn.Module):
     """adaLN-Zero self-attention, ungated cross-attention, adaLN-Zero MLP.
 
-    x (B, N, D), c (B, D) timestep embedding, y (B, L, D) condition tokens -> (B, N, D).
+    x (B, N, D), adaln_input (B, D): the timestep embedding (plus the size micro-conditions in a
+    multi-scale model; the image/text condition never enters adaLN), y (B, L, D) condition tokens
+    -> (B, N, D).
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
@@ -188,15 +201,17 @@ class LumosBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, y, mask=None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+    def forward(self, x, adaln_input, y, mask=None):
+        modulation = self.adaLN_modulation(adaln_input)[:, None]
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + self.cross_attn(x, y, mask)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
-    """(B, N, D), c (B, D) -> (B, N, p*p*C_pred), modulated by a learned table plus c."""
+    """x (B, N, D), adaln_input (B, D) -> (B, N, p*p*C_pred), modulated by a learned table plus
+    adaln_input."""
 
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
@@ -204,49 +219,62 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
-    def forward(self, x, c):
-        shift, scale = (self.scale_shift_table[None] + c[:, None]).chunk(2, dim=1)
+    def forward(self, x, adaln_input):
+        shift, scale = (self.scale_shift_table[None] + adaln_input[:, None]).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class LumosDiT(nn.Module):
     """DiT with cross-attention conditioning, as in Lumos (I2I: one DINO token; T2I: T5 tokens).
 
-    `out_channels` defaults to `in_channels`; a model fed extra input channels (NVS concatenates
-    the source view) still predicts the latent channels. With `learn_sigma` the output has
-    2 * out_channels: epsilon (or v), then the variance interpolation.
+    `out_channels` defaults to `in_channels`. With `learn_sigma` the output has 2 * out_channels:
+    epsilon (or v), then the variance interpolation. With `pose_dim` > 0 the model does novel view
+    synthesis (NVS, pose_dim 4: [d_polar, sin d_azimuth, cos d_azimuth, d_radius]): it takes the
+    noisy target and the source view, concatenated on channels (in_channels = 2 * out_channels),
+    and `pose_mixer` turns [condition feature, pose] into the condition token.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, cond_dim=768, cond_tokens=1, learn_sigma=True,
-                 class_dropout_prob=0.1, lewei_scale=1.0, out_channels=None, grad_checkpointing=False):
+                 cond_dropout_prob=0.1, lewei_scale=1.0, out_channels=None, pose_dim=0,
+                 grad_checkpointing=False):
         super().__init__()
         # Everything needed to rebuild this model (saved in checkpoints and exports).
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            cond_dim=cond_dim, cond_tokens=cond_tokens, learn_sigma=learn_sigma,
-                           class_dropout_prob=class_dropout_prob, lewei_scale=lewei_scale,
-                           out_channels=out_channels or in_channels)
+                           cond_dropout_prob=cond_dropout_prob, lewei_scale=lewei_scale,
+                           out_channels=out_channels or in_channels, pose_dim=pose_dim)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if pose_dim and in_channels != 2 * (out_channels or in_channels):
+            raise ValueError(f"LumosDiT with pose_dim={pose_dim} (NVS) takes the target and the source view: "
+                             f"in_channels must be 2 x out_channels, "
+                             f"got {in_channels} and {out_channels or in_channels}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.lewei_scale = hidden_size, lewei_scale
         self.cond_dim, self.cond_tokens, self.learn_sigma = cond_dim, cond_tokens, learn_sigma
         self.out_channels = out_channels or in_channels
         self.pred_channels = self.out_channels * 2 if learn_sigma else self.out_channels
+        self.pose_dim = pose_dim
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = ConditionEmbedder(cond_dim, hidden_size, cond_tokens, class_dropout_prob)
+        self.y_embedder = ConditionEmbedder(cond_dim, hidden_size, cond_tokens, cond_dropout_prob)
         grid = input_size // patch_size
         pos_embed = get_2d_sincos_pos_embed(hidden_size, grid, lewei_scale, base_size=grid)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float()[None])
         self.blocks = nn.ModuleList([LumosBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.pred_channels)
         self.initialize_weights()
+        if pose_dim:
+            # Built after the other weights are drawn (as the NVSDiT subclass did), so that a
+            # seeded run draws the same random numbers as before.
+            self.pose_mixer = nn.Linear(cond_dim + pose_dim, cond_dim)
+            self.initialize_pose_mixer()
 
     def initialize_weights(self):
         def xavier_linear(module):
@@ -272,6 +300,14 @@ class LumosDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    @torch.no_grad()
+    def initialize_pose_mixer(self):
+        # Identity on the feature, zero on the pose and the bias (Zero-1-to-3's cc_projection): the
+        # condition token starts as the feature itself, so I2I weights start from their own function.
+        self.pose_mixer.weight.zero_()
+        self.pose_mixer.weight[:, : self.cond_dim].copy_(torch.eye(self.cond_dim))
+        self.pose_mixer.bias.zero_()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # pos_embed is fixed by this model's size and lewei_scale: recompute instead of copying, so
         # a 256 px checkpoint loads into a 512 px model.
@@ -286,41 +322,62 @@ class LumosDiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None):
+    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None, source=None, pose=None):
         """
-        x: (B, C_in, H, W) noisy input; t: (B,) float timesteps in [0, 1000);
-        y: (B, L, cond_dim) condition tokens; mask: (B, L) bool/0-1, True for real tokens, or None;
-        drop_cond: (B,) bool, True forces the null condition (CFG); generator: for the training
-        dropout draw when drop_cond is None.
+        x: (B, in_channels, H, W) noisy input; with pose_dim, (B, out_channels, H, W) the noisy
+        target; t: (B,) float timesteps in [0, 1000); y: (B, L, cond_dim) condition tokens;
+        mask: (B, L) bool/0-1, True for real tokens, or None;
+        drop_cond: (B,) bool, True forces the null condition (CFG); None in training draws it with
+        cond_dropout_prob, from `generator` if given;
+        source: (B, out_channels, H, W) the source view, pose: (B, pose_dim) the relative camera
+        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose.
         Returns (B, pred_channels, H, W).
         """
-        self._check_inputs(x, y, mask)
+        self._check_inputs(x, y, mask, source, pose)
         if mask is not None:
             mask = mask.bool()
+        y, dropped = self.y_embedder.token_drop(y, drop_cond, generator)
+        if self.pose_dim:
+            x, y = self.add_view(x, y, source, pose, dropped)
         latent_tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t)
-        cond_tokens = self.y_embedder(y, drop_cond, generator)
+        adaln_input = self.t_embedder(t)
+        cond_tokens = self.y_embedder(y)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                latent_tokens = checkpoint(block, latent_tokens, c, cond_tokens, mask, use_reentrant=False)
+                latent_tokens = checkpoint(block, latent_tokens, adaln_input, cond_tokens, mask, use_reentrant=False)
             else:
-                latent_tokens = block(latent_tokens, c, cond_tokens, mask)
-        return self.unpatchify(self.final_layer(latent_tokens, c))
+                latent_tokens = block(latent_tokens, adaln_input, cond_tokens, mask)
+        return self.unpatchify(self.final_layer(latent_tokens, adaln_input))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None):
+    def add_view(self, x, y, source, pose, dropped):
+        """NVS: x (B, C, H, W), y (B, L, cond_dim), source (B, C, H, W), pose (B, pose_dim), dropped
+        (B,) bool or None -> x (B, 2C, H, W) with the source view, y (B, L, cond_dim) with the pose.
+
+        A dropped sample's source becomes zeros: the unconditional branch sees no image of the
+        object at all (Zero-1-to-3's), only the pose.
+        """
+        if dropped is not None:
+            source = torch.where(dropped[:, None, None, None], torch.zeros_like(source), source)
+        pose_tokens = pose.to(y.dtype)[:, None].expand(-1, y.shape[1], -1)
+        y = self.pose_mixer(torch.cat([y, pose_tokens], dim=-1))
+        return torch.cat([x, source.to(x.dtype)], dim=1), y
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None, **views):
         """Classifier-free guidance in one batch: eps_u + s * (eps_c - eps_u) on the epsilon
-        channels only; the variance channels come from the conditional half. Shapes as forward."""
+        channels only; the variance channels come from the conditional half. `views`: source and
+        pose for NVS. Shapes as forward."""
         batch = x.shape[0]
         drop_cond = torch.arange(2 * batch, device=x.device) >= batch
         doubled = lambda a: None if a is None else torch.cat([a, a])
-        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond)
+        views = {name: doubled(value) for name, value in views.items()}
+        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond, **views)
         eps, rest = out[:, : self.out_channels], out[:, self.out_channels:]
         eps_cond, eps_uncond = eps.chunk(2)
         guided = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
         return torch.cat([guided, rest[:batch]], dim=1)
 
-    def _check_inputs(self, x, y, mask):
-        C, S = self.in_channels, self.input_size
+    def _check_inputs(self, x, y, mask, source, pose):
+        C, S = self.out_channels if self.pose_dim else self.in_channels, self.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (C, S, S):
             raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {C}, {S}, {S})")
         if y.ndim != 3 or y.shape[-1] != self.cond_dim or y.shape[1] > self.cond_tokens:
@@ -328,24 +385,19 @@ class LumosDiT(nn.Module):
                              f"expected (B, L<={self.cond_tokens}, {self.cond_dim})")
         if mask is not None and tuple(mask.shape) != tuple(y.shape[:2]):
             raise ValueError(f"LumosDiT mask has shape {tuple(mask.shape)}, expected {tuple(y.shape[:2])}")
+        self._check_views(x, source, pose)
 
-
-def forward_flops(model, batch_size=1, cond_len=None):
-    """Analytic forward FLOPs (2 per multiply-add) of the matmuls, convolution and attention;
-    elementwise work is left out, as in the DiT paper and nanoGPT."""
-    D, T = model.hidden_size, (model.input_size // model.patch_size) ** 2
-    L = cond_len or model.cond_tokens
-    patch_in = model.in_channels * model.patch_size ** 2
-    mlp_hidden = model.blocks[0].mlp.fc1.out_features
-    embed = T * patch_in * D + (256 * D + D * D) + L * (model.cond_dim * D + D * D)
-    per_block = (D * 6 * D                     # adaLN modulation
-                 + T * D * 3 * D + T * D * D   # self-attention qkv, proj
-                 + 2 * T * T * D               # self-attention scores and values
-                 + 2 * T * D * D + L * D * 2 * D  # cross-attention q, proj, kv
-                 + 2 * T * L * D               # cross-attention scores and values
-                 + 2 * T * D * mlp_hidden)     # MLP
-    final = T * D * model.patch_size ** 2 * model.pred_channels
-    return 2 * batch_size * (embed + len(model.blocks) * per_block + final)
+    def _check_views(self, x, source, pose):
+        if not self.pose_dim:
+            if source is not None or pose is not None:
+                raise ValueError("LumosDiT: source and pose are inputs of a model with pose_dim > 0 (NVS); "
+                                 "this one has pose_dim=0")
+            return
+        if source is None or pose is None:
+            raise ValueError(f"LumosDiT with pose_dim={self.pose_dim} (NVS) needs both source and pose")
+        if tuple(source.shape) != tuple(x.shape) or tuple(pose.shape) != (x.shape[0], self.pose_dim):
+            raise ValueError(f"LumosDiT: source {tuple(source.shape)} must match x {tuple(x.shape)} and pose "
+                             f"{tuple(pose.shape)} must be ({x.shape[0]}, {self.pose_dim})")
 
 
 #################################################################################
@@ -384,6 +436,24 @@ def build_model(name, **overrides):
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(DiT_models)}")
     return DiT_models[name](**overrides)
+
+
+#################################################################################
+#                                 Saved configs                                 #
+#################################################################################
+
+def upgrade_config(config):
+    """A LumosDiT config saved by an earlier version -> a new dict in today's form (a current
+    config comes back equal). Earlier versions called the condition dropout `class_dropout_prob`,
+    and built NVS models (in_channels = 2 * out_channels) as a subclass with no `pose_dim` key
+    and a 4-d pose."""
+    config = dict(config)
+    if "class_dropout_prob" in config:
+        config["cond_dropout_prob"] = config.pop("class_dropout_prob")
+    if "pose_dim" not in config:
+        channels = config.get("in_channels", 4)
+        config["pose_dim"] = 4 if channels == 2 * config.get("out_channels", channels) else 0
+    return config
 
 
 #################################################################################
@@ -510,3 +580,27 @@ def config_from_state(state, source):
                   cond_dim=null_condition.shape[1], cond_tokens=null_condition.shape[0],
                   learn_sigma=predicted == 2 * channels, cond_dropout_prob=0.1, lewei_scale=1.0, out_channels=channels)
     return config, name
+
+
+#################################################################################
+#                                     FLOPs                                     #
+#################################################################################
+
+def forward_flops(model, batch_size=1, cond_len=None):
+    """Analytic forward FLOPs (2 per multiply-add) of the matmuls, convolution and attention;
+    elementwise work is left out, as in the DiT paper and nanoGPT."""
+    D, T = model.hidden_size, (model.input_size // model.patch_size) ** 2
+    L = cond_len or model.cond_tokens
+    patch_in = model.in_channels * model.patch_size ** 2
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    embed = T * patch_in * D + (256 * D + D * D) + L * (model.cond_dim * D + D * D)
+    if model.pose_dim:
+        embed += L * (model.cond_dim + model.pose_dim) * model.cond_dim  # pose mixer
+    per_block = (D * 6 * D                     # adaLN modulation
+                 + T * D * 3 * D + T * D * D   # self-attention qkv, proj
+                 + 2 * T * T * D               # self-attention scores and values
+                 + 2 * T * D * D + L * D * 2 * D  # cross-attention q, proj, kv
+                 + 2 * T * L * D               # cross-attention scores and values
+                 + 2 * T * D * mlp_hidden)     # MLP
+    final = T * D * model.patch_size ** 2 * model.pred_channels
+    return 2 * batch_size * (embed + len(model.blocks) * per_block + final)

@@ -14,6 +14,7 @@ and the relative camera pose is mixed into the condition token.
 import json
 import math
 import os
+import warnings
 from functools import partial
 
 import numpy as np
@@ -459,6 +460,10 @@ def upgrade_config(config):
 #################################################################################
 #           Weights on disk: exports, training checkpoints, the release         #
 #################################################################################
+
+# torch.distributed.checkpoint works in a single process too, and warns about it at every load and save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 
 def checkpoint_dir(out):
     return os.path.join(out, "checkpoints")

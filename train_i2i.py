@@ -54,7 +54,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -78,9 +77,6 @@ from encoders import (RANDOM_VIT, VAE, ImageSpace, cached_condition, image_condi
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
                "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-# torch.distributed.checkpoint works in a single process too, and warns about it at every save.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
 
 class UsageError(ValueError):
     """Bad arguments found once the run has started (e.g. a --resume with another configuration):

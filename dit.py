@@ -31,16 +31,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def attention(q, k, v, mask=None):
-    """q (B, H, N, hd), k/v (B, H, M, hd), mask (B, 1, 1, M) bool, True = attend -> (B, H, N, hd).
-
-    Under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` this runs as plain matmuls and
-    softmax: the reference bench.py compares the fused kernels against, and the form whose
-    matmuls FlopCounterMode counts (it sees no FLOPs in the CPU flash kernel).
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 #################################################################################
 #               Embedding Layers for Timesteps and Conditions                   #
 #################################################################################
@@ -137,7 +127,12 @@ class ConditionEmbedder(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Self-attention with fused QKV: (B, N, D) -> (B, N, D)."""
+    """Self-attention with fused QKV: (B, N, D) -> (B, N, D).
+
+    Attention is F.scaled_dot_product_attention; under `torch.nn.attention.sdpa_kernel(
+    SDPBackend.MATH)` it runs as plain matmuls and softmax: the reference bench.py compares the
+    fused kernels against, and the form whose FLOPs FlopCounterMode sees (not the CPU flash kernel's).
+    """
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -148,7 +143,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -179,7 +174,7 @@ class CrossAttention(nn.Module):
         if mask is not None:
             has_token = mask.any(dim=1)
             attn_mask = (mask | ~has_token[:, None])[:, None, None, :]
-        out = attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, N, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, D)
         if mask is not None:
             out = out * has_token[:, None, None].to(out.dtype)
         return self.proj(out)
@@ -386,9 +381,6 @@ class LumosDiT(nn.Module):
                              f"expected (B, L<={self.cond_tokens}, {self.cond_dim})")
         if mask is not None and tuple(mask.shape) != tuple(y.shape[:2]):
             raise ValueError(f"LumosDiT mask has shape {tuple(mask.shape)}, expected {tuple(y.shape[:2])}")
-        self._check_views(x, source, pose)
-
-    def _check_views(self, x, source, pose):
         if not self.pose_dim:
             if source is not None or pose is not None:
                 raise ValueError("LumosDiT: source and pose are inputs of a model with pose_dim > 0 (NVS); "

@@ -2359,20 +2359,15 @@ def latent_assets(tmp_path_factory):
 # FSDP2 under torchrun
 
 
-# The launch matrix: the training scripts under torchrun (2 ranks, gloo, CPU), in the
-# configurations users start them with, pairwise over task x precision x compile x data:
-#   test                                           task precision compile data        also
-#   ..._i2i_fp32_eager_on_the_fly_equals_one_rank  i2i  fp32      eager   on the fly  --grad-accum 2, guided grid
-#                                                                                     between checkpoints; = 1 rank
-#   ..._i2i_bf16_compiled_cache_resumes_on_one_rank i2i bf16      compile cache       grid between checkpoints;
-#                                                                                     2-rank checkpoint, 1-rank resume
-#   ..._t2i_bf16_compiled_on_the_fly               t2i  bf16      compile on the fly  guided grid between checkpoints
-#   ..._t2i_fp32_eager_caches_equal_one_rank       t2i  fp32      eager   image+text  --grad-accum 2, guided grid; = 1 rank
-#                                                                         caches
-#   ..._nvs_bf16_eager_exact_timesteps             nvs  bf16      eager   on the fly  guided grid; exact t, fp32 residual
-#                                                                                     stream; 1 rank within the bf16 bound
-#   ..._nvs_fp32_compiled_grad_accum               nvs  fp32      compile on the fly  --grad-accum 2, grid
-# (NVS has no feature cache.) Every grid falls between checkpoints, so an EMA update follows it.
+# The launch matrix: the training scripts under torchrun (2 ranks, gloo, CPU) as users start them,
+# pairwise over task x precision x compile x data (NVS has no feature cache):
+#   i2i fp32 eager   on the fly  --grad-accum 2, guided grid between checkpoints; = 1 rank
+#   i2i bf16 compile cache       grid between checkpoints; 2-rank checkpoint, 1-rank resume
+#   t2i bf16 compile on the fly  guided grid between checkpoints
+#   t2i fp32 eager   image+text caches  --grad-accum 2, guided grid; = 1 rank
+#   nvs bf16 eager   on the fly  guided grid; exact t, fp32 residual stream; 1 rank within the bf16 bound
+#   nvs fp32 compile on the fly  --grad-accum 2, grid
+# Every grid falls between checkpoints, so an EMA update follows it.
 LAUNCH_NVS = ["train_nvs.py", "--init", "scratch", *TINY_SIZE, *TINY_LOOP, "--data", "multiview:4", "--held-out-objects",
               "1", "--steps", "3", "--ckpt-every", "3", "--sample-every", "2"]
 
@@ -2444,31 +2439,20 @@ import torch
 sys.path.insert(0, {repo!r})
 import dit, train_i2i
 seen = {{"drawn": [], "t": [], "y": [], "residual": []}}
-draw, embed, forward, block = (train_i2i.sample_randomness, dit.TimestepEmbedder.forward, dit.LumosDiT.forward,
-                               dit.LumosBlock.forward)
 
-def sample_randomness(*args):
-    drawn = draw(*args)
-    seen["drawn"] += drawn[1].tolist()
-    return drawn
+def spy(owner, name, record):  # record(args, kwargs, result) of each call in training (grad enabled)
+    real = getattr(owner, name)
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            record(args, kwargs, result)
+        return result
+    setattr(owner, name, call)
 
-def timestep_embedder(self, t):
-    if torch.is_grad_enabled():
-        seen["t"] += t.tolist()
-    return embed(self, t)
-
-def model_forward(self, x, t, y, *args, **kwargs):
-    if torch.is_grad_enabled():
-        seen["y"].append(str(y.dtype))
-    return forward(self, x, t, y, *args, **kwargs)
-
-def block_forward(self, x, *args):
-    if torch.is_grad_enabled():
-        seen["residual"].append(str(x.dtype))
-    return block(self, x, *args)
-
-train_i2i.sample_randomness, dit.TimestepEmbedder.forward = sample_randomness, timestep_embedder
-dit.LumosDiT.forward, dit.LumosBlock.forward = model_forward, block_forward
+spy(train_i2i, "sample_randomness", lambda args, kwargs, drawn: seen["drawn"].extend(drawn[1].tolist()))
+spy(dit.TimestepEmbedder, "forward", lambda args, kwargs, _: seen["t"].extend(args[1].tolist()))
+spy(dit.LumosDiT, "forward", lambda args, kwargs, _: seen["y"].append(str((kwargs["y"] if "y" in kwargs else args[3]).dtype)))
+spy(dit.LumosBlock, "forward", lambda args, kwargs, _: seen["residual"].append(str(args[1].dtype)))
 script, out = sys.argv[1], sys.argv[sys.argv.index("--out") + 1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
@@ -2954,7 +2938,6 @@ def test_default_needs_the_i2i_export_and_rejects_an_image_encoder(tmp_path, mon
     assert "pass the text encoder as --t5" in errors
 
 
-@pytest.mark.slow
 def test_finetune_from_the_i2i_export_then_sample_t2i(tiny_i2i, tiny_t2i, tmp_path):
     assert read_metrics(tiny_t2i)["step"] == [1, 2] and read_metrics(tiny_t2i)["nonfinite_steps"][-1] == 0
     model, metadata = train_i2i.load_export(str(tiny_t2i / "ema.safetensors"))
@@ -2998,7 +2981,6 @@ def test_coco_fid30k_protocol_end_to_end_on_a_tiny_fake_coco(tiny_t2i, tmp_path)
     assert (tmp_path / "fid" / "captions.txt").read_text().splitlines() == [caption for _, caption in pairs]
 
 
-@pytest.mark.slow
 def test_scratch_run_from_the_text_cache_counts_uncaptioned_images(tmp_path):
     folder = write_captioned_folder(tmp_path / "pairs", ["a red circle", None, "a blue star", "", "a green cross"] * 2)
     cache_dir = str(tmp_path / "cache")
@@ -3045,9 +3027,7 @@ def view_inputs(batch=4, channels=3, size=8, cond_dim=16):
                 source=torch.randn(batch, channels, size, size, generator=gen), pose=torch.randn(batch, 4, generator=gen))
 
 
-#################################################################################
-#                               Relative pose                                   #
-#################################################################################
+# ---- Relative pose ---------------------------------------------------------------------------
 
 def zero123_get_T(target_RT, cond_RT):
     """Zero-1-to-3's relative pose, written out independently from its published formula."""
@@ -3103,9 +3083,7 @@ def test_look_at_puts_the_camera_there_looking_at_the_origin():
         train_nvs.look_at([0, 0, 2.0])
 
 
-#################################################################################
-#                               Weight transfer                                 #
-#################################################################################
+# ---- Weight transfer -------------------------------------------------------------------------
 
 def test_transfer_carries_widens_and_adds_weights():
     i2i = random_i2i()
@@ -3202,9 +3180,7 @@ def test_nvs_model_checks_its_view_inputs():
         train_nvs.NVSDiT(**{**TINY_I2I, "in_channels": 3})
 
 
-#################################################################################
-#                      Reading I2I checkpoints to start from                    #
-#################################################################################
+# ---- Reading I2I checkpoints to start from ---------------------------------------------------
 
 def test_load_i2i_init_from_an_export_a_checkpoint_and_an_official_pth(tmp_path, monkeypatch):
     model, ema = random_i2i(seed=0), random_i2i(seed=1)
@@ -3251,9 +3227,7 @@ def test_load_i2i_init_errors(tmp_path):
         train_i2i.load_i2i_init(str(tmp_path / "ema.safetensors"))
 
 
-#################################################################################
-#                                   Data                                        #
-#################################################################################
+# ---- Data ------------------------------------------------------------------------------------
 
 def test_renderer_is_deterministic_and_views_differ():
     obj = train_nvs.sample_object(0, 3)
@@ -3339,9 +3313,7 @@ def test_zero123_folder_errors(tmp_path):
         train_set[0]
 
 
-#################################################################################
-#                                 End to end                                    #
-#################################################################################
+# ---- End to end ------------------------------------------------------------------------------
 
 def test_default_init_without_an_i2i_run_trains_from_scratch(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -3353,7 +3325,6 @@ def test_default_init_without_an_i2i_run_trains_from_scratch(tmp_path, monkeypat
     assert (args.encoder, args.image_size, args.vae, args.data) == ("random-vit", 32, None, "multiview:2000")
 
 
-@pytest.mark.slow
 def test_fine_tune_from_an_i2i_export_and_rebuild_the_export_then_sample(tmp_path, tiny_i2i):
     i2i_export, out = str(tiny_i2i / "ema.safetensors"), tmp_path / "nvs"
     train_nvs.main(["--init", i2i_export, *TINY_LOOP, "--data", "multiview:4", "--held-out-objects", "1", "--steps", "3",
@@ -3377,7 +3348,6 @@ def test_fine_tune_from_an_i2i_export_and_rebuild_the_export_then_sample(tmp_pat
     assert sorted(os.listdir(tmp_path / "views")) == ["000000.png", "000001.png", "grid.png"]
 
 
-@pytest.mark.slow
 def test_from_scratch_on_a_zero123_folder_counts_bad_pose_files(tmp_path):
     write_objects(tmp_path / "views", 3)
     os.remove(tmp_path / "views" / "000000" / "007.npy")

@@ -2302,17 +2302,23 @@ def test_export_rebuilds_the_model_from_its_metadata_alone(tiny_i2i):
     assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), y).shape == (2, 6, 16, 16)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--global-batch-size", "6", "--grad-accum", "4"], "--global-batch-size 6 must be divisible"),
-    (["--image-size", "18"], "--image-size 18 must be divisible by 4"),
-    (["--model", "DiT-Huge/2"], "unknown --model 'DiT-Huge/2'"),
-    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+@pytest.mark.parametrize("script, extra, message", [
+    (train_i2i, ["--global-batch-size", "6", "--grad-accum", "4"], "--global-batch-size 6 must be divisible"),
+    (train_i2i, ["--image-size", "18"], "--image-size 18 must be divisible by 4"),
+    (train_i2i, ["--model", "DiT-Huge/2"], "unknown --model 'DiT-Huge/2'"),
+    (train_i2i, ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (train_nvs, ["--init", "scratch", "--data", "multiview:0"], "multiview:N with N a positive integer"),
+    (train_nvs, ["--init", "{export}", "--depth", "2"], "--depth: the model's size comes from --init"),
+    (train_nvs, ["--init", "{export}", "--vae", "some/vae"], "is a 3-channel model, but this run is in latent space"),
+    (train_nvs, ["--init", "{export}", "--encoder", "facebook/dino-vitb16"], "--encoder facebook/dino-vitb16: --init"),
+    (train_nvs, ["--init", "{missing}"], "no such file"),
 ])
-def test_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, message):
+def test_bad_arguments_fail_with_one_line(tmp_path, capsys, tiny_i2i, script, extra, message):
+    paths = {"export": tiny_i2i / "ema.safetensors", "missing": tmp_path / "none.safetensors"}
     with pytest.raises(SystemExit) as exit_info:
-        train_i2i.main(TINY_RUN + ["--out", str(tmp_path), *extra])
+        script.main((TINY_RUN if script is train_i2i else []) + [arg.format(**paths) for arg in extra] + ["--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("train_i2i.py: error:") and message in err and "\n" not in err
+    assert exit_info.value.code == 2 and err.startswith(f"{script.__name__}.py: error:") and message in err and "\n" not in err
 
 
 def test_per_sample_randomness_does_not_depend_on_batching():
@@ -3358,25 +3364,6 @@ def test_from_scratch_on_a_zero123_folder_counts_bad_pose_files(tmp_path):
     skipped = sum(len(batch["skipped"]) for batch in itertools.islice(loader, 3))
     logged = read_metrics(tmp_path / "nvs")
     assert logged["step"] == [1, 2, 3] and logged["nonfinite_steps"][-1] == 0 and logged["skipped_files"][-1] == skipped > 0
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--init", "scratch", "--data", "multiview:0"], "multiview:N with N a positive integer"),
-    (["--init", "{export}", "--depth", "2"], "--depth: the model's size comes from --init"),
-    (["--init", "{export}", "--vae", "some/vae"], "is a 3-channel model, but this run is in latent space"),
-    (["--init", "{export}", "--encoder", "facebook/dino-vitb16"], "--encoder facebook/dino-vitb16: --init"),
-    (["--init", "{missing}"], "no such file"),
-])
-def test_nvs_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, message):
-    model = random_i2i()
-    lumos = {"task": "i2i", "model": "DiT-S/2", "config": model.config, "vae": None, "encoder": "random-vit",
-             "image_size": 8, "prediction": "epsilon"}
-    train_i2i.export_ema(types.SimpleNamespace(out=str(tmp_path)), model, 0, {"lumos": lumos})
-    paths = {"export": str(tmp_path / "ema.safetensors"), "missing": str(tmp_path / "none.safetensors")}
-    with pytest.raises(SystemExit) as exit_info:
-        train_nvs.main([arg.format(**paths) for arg in extra] + ["--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("train_nvs.py: error:") and message in err and "\n" not in err
 
 
 ####################################################################################################

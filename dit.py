@@ -505,6 +505,7 @@ def read_weights(spec, entry="ema"):
     info: "config" (LumosDiT config, in today's form), "task", and the settings of the run: "model",
     "vae", "encoder", "image_size", "prediction" and the task's own (None where the file does not
     say: the official file says only what its tensors show)."""
+    spec = str(spec)
     if spec.endswith(".safetensors"):
         state, info = _read_export(spec)
     elif os.path.isdir(spec):

@@ -444,6 +444,21 @@ INHERITED_ARGS = ("model", "vae", "encoder", "learn_sigma")
 SCRATCH_DEFAULTS = {"encoder": RANDOM_VIT, "learn_sigma": True, "image_size": 32, "prediction": "epsilon"}
 
 
+def read_init(args):
+    """train_i2i.resolve_init, with NVS's own rules: --init auto falls back to scratch when the
+    default I2I run is missing, and the DINO of the weights must be known."""
+    if args.init == "auto":
+        args.init = DEFAULT_I2I_EXPORT if os.path.exists(DEFAULT_I2I_EXPORT) else "scratch"
+        if args.init == "scratch" and int(os.environ.get("RANK", 0)) == 0:
+            print(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (its offline "
+                  f"default) or pass --init; training from scratch now", flush=True)
+    state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
+    if info is not None and args.encoder is None:
+        raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
+                         f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
+    return state, info
+
+
 def add_nvs_args(parser):
     add_train_args(parser)
     # A short fine-tuning, a few minutes on a CPU with the offline model; the EMA decay is shortened
@@ -466,15 +481,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, world_size, device = setup_distributed()  # train() finds it set up
     try:
-        if args.init == "auto":
-            args.init = DEFAULT_I2I_EXPORT if os.path.exists(DEFAULT_I2I_EXPORT) else "scratch"
-            if args.init == "scratch" and int(os.environ.get("RANK", 0)) == 0:
-                print(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (its offline "
-                      f"default) or pass --init; training from scratch now", flush=True)
-        state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
-        if info is not None and args.encoder is None:
-            raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
-                             f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
+        state, info = read_init(args)
         check_args(args, world_size)
         task = nvs_task(args, state, info, device)
     except (ValueError, FileNotFoundError) as error:

@@ -405,6 +405,18 @@ INHERITED_ARGS = ("model", "vae", "learn_sigma")
 SCRATCH_DEFAULTS = {"learn_sigma": True, "image_size": 32, "prediction": "epsilon"}
 
 
+def read_init(args):
+    """train_i2i.resolve_init, after T2I's own rules: the condition encoder is the text encoder
+    (--t5), and the default --init must exist (the default run is always the fine-tuned one)."""
+    if args.encoder is not None:
+        raise ValueError("--encoder names the I2I image encoder, which T2I does not use; pass the text encoder as --t5")
+    args.encoder = args.t5  # the loop records the condition encoder under "encoder"
+    if args.init == DEFAULT_I2I_EXPORT and not os.path.exists(DEFAULT_I2I_EXPORT):
+        raise FileNotFoundError(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (the "
+                                f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
+    return resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
+
+
 def add_t2i_args(parser):
     add_train_args(parser)
     parser.set_defaults(out="runs/t2i", data="shapes:20000", steps=300, lr=3e-4, warmup_steps=50,
@@ -465,13 +477,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _, world_size, device = setup_distributed()  # train() finds it set up
     try:
-        if args.encoder is not None:
-            raise ValueError("--encoder names the I2I image encoder, which T2I does not use; pass the text encoder as --t5")
-        args.encoder = args.t5  # the loop records the condition encoder under "encoder"
-        if args.init == DEFAULT_I2I_EXPORT and not os.path.exists(DEFAULT_I2I_EXPORT):
-            raise FileNotFoundError(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (the "
-                                    f"offline default), or pass --init (an export, a run folder, Lumos_I2I.pth, or scratch)")
-        state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
+        state, info = read_init(args)
         check_args(args, world_size)
         task = t2i_task(args, state, info, device)
     except (ValueError, FileNotFoundError) as error:

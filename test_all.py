@@ -93,8 +93,7 @@ def tiny_i2i(tmp_path_factory):
 # dit
 ####################################################################################################
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
-            cond_dim=12, cond_tokens=5)
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, cond_dim=12, cond_tokens=5)
 POSE = dict(in_channels=8, out_channels=4, pose_dim=4)  # NVS: the target, then the source view
 
 
@@ -111,20 +110,18 @@ def tiny_model(seed=0, **overrides):
 def tiny_inputs(model, batch=3, seed=1):
     """x, t, y, mask in the model's dtype, and views: source and pose for a pose model, else {}."""
     g, S, dtype = torch.Generator().manual_seed(seed), model.input_size, model.pos_embed.dtype
-    channels = model.out_channels if model.pose_dim else model.in_channels
-    x = torch.randn(batch, channels, S, S, generator=g, dtype=dtype)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    x = randn(batch, model.out_channels if model.pose_dim else model.in_channels, S, S)
     t = torch.rand(batch, generator=g) * 999
-    y = torch.randn(batch, model.cond_tokens, model.cond_dim, generator=g, dtype=dtype)
-    mask = torch.ones(batch, model.cond_tokens, dtype=torch.bool)
+    y, mask = randn(batch, model.cond_tokens, model.cond_dim), torch.ones(batch, model.cond_tokens, dtype=torch.bool)
     mask[1, 3:] = False
-    views = dict(source=torch.randn(batch, model.out_channels, S, S, generator=g, dtype=dtype),
-                 pose=torch.randn(batch, model.pose_dim, generator=g, dtype=dtype)) if model.pose_dim else {}
+    views = dict(source=randn(batch, model.out_channels, S, S),
+                 pose=randn(batch, model.pose_dim)) if model.pose_dim else {}
     return x, t, y, mask, views
 
 
 def reference_forward(model, x, t, y, mask):
-    """SPEC section 2 restated with plain ops on the state dict, one sample at a time, so that
-    cross-attention sees exactly that sample's real tokens."""
+    """SPEC section 2 restated with plain ops on the state dict, one sample at a time (attending to its real tokens)."""
     sd = model.state_dict()
     D, H, p = model.hidden_size, model.blocks[0].attn.num_heads, model.patch_size
     lin = lambda v, name: v @ sd[name + ".weight"].T + sd[name + ".bias"]
@@ -136,18 +133,15 @@ def reference_forward(model, x, t, y, mask):
         w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // H), dim=-1)
         return (w @ v).transpose(0, 1).reshape(-1, D)
 
-    # The sinusoid of t is float32 by design (as the release computes it), whatever the model's
-    # dtype: computed here for the whole batch with the same ops, so that it is bitwise the model's.
-    k = torch.arange(128, dtype=torch.float32)
-    args = t.float()[:, None] * torch.exp(-math.log(10000) * k / 128)[None]
+    # The sinusoid of t is float32 by design (as in the release): the model's ops on the whole batch, so bitwise its.
+    args = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
     t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
     outs = []
     for i in range(x.shape[0]):
         tokens = F.conv2d(x[i:i + 1], sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
         tokens = tokens.flatten(2)[0].T + sd["pos_embed"][0]
         c = lin(F.silu(lin(t_freq[i], "t_embedder.mlp.0")), "t_embedder.mlp.2")
-        cond = y[i][mask[i]]
-        cond = lin(gelu(lin(cond, "y_embedder.y_proj.fc1")), "y_embedder.y_proj.fc2")
+        cond = lin(gelu(lin(y[i][mask[i]], "y_embedder.y_proj.fc1")), "y_embedder.y_proj.fc2")
         for b in range(len(model.blocks)):
             pre = f"blocks.{b}."
             s1, sc1, g1, s2, sc2, g2 = lin(F.silu(c), pre + "adaLN_modulation.1").chunk(6)
@@ -155,12 +149,10 @@ def reference_forward(model, x, t, y, mask):
             tokens = tokens + g1 * lin(mha(q, kk, v), pre + "attn.proj")
             ck, cv = lin(cond, pre + "cross_attn.kv_linear").chunk(2, dim=-1)
             tokens = tokens + lin(mha(lin(tokens, pre + "cross_attn.q_linear"), ck, cv), pre + "cross_attn.proj")
-            hidden = gelu(lin(ln(tokens) * (1 + sc2) + s2, pre + "mlp.fc1"))
-            tokens = tokens + g2 * lin(hidden, pre + "mlp.fc2")
+            tokens = tokens + g2 * lin(gelu(lin(ln(tokens) * (1 + sc2) + s2, pre + "mlp.fc1")), pre + "mlp.fc2")
         shift, scale = (sd["final_layer.scale_shift_table"] + c).chunk(2)
         out = lin(ln(tokens) * (1 + scale) + shift, "final_layer.linear")
-        g, C = model.input_size // p, model.pred_channels
-        # token (h, w) holds its patch as (p, q, c): undo to (c, h*p, w*p)
+        g, C = model.input_size // p, model.pred_channels  # token (h, w) holds its patch as (p, q, c): to (c, h*p, w*p)
         outs.append(out.view(g, g, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, g * p, g * p))
     return torch.stack(outs)
 
@@ -169,43 +161,48 @@ def max_rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-# Exactness checks run in float64: two correct computations of the same function then differ
-# only by summation order, about 1e-16 per operation, far below EXACT on any CPU's kernels, and
-# a real mistake (a wrong scale, a missing mask) is far above it, as are the DIFFERENT functions.
+# Exactness checks run in float64: correct computations of one function differ by summation order only, ~1e-16 per
+# op, far below EXACT on any CPU; a real mistake (a wrong scale, a missing mask) is far above it, as are DIFFERENT ones.
 EXACT, DIFFERENT = 1e-10, 1e-3
 
 
-def test_sizes_match_spec():
+def test_sizes_state_dict_keys_configs_and_pos_embed_are_the_official_ones():
     with torch.device("meta"):
-        i2i = DiT_models["DiT-XL/2"]()
-        t2i = DiT_models["DiT-XL/2"](cond_dim=4096, cond_tokens=120)
+        i2i, t2i = DiT_models["DiT-XL/2"](), DiT_models["DiT-XL/2"](cond_dim=4096, cond_tokens=120)
         small = DiT_models["DiT-B/4"]()
-    assert sum(p.numel() for p in i2i.parameters()) == 822_006_176
-    assert sum(p.numel() for p in t2i.parameters()) == 825_840_032
+    assert [sum(p.numel() for p in m.parameters()) for m in (i2i, t2i)] == [822_006_176, 825_840_032]
     assert i2i.pos_embed.shape == (1, 256, 1152) and i2i.y_embedder.y_embedding.shape == (1, 768)
     assert abs(forward_flops(i2i) / 1e9 - 275) < 2
     assert (len(small.blocks), small.hidden_size, small.blocks[0].attn.num_heads, small.patch_size) == (12, 768, 12, 4)
-    with pytest.raises(ValueError, match="unknown model 'DiT-XXL/2'"):
-        build_model("DiT-XXL/2")
-
-
-def test_state_dict_keys_are_the_official_ones():
-    sd = LumosDiT(**TINY).state_dict()
-    patterns = [r"pos_embed", r"x_embedder\.proj\.(weight|bias)", r"t_embedder\.mlp\.[02]\.(weight|bias)",
-                r"y_embedder\.y_embedding", r"y_embedder\.y_proj\.fc[12]\.(weight|bias)",
-                r"blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)",
-                r"blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)\.(weight|bias)",
-                r"blocks\.\d+\.mlp\.fc[12]\.(weight|bias)", r"blocks\.\d+\.adaLN_modulation\.1\.(weight|bias)",
-                r"final_layer\.scale_shift_table", r"final_layer\.linear\.(weight|bias)"]
-    assert all(any(re.fullmatch(p, k) for p in patterns) for k in sd), list(sd)
-    assert len(sd) == 1 + 2 + 4 + 1 + 4 + TINY["depth"] * 16 + 3
-    pose_sd = LumosDiT(**{**TINY, **POSE}).state_dict()  # the keys of the NVS exports made so far
-    assert set(pose_sd) - set(sd) == {"pose_mixer.weight", "pose_mixer.bias"}
+    assert_raises(ValueError, "unknown model 'DiT-XXL/2'", lambda: build_model("DiT-XXL/2"))
+    plain, pose = LumosDiT(**TINY), LumosDiT(**{**TINY, **POSE})
+    sd, pose_sd = plain.state_dict(), pose.state_dict()
+    official = re.compile(r"pos_embed|y_embedder\.y_embedding|final_layer\.scale_shift_table|(x_embedder\.proj|"
+                          r"t_embedder\.mlp\.[02]|y_embedder\.y_proj\.fc[12]|final_layer\.linear|blocks\.\d+\."
+                          r"(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.fc[12]|adaLN_modulation\.1))"
+                          r"\.(weight|bias)")
+    assert all(map(official.fullmatch, sd)) and len(sd) == 1 + 2 + 4 + 1 + 4 + TINY["depth"] * 16 + 3, list(sd)
+    assert set(pose_sd) - set(sd) == {"pose_mixer.weight", "pose_mixer.bias"}  # the keys of the NVS exports made so far
     assert pose_sd["pose_mixer.weight"].shape == (12, 12 + 4)
+    for current in (plain.config, pose.config):  # as earlier versions saved them: no pose_dim, class_dropout_prob
+        saved = {key: value for key, value in current.items() if key not in ("pose_dim", "cond_dropout_prob")}
+        assert dit.upgrade_config({**saved, "class_dropout_prob": current["cond_dropout_prob"]}) == current
+        assert dit.upgrade_config(current) == current and dit.upgrade_config(current) is not current
+    D, g = 16, 4
+    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
+    row, col = np.divmod(np.arange(g * g), g)  # token i is at (row, col) = divmod(i, g)
+    x_arg, y_arg = (col / (g / 2) / 2.0)[:, None] * omega, (row / (g / 2) / 2.0)[:, None] * omega
+    expected = np.concatenate([np.sin(x_arg), np.cos(x_arg), np.sin(y_arg), np.cos(y_arg)], axis=1)
+    np.testing.assert_allclose(get_2d_sincos_pos_embed(D, g, lewei_scale=2.0, base_size=2), expected, atol=1e-6)
+    small, big = tiny_model(), LumosDiT(**{**TINY, "input_size": 16, "lewei_scale": 2.0}).double()
+    big_pos = big.pos_embed.clone()
+    big.load_state_dict(small.state_dict(), strict=True)
+    assert torch.equal(big.pos_embed, big_pos) and big.pos_embed.shape == (1, 64, 32)
+    assert torch.equal(big.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"learn_sigma": False, "patch_size": 4}], ids=["sigma", "no_sigma"])
-def test_forward_matches_reference_with_padding_empty_and_null_conditions(overrides):
+def test_forward_and_gradient_match_reference_with_padding_empty_and_null_conditions(overrides):
     model = tiny_model(**overrides)
     x, t, y, mask, _ = tiny_inputs(model)
     y, mask = y[:, :4], mask[:, :4]  # fewer tokens than cond_tokens: the null ones are cut to 4 too
@@ -213,67 +210,12 @@ def test_forward_matches_reference_with_padding_empty_and_null_conditions(overri
     drop = torch.tensor([False, True, False])  # sample 1 has padding: its null tokens are cut to match
     null = torch.where(drop[:, None, None], model.y_embedder.y_embedding[:4].expand_as(y), y)
     with torch.no_grad():
-        out, dropped = model(x, t, y, mask), model(x, t, y, mask, drop_cond=drop)
+        out = model(x, t, y, mask)
+        assert out.shape == (3, 8 if model.learn_sigma else 4, 8, 8)
         assert max_rel_err(out, reference_forward(model, x, t, y, mask)) < EXACT
-        assert max_rel_err(dropped, reference_forward(model, x, t, null, mask)) < EXACT
-    assert out.shape == (3, 8 if model.learn_sigma else 4, 8, 8)
-
-
-@pytest.mark.parametrize("pose", [{}, POSE], ids=["i2i", "nvs"])
-def test_condition_dropout_draw_comes_from_generator(pose):
-    model = tiny_model(cond_dropout_prob=0.5, **pose)
-    x, t, y, mask, views = tiny_inputs(model, batch=16)
-    # The draw that seeded training runs rest on: the same seed must drop the same samples.
-    drawn = torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5
-    with torch.no_grad():
-        expected = model(x, t, y, mask, drop_cond=drawn, **views)
-        model.train()
-        first = model(x, t, y, mask, generator=torch.Generator().manual_seed(7), **views)
-        other = model(x, t, y, mask, generator=torch.Generator().manual_seed(8), **views)
-    assert max_rel_err(first, expected) < EXACT and max_rel_err(other, expected) > DIFFERENT
-
-
-@pytest.mark.parametrize("pose", [{}, POSE], ids=["i2i", "nvs"])
-def test_cfg_guides_epsilon_channels_only(pose):
-    model = tiny_model(**pose)
-    x, t, y, mask, views = tiny_inputs(model)
-    with torch.no_grad():
-        cond = model(x, t, y, mask, **views)
-        uncond = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool), **views)
-        guided = model.forward_with_cfg(x, t, y, 4.5, mask, **views)
-    assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < EXACT
-    assert max_rel_err(guided[:, 4:], cond[:, 4:]) < EXACT
-
-
-def test_pos_embed_formula_and_other_resolutions():
-    D, g = 16, 4
-    emb = get_2d_sincos_pos_embed(D, g, lewei_scale=2.0, base_size=2)
-    omega = 1.0 / 10000 ** (np.arange(D // 4) / (D / 4))
-    row, col = np.divmod(np.arange(g * g), g)  # token i is at (row, col) = divmod(i, g)
-    x_arg, y_arg = (col / (g / 2) / 2.0)[:, None] * omega, (row / (g / 2) / 2.0)[:, None] * omega
-    expected = np.concatenate([np.sin(x_arg), np.cos(x_arg), np.sin(y_arg), np.cos(y_arg)], axis=1)
-    np.testing.assert_allclose(emb, expected, atol=1e-6)
-    small = tiny_model()
-    big = LumosDiT(**{**TINY, "input_size": 16, "lewei_scale": 2.0}).double()
-    big_pos = big.pos_embed.clone()
-    big.load_state_dict(small.state_dict(), strict=True)
-    assert torch.equal(big.pos_embed, big_pos) and big.pos_embed.shape == (1, 64, 32)
-    assert torch.equal(big.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
-
-
-def test_zero_init_makes_output_zero_and_blocks_identity():
-    torch.manual_seed(0)
-    model = LumosDiT(**TINY)
-    assert torch.count_nonzero(model(*tiny_inputs(model)[:4])) == 0
-    tokens = torch.randn(3, 16, 32)
-    assert torch.equal(model.blocks[0](tokens, torch.randn(3, 32), torch.randn(3, 5, 32)), tokens)
-
-
-def test_grad_checkpointing_gives_same_gradients():
-    model = tiny_model(cond_dropout_prob=0.0).train()
-    x, t, y, mask, _ = tiny_inputs(model)
+        assert max_rel_err(model(x, t, y, mask, drop_cond=drop), reference_forward(model, x, t, null, mask)) < EXACT
     grads = []
-    for flag in (False, True):
+    for flag in (False, True):  # gradient checkpointing changes no gradient
         model.grad_checkpointing = flag
         model.zero_grad()
         model(x, t, y, mask).square().mean().backward()
@@ -281,77 +223,76 @@ def test_grad_checkpointing_gives_same_gradients():
     assert max_rel_err(grads[1], grads[0]) < EXACT
 
 
+@pytest.mark.parametrize("pose", [{}, POSE], ids=["i2i", "nvs"])
+def test_cfg_guided_model_fn_and_condition_dropout(pose):
+    model = tiny_model(cond_dropout_prob=0.5, **pose)
+    x, t, y, mask, views = tiny_inputs(model, batch=16)
+    with torch.no_grad():
+        cond = model(x, t, y, mask, **views)
+        uncond = model(x, t, y, mask, drop_cond=torch.ones(16, dtype=torch.bool), **views)
+        guided = model.forward_with_cfg(x, t, y, 4.5, mask, **views)
+        assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < EXACT
+        assert max_rel_err(guided[:, 4:], cond[:, 4:]) < EXACT  # the variance channels are not guided
+        # guided_model_fn routes the condition to forward_with_cfg, or to forward at scale 1
+        assert torch.equal(guided_model_fn(model, 4.5, y=y, mask=mask, **views)(x, t), guided)
+        assert torch.equal(guided_model_fn(model, y=y, mask=mask, **views)(x, t), cond)
+        if pose:  # a dropped condition zeroes the source view and keeps the pose; otherwise both matter
+            null, other_views = model.y_embedder.y_embedding.expand_as(y), tiny_inputs(model, batch=16, seed=5)[4]
+            no_view = model(x, t, null, mask, source=torch.zeros_like(views["source"]), pose=views["pose"])
+            assert max_rel_err(no_view, uncond) < EXACT
+            for name in ("source", "pose"):
+                assert max_rel_err(model(x, t, y, mask, **{**views, name: other_views[name]}), cond) > DIFFERENT
+        # The draw that seeded training runs rest on: the same seed must drop the same samples.
+        drawn = torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5
+        expected = model(x, t, y, mask, drop_cond=drawn, **views)
+        model.train()
+        first, other = (model(x, t, y, mask, generator=torch.Generator().manual_seed(s), **views) for s in (7, 8))
+    assert max_rel_err(first, expected) < EXACT and max_rel_err(other, expected) > DIFFERENT
+
+
+def test_zero_init_pose_model_at_step_zero_and_bad_inputs():
+    i2i = tiny_model()
+    nvs = LumosDiT(**{**i2i.config, **POSE}).double().eval()
+    x, t, y, mask, views = tiny_inputs(nvs, batch=8)
+    tokens, c, cond = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 16, 32), (3, 32), (3, 5, 32)))
+    with torch.no_grad():  # as initialised, the output is 0 and every block the identity
+        assert torch.count_nonzero(nvs(x, t, y, mask, **views)) == 0
+        assert torch.equal(nvs.blocks[0](tokens, c, cond), tokens)
+    # NVS fine-tuning starts from the I2I weights, zero patch weights on the source channels, pose_mixer as initialised.
+    weight = i2i.x_embedder.proj.weight
+    nvs.load_state_dict({**nvs.state_dict(), **i2i.state_dict(),
+                         "x_embedder.proj.weight": torch.cat([weight, torch.zeros_like(weight)], dim=1)})
+    drop = torch.arange(8) % 3 == 0
+    with torch.no_grad():
+        assert max_rel_err(nvs(x, t, y, mask, **views), i2i(x, t, y, mask)) < EXACT
+        assert max_rel_err(nvs(x, t, y, mask, drop, **views), i2i(x, t, y, mask, drop)) < EXACT
+        guided = nvs.forward_with_cfg(x, t, y, 4.5, mask, **views)
+        assert max_rel_err(guided, i2i.forward_with_cfg(x, t, y, 4.5, mask)) < EXACT
+    source, pose = views["source"], views["pose"]  # bad inputs name the argument
+    for call, message in [(lambda: i2i(x[:, :3], t, y, mask), "input x has shape"),
+                          (lambda: i2i(x, t, y[..., :5], mask), "condition y has shape"),
+                          (lambda: i2i(x, t, y, mask[:, :2]), "mask has shape"),
+                          (lambda: LumosDiT(input_size=9), "not divisible by patch_size"),
+                          (lambda: nvs(x, t, y, mask, source=source[..., :4, :4], pose=pose),
+                           r"source \(8, 4, 4, 4\) must match x \(8, 4, 8, 8\)"),
+                          (lambda: nvs(x, t, y, mask, source=source, pose=pose[:, :3]),
+                           r"pose \(8, 3\) must be \(8, 4\)"),
+                          (lambda: nvs(x, t, y, mask, source=source), "needs both source and pose"),
+                          (lambda: i2i(x, t, y, mask, **views), "has pose_dim=0"),
+                          (lambda: LumosDiT(**TINY, pose_dim=4), "in_channels must be 2 x out_channels, got 4 and 4")]:
+        assert_raises(ValueError, message, call)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"input_size": 16, "patch_size": 4, "cond_tokens": 7, "depth": 3}, POSE],
                          ids=["tiny", "patch4", "nvs"])
 def test_forward_flops_match_flop_counter(overrides):
     model = tiny_model(**overrides)
     x, t, y, mask, views = tiny_inputs(model, batch=2)
-    # FlopCounterMode counts nothing in the CPU flash-attention kernel; the MATH backend runs
-    # attention as the matmuls it counts.
+    # FlopCounterMode counts nothing in the CPU flash-attention kernel; the MATH backend runs attention as matmuls.
     math_attention = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
     with math_attention, FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, y, mask, **views)
-    counted = counter.get_total_flops()
-    assert abs(forward_flops(model, batch_size=2) - counted) / counted < 0.02
-
-
-def test_bad_inputs_name_the_argument():
-    model, nvs = tiny_model(), tiny_model(**POSE)
-    x, t, y, mask, views = tiny_inputs(nvs)
-    source, pose = views["source"], views["pose"]
-    for call, message in [(lambda: model(x[:, :3], t, y, mask), "input x has shape"),
-                          (lambda: model(x, t, y[..., :5], mask), "condition y has shape"),
-                          (lambda: model(x, t, y, mask[:, :2]), "mask has shape"),
-                          (lambda: LumosDiT(input_size=9), "not divisible by patch_size"),
-                          (lambda: nvs(x, t, y, mask, source=source[..., :4, :4], pose=pose),
-                           r"source \(3, 4, 4, 4\) must match x \(3, 4, 8, 8\)"),
-                          (lambda: nvs(x, t, y, mask, source=source, pose=pose[:, :3]),
-                           r"pose \(3, 3\) must be \(3, 4\)"),
-                          (lambda: nvs(x, t, y, mask, source=source), "needs both source and pose"),
-                          (lambda: model(x, t, y, mask, **views), "has pose_dim=0"),
-                          (lambda: LumosDiT(**TINY, pose_dim=4), "in_channels must be 2 x out_channels, got 4 and 4")]:
-        with pytest.raises(ValueError, match=message):
-            call()
-
-
-def test_pose_model_at_step_zero_computes_the_i2i_function():
-    i2i = tiny_model()
-    # As NVS fine-tuning starts: the I2I weights, zero patch-embedding weights on the source
-    # channels, and pose_mixer as initialised (the identity on the feature, zero on the pose).
-    nvs = LumosDiT(**{**i2i.config, **POSE}).double().eval()
-    weight = i2i.x_embedder.proj.weight
-    state = {**i2i.state_dict(), "x_embedder.proj.weight": torch.cat([weight, torch.zeros_like(weight)], dim=1)}
-    nvs.load_state_dict({**nvs.state_dict(), **state})
-    x, t, y, mask, views = tiny_inputs(nvs, batch=8)
-    drop = torch.arange(8) % 3 == 0
-    close = lambda a, b: max_rel_err(a, b) < EXACT
-    with torch.no_grad():
-        assert close(nvs(x, t, y, mask, **views), i2i(x, t, y, mask))
-        assert close(nvs(x, t, y, mask, drop, **views), i2i(x, t, y, mask, drop))
-        assert close(nvs.forward_with_cfg(x, t, y, 4.5, mask, **views), i2i.forward_with_cfg(x, t, y, 4.5, mask))
-
-
-def test_dropped_condition_zeroes_the_source_view_and_keeps_the_pose():
-    model = tiny_model(**POSE)  # random weights, as after training: the source and the pose matter
-    x, t, y, mask, views = tiny_inputs(model)
-    other = tiny_inputs(model, seed=5)[4]
-    null = model.y_embedder.y_embedding.expand_as(y)
-    with torch.no_grad():
-        dropped = model(x, t, y, mask, drop_cond=torch.ones(3, dtype=torch.bool), **views)
-        no_view = model(x, t, null, mask, source=torch.zeros_like(views["source"]), pose=views["pose"])
-        assert max_rel_err(dropped, no_view) < EXACT
-        out = model(x, t, y, mask, **views)
-        for name in ("source", "pose"):
-            assert max_rel_err(model(x, t, y, mask, **{**views, name: other[name]}), out) > DIFFERENT
-
-
-def test_upgrade_config_reads_earlier_configs():
-    for current in (LumosDiT(**TINY).config, LumosDiT(**{**TINY, **POSE}).config):
-        saved = {key: value for key, value in current.items() if key not in ("pose_dim", "cond_dropout_prob")}
-        saved["cond_dropout_prob"] = current["cond_dropout_prob"]  # as earlier versions saved it
-        assert dit.upgrade_config(saved) == current
-        upgraded = dit.upgrade_config(current)
-        assert upgraded == current and upgraded is not current
+    assert abs(forward_flops(model, batch_size=2) - counter.get_total_flops()) / counter.get_total_flops() < 0.02
 
 
 ####################################################################################################
@@ -359,8 +300,7 @@ def test_upgrade_config_reads_earlier_configs():
 ####################################################################################################
 
 T = 1000
-REF_BETAS = np.linspace(1e-4, 0.02, T)
-REF_ABAR = np.cumprod(1 - REF_BETAS)
+REF_ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
 MU, S = 0.3, 0.5  # Gaussian data N(MU, S^2) per element: unlike the N(0, 1) noise in mean and spread
 
 
@@ -380,18 +320,6 @@ def gaussian_eps(x, t):
     return (1 - abar).sqrt() * (x - abar.sqrt() * MU) / (abar * S ** 2 + 1 - abar)
 
 
-def gaussian_v(x, t):
-    """The exact v predictor, sqrt(abar) E[eps | x_t] - sqrt(1 - abar) E[x0 | x_t]."""
-    abar, eps = abar_at(t).to(x.dtype).view(-1, 1, 1, 1), gaussian_eps(x, t)
-    return abar.sqrt() * eps - (1 - abar).sqrt() * (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-
-def exact_ode_solution(noise, abar_end):
-    """Where the probability-flow ODE takes x_T = noise: (x - sqrt(abar) MU) / sqrt(abar S^2 + 1 - abar) is constant."""
-    start, end = (math.sqrt(a * S ** 2 + 1 - a) for a in (REF_ABAR[-1], abar_end))
-    return math.sqrt(abar_end) * MU + (noise - math.sqrt(REF_ABAR[-1]) * MU) / start * end
-
-
 def seeded_noise(*shape, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
@@ -405,53 +333,61 @@ def diffusion(prediction="epsilon"):
     return GaussianDiffusion(linear_betas(T), prediction)
 
 
-def test_beta_schedules_follow_their_specs():
+def fixed_output(output, calls=None):
+    """A model that returns `output`, appending its calls to `calls`."""
+    return lambda x, t, **kwargs: (calls if calls is not None else []).append((x, t, kwargs)) or output
+
+
+def recording(model_fn=gaussian_eps):
+    """model_fn, recording its inputs and timesteps in .inputs and .times."""
+    def record(x, t):
+        record.inputs.append(x.clone())
+        record.times.append(t.clone())
+        return model_fn(x, t)
+    record.inputs, record.times = [], []
+    return record
+
+
+def test_schedules_respacing_q_sample_and_posterior_follow_their_specs_and_bad_arguments_raise():
     betas = linear_betas(1000)
     assert betas.dtype == torch.float64 and torch.equal(beta_schedule("linear", 1000), betas)
-    np.testing.assert_allclose(betas.numpy(), REF_BETAS, rtol=1e-12)
+    np.testing.assert_allclose(betas.numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
     np.testing.assert_allclose(linear_betas(500).numpy(), np.linspace(2e-4, 0.04, 500), rtol=1e-12)
     f = np.cos((np.arange(1001) / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
     cosine = cosine_betas(1000)
     assert cosine.dtype == torch.float64 and cosine.max().item() == 0.999  # the last step is capped
     np.testing.assert_allclose(cosine.numpy(), np.minimum(1 - f[1:] / f[:-1], 0.999), rtol=1e-12)
-    assert_raises(ValueError, "'linear' or 'cosine'", lambda: beta_schedule("quadratic"))
-
-
-def test_respacing_keeps_improved_ddpm_steps_and_their_alphas_cumprod():
-    for steps in (2, 50, 250, 1000):
+    for steps in (2, 50, 250, 1000):  # respacing keeps improved DDPM's steps and their alphas_cumprod
         kept = spaced_timesteps(1000, steps)
         assert kept == improved_ddpm_spacing(1000, steps) and kept[-1] == 999 and len(set(kept)) == steps
-    spaced = diffusion().respaced(250)
-    assert spaced.num_timesteps == 250 and spaced.timestep_map.tolist() == improved_ddpm_spacing(1000, 250)
-    np.testing.assert_allclose(spaced.alphas_cumprod.numpy(), REF_ABAR[spaced.timestep_map.numpy()], rtol=1e-12)
-    assert_raises(ValueError, "steps=1001", lambda: spaced_timesteps(1000, 1001))
-
-
-def test_q_sample_and_posterior_match_bayes_rule():
     base = diffusion().respaced(250)  # a respaced chain: the posterior must use its own betas
-    abar = base.alphas_cumprod.numpy()
+    assert base.num_timesteps == 250 and base.timestep_map.tolist() == improved_ddpm_spacing(1000, 250)
+    np.testing.assert_allclose(base.alphas_cumprod.numpy(), REF_ABAR[base.timestep_map.numpy()], rtol=1e-12)
     g = torch.Generator().manual_seed(0)
     x0, noise, x_t = (torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([0, 1, 120, 249])
-    a = torch.from_numpy(abar)[t].view(-1, 1, 1, 1)
+    a, abar_prev = (torch.from_numpy(base.alphas_cumprod.numpy())[i].view(-1, 1, 1, 1) for i in (t, t[1:] - 1))
     torch.testing.assert_close(base.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
     mean, variance, log_variance = base.q_posterior(x0, x_t, t)
-    # At t = 0, x_{-1} is x0 itself: no variance, the log clipped to the next step's.
-    torch.testing.assert_close(mean[0], x0[0])
+    torch.testing.assert_close(mean[0], x0[0])  # at t = 0 x_{-1} is x0: no variance, the log clipped to the next's
     assert variance[0].item() == 0 and log_variance[0].item() == log_variance[1].item()
     # q(x_{t-1} | x_t, x0) ∝ N(x_{t-1}; sqrt(abar_prev) x0, 1 - abar_prev) N(x_t; sqrt(alpha) x_{t-1}, 1 - alpha)
-    abar_prev = torch.from_numpy(abar[t[1:] - 1]).view(-1, 1, 1, 1)
     alpha = a[1:] / abar_prev
     precision = 1 / (1 - abar_prev) + alpha / (1 - alpha)
     expected_mean = (abar_prev.sqrt() * x0[1:] / (1 - abar_prev) + alpha.sqrt() * x_t[1:] / (1 - alpha)) / precision
     torch.testing.assert_close(mean[1:], expected_mean)
     torch.testing.assert_close(variance[1:].flatten(), 1 / precision.flatten(), rtol=1e-12, atol=0)
     torch.testing.assert_close(log_variance[1:].flatten(), -precision.log().flatten(), rtol=1e-12, atol=0)
-
-
-def fixed_output(output, calls=None):
-    """A model that returns `output`, appending its calls to `calls`."""
-    return lambda x, t, **kwargs: (calls if calls is not None else []).append((x, t, kwargs)) or output
+    noise = torch.zeros(2, 4, 2, 2)  # bad arguments raise clear errors
+    assert_raises(ValueError, "'linear' or 'cosine'", lambda: beta_schedule("quadratic"))
+    assert_raises(ValueError, "steps=1001", lambda: spaced_timesteps(1000, 1001))
+    assert_raises(ValueError, "prediction", lambda: GaussianDiffusion(linear_betas(), prediction="x0"))
+    assert_raises(ValueError, "betas", lambda: GaussianDiffusion(torch.tensor([0.1, 1.5])))
+    assert_raises(ValueError, "returned 3 channels; expected 4", lambda: diffusion().training_losses(
+        fixed_output(noise[:, :3]), noise, torch.tensor([1, 2])))
+    assert_raises(ValueError, "method 'euler'", lambda: diffusion().sample(gaussian_eps, noise, "euler", 10))
+    assert_raises(ValueError, "skip_type", lambda: diffusion().sample(gaussian_eps, noise, "dpm++", 10, skip_type="x"))
+    assert_raises(ValueError, "order=3", lambda: diffusion().sample(gaussian_eps, noise, "dpm++", 10, order=3))
 
 
 def reference_vb_bits(betas, x0, x_t, t, eps, v):
@@ -491,23 +427,33 @@ def test_hybrid_loss_matches_improved_ddpm_formula(num_steps):
     eps = noise + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     v = torch.rand(x0.shape, generator=g, dtype=torch.float64) * 2 - 1
     calls = []
-    model = fixed_output(torch.cat([eps, v], dim=1), calls)
-    terms = GaussianDiffusion(linear_betas(num_steps)).training_losses(model, x0, t, {"y": "cond"}, noise)
+    terms = GaussianDiffusion(linear_betas(num_steps)).training_losses(
+        fixed_output(torch.cat([eps, v], dim=1), calls), x0, t, {"y": "cond"}, noise)
     (x_t, model_t, kwargs), = calls
     abar = torch.from_numpy(np.cumprod(1 - betas))[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
     assert model_t.dtype == torch.float32 and model_t.tolist() == t.tolist() and kwargs == {"y": "cond"}
-    expected_mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
-    expected_vb = torch.from_numpy(reference_vb_bits(betas, *(a.numpy() for a in (x0, x_t, t, eps, v))))
-    expected_vb *= num_steps / 1000
+    mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    vb = torch.from_numpy(reference_vb_bits(betas, *(a.numpy() for a in (x0, x_t, t, eps, v)))) * num_steps / 1000
     assert set(terms) == {"loss", "mse", "vb"}
-    torch.testing.assert_close(terms["mse"], expected_mse, rtol=1e-12, atol=0)
-    torch.testing.assert_close(terms["vb"], expected_vb, rtol=1e-9, atol=0)
-    torch.testing.assert_close(terms["loss"], expected_mse + expected_vb, rtol=1e-9, atol=0)
+    torch.testing.assert_close(terms["mse"], mse, rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms["vb"], vb, rtol=1e-9, atol=0)
+    torch.testing.assert_close(terms["loss"], mse + vb, rtol=1e-9, atol=0)
 
 
-def test_vb_term_trains_only_the_variance_and_mse_only_the_mean():
-    output = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+def test_mse_and_v_prediction_losses_and_the_vb_term_trains_only_the_variance():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, output = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 400, 999])
+    eps_terms = diffusion().training_losses(fixed_output(output), x0, t, noise=noise)
+    assert set(eps_terms) == {"loss", "mse"} and torch.equal(eps_terms["loss"], eps_terms["mse"])  # C channels: no vb
+    torch.testing.assert_close(eps_terms["loss"], ((noise - output) ** 2).mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
+    v_terms = diffusion("v").training_losses(fixed_output(output), x0, t, noise=noise)
+    abar = torch.from_numpy(REF_ABAR)[t].view(-1, 1, 1, 1)
+    v_target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(v_terms["loss"], ((v_target - output) ** 2).mean(dim=(1, 2, 3)))
+    assert torch.equal(v_terms["loss"], v_terms["mse"])
+    output = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)  # 2C channels: mse trains the mean
     x0 = torch.rand(3, 2, 2, 2, dtype=torch.float64) * 2 - 1
     for term, trained in (("vb", slice(2, None)), ("mse", slice(None, 2))):
         output.grad = None
@@ -517,36 +463,12 @@ def test_vb_term_trains_only_the_variance_and_mse_only_the_mean():
         assert output.grad[:, trained].abs().min() > 0 and untrained.abs().max() == 0
 
 
-def test_mse_and_v_prediction_losses():
-    g = torch.Generator().manual_seed(0)
-    x0, noise, output = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    t = torch.tensor([0, 400, 999])
-    eps_terms = diffusion().training_losses(fixed_output(output), x0, t, noise=noise)
-    assert set(eps_terms) == {"loss", "mse"}  # C output channels: no learned variance, no bound
-    torch.testing.assert_close(eps_terms["loss"], ((noise - output) ** 2).mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
-    assert torch.equal(eps_terms["loss"], eps_terms["mse"])
-    v_terms = diffusion("v").training_losses(fixed_output(output), x0, t, noise=noise)
-    abar = torch.from_numpy(REF_ABAR)[t].view(-1, 1, 1, 1)
-    v_target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    torch.testing.assert_close(v_terms["loss"], ((v_target - output) ** 2).mean(dim=(1, 2, 3)))
-    assert torch.equal(v_terms["loss"], v_terms["mse"])
-
-
-def test_bad_arguments_raise_clear_errors():
-    noise = torch.zeros(2, 4, 2, 2)
-    assert_raises(ValueError, "prediction", lambda: GaussianDiffusion(linear_betas(), prediction="x0"))
-    assert_raises(ValueError, "betas", lambda: GaussianDiffusion(torch.tensor([0.1, 1.5])))
-    assert_raises(ValueError, "returned 3 channels; expected 4", lambda: diffusion().training_losses(
-        fixed_output(noise[:, :3]), noise, torch.tensor([1, 2])))
-    assert_raises(ValueError, "method 'euler'", lambda: diffusion().sample(gaussian_eps, noise, "euler", 10))
-    assert_raises(ValueError, "skip_type", lambda: diffusion().sample(gaussian_eps, noise, "dpm++", 10, skip_type="x"))
-    assert_raises(ValueError, "order=3", lambda: diffusion().sample(gaussian_eps, noise, "dpm++", 10, order=3))
-
-
-def exact_variance_model(steps):
-    """ddpm's model_fn: exact epsilon, and the v giving the true reverse variance (posterior variance plus
-    coef1^2 Var[x0 | x_t], inside the learned range for S < 1); with it ancestral sampling is exact."""
-    kept = improved_ddpm_spacing(T, steps)
+@pytest.mark.slow
+@pytest.mark.parametrize("exact_variance, expected_std", [(True, S), (False, S - 0.014)])
+def test_ddpm_samples_have_the_data_moments(exact_variance, expected_std):
+    # The fixed posterior variance (C channels) leaves out coef1^2 Var[x0 | x_t] at each step: through 250 affine
+    # steps the std ends 0.014 low. With v giving it too (in the learned range for S < 1) the chain is exact.
+    kept = improved_ddpm_spacing(T, 250)
     abar = REF_ABAR[kept]
     abar_prev = np.append(1.0, abar[:-1])
     beta = 1 - abar / abar_prev
@@ -556,19 +478,11 @@ def exact_variance_model(steps):
     min_log = np.log(np.append(posterior_var[1], posterior_var[1:]))
     v_at = dict(zip(kept, 2 * (np.log(true_var) - min_log) / (np.log(beta) - min_log) - 1))
 
-    def model_fn(x, t):
+    def exact(x, t):
         v_t = torch.tensor([v_at[int(step)] for step in t], dtype=x.dtype).view(-1, 1, 1, 1)
         return torch.cat([gaussian_eps(x, t), v_t.expand_as(x)], dim=1)
 
-    return model_fn
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("exact_variance, expected_std", [(True, S), (False, S - 0.014)])
-def test_ddpm_samples_have_the_data_moments(exact_variance, expected_std):
-    # The fixed posterior variance (C channels) leaves out coef1^2 Var[x0 | x_t] at each step; propagating
-    # N(mean, var) through the 250 affine steps puts the std 0.014 low. With the true variance the chain is exact.
-    n, model_fn = 16384, exact_variance_model(250) if exact_variance else gaussian_eps
+    n, model_fn = 16384, exact if exact_variance else gaussian_eps
     samples = diffusion().sample(model_fn, seeded_noise(n // 64, 1, 8, 8), "ddpm", 250,
                                  generator=torch.Generator().manual_seed(1))
     assert abs(samples.mean().item() - MU) < 4 * S / math.sqrt(n)  # 4 standard errors of the mean
@@ -577,46 +491,53 @@ def test_ddpm_samples_have_the_data_moments(exact_variance, expected_std):
 
 # Per-sample max error at 80 steps, float64 (no CPU dependence): measured 0.056, 0.055, 0.047, 0.034, 0.0014; 1.5x.
 @pytest.mark.parametrize("method, options, order, max_error", [
-    ("ddim", {}, 1, 0.084),
-    ("dpm++", {"order": 1, "skip_type": "time_uniform"}, 1, 0.082),
+    ("ddim", {}, 1, 0.084), ("dpm++", {"order": 1, "skip_type": "time_uniform"}, 1, 0.082),
     ("dpm++", {"order": 1, "skip_type": "logSNR"}, 1, 0.07),
     ("dpm++", {"order": 2, "skip_type": "time_uniform"}, 2, 0.051),  # Lumos' setting
-    ("dpm++", {"order": 2, "skip_type": "logSNR"}, 2, 0.0021),
-])
+    ("dpm++", {"order": 2, "skip_type": "logSNR"}, 2, 0.0021)])
 def test_solvers_converge_to_the_exact_ode_solution_at_their_order(method, options, order, max_error):
     noise = seeded_noise(16, 1, 4, 4, dtype=torch.float64)
-    target = exact_ode_solution(noise, REF_ABAR[0] if method == "dpm++" else 1.0)  # dpm++ stops at t = 1/N
+    abar_end = REF_ABAR[0] if method == "dpm++" else 1.0  # dpm++ stops at t = 1/N
+    # The probability-flow ODE keeps (x - sqrt(abar) MU) / sqrt(abar S^2 + 1 - abar) constant.
+    start, end = (math.sqrt(a * S ** 2 + 1 - a) for a in (REF_ABAR[-1], abar_end))
+    target = math.sqrt(abar_end) * MU + (noise - math.sqrt(REF_ABAR[-1]) * MU) / start * end
     errors = [(diffusion().sample(gaussian_eps, noise, method, steps, **options) - target).abs().max().item()
               for steps in (40, 80)]
     # Doubling the steps divides the error by 2^order: measured 1.97-1.98 (first order), 3.7-3.9 (second).
     assert 0.85 * 2 ** order < errors[0] / errors[1] < 1.1 * 2 ** order and errors[1] < max_error
 
 
-def test_v_model_samples_like_the_epsilon_model():
-    noise = seeded_noise(8, 2, 4, 4, dtype=torch.float64)
+def test_v_model_samples_like_the_epsilon_model_and_only_ddpm_uses_the_variance_channels():
+    def gaussian_v(x, t):  # sqrt(abar) E[eps | x_t] - sqrt(1 - abar) E[x0 | x_t]
+        abar, eps = abar_at(t).to(x.dtype).view(-1, 1, 1, 1), gaussian_eps(x, t)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    noise, samples = seeded_noise(8, 2, 4, 4, dtype=torch.float64), {}
     for method, options in [("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm++", {}), ("ddpm", {})]:
         eps_samples, v_samples = (diffusion(prediction).sample(model_fn, noise, method, 20, **options,
                                                                generator=torch.Generator().manual_seed(1))
                                   for prediction, model_fn in (("epsilon", gaussian_eps), ("v", gaussian_v)))
         # float64 round-off, amplified by the division by sqrt(abar) = 0.006 at the first step
         torch.testing.assert_close(v_samples, eps_samples, rtol=1e-7, atol=1e-7)
+        samples[method, options.get("eta")] = eps_samples
+    # DDIM with eta = 1 draws the posterior variance around the posterior mean at x0: ddpm's chain (C channels).
+    torch.testing.assert_close(samples["ddim", 1.0], samples["ddpm", None], rtol=1e-12, atol=1e-12)
+    noise = seeded_noise(4, 1, 4, 4)
+    with_variance = lambda v: lambda x, t: torch.cat([gaussian_eps(x, t), torch.full_like(x, v)], dim=1)  # noqa: E731
+    for method in ("ddim", "dpm++"):
+        assert torch.equal(diffusion().sample(with_variance(0.5), noise, method, 10),
+                           diffusion().sample(gaussian_eps, noise, method, 10))
+    draws = [diffusion().sample(model_fn, noise, "ddpm", 10, generator=torch.Generator().manual_seed(1))
+             for model_fn in (with_variance(-1.0), gaussian_eps, with_variance(1.0))]
+    assert torch.equal(draws[0], draws[1]) and not torch.allclose(draws[1], draws[2])  # v = -1: posterior variance
+    for dtype, method in itertools.product((torch.float32, torch.float64, torch.bfloat16), ("ddpm", "ddim", "dpm++")):
+        assert diffusion().sample(gaussian_eps, torch.randn(2, 1, 4, 4).to(dtype), method, 10).dtype == dtype
 
 
-def recording(model_fn=gaussian_eps):
-    """model_fn, recording its inputs and timesteps in .inputs and .times."""
-    def record(x, t):
-        record.inputs.append(x.clone())
-        record.times.append(t.clone())
-        return model_fn(x, t)
-    record.inputs, record.times = [], []
-    return record
-
-
-def test_samplers_hand_model_fn_original_scale_float_times():
+def test_samplers_hand_model_fn_original_scale_float_times_and_clip_denoised():
     noise = torch.randn(3, 1, 2, 2)
     for method, steps, options, expected in [
-        ("ddpm", 250, {}, improved_ddpm_spacing(T, 250)[::-1]),
-        ("ddim", 50, {}, improved_ddpm_spacing(T, 50)[::-1]),
+        ("ddpm", 250, {}, improved_ddpm_spacing(T, 250)[::-1]), ("ddim", 50, {}, improved_ddpm_spacing(T, 50)[::-1]),
         # DPM-Solver's time from 1 to 1/N, the network seeing (t - 1/N) * 1000; the last point needs no call.
         ("dpm++", 20, {}, (np.linspace(1, 1 / T, 21)[:20] - 1 / T) * 1000),
         ("dpm++", 20, {"skip_type": "logSNR"}, None),  # even steps in lambda = log(sqrt(abar / (1 - abar)))
@@ -632,6 +553,21 @@ def test_samplers_hand_model_fn_original_scale_float_times():
         abar = abar_at(torch.tensor(times + [0.0])).numpy()
         lam = 0.5 * np.log(abar / (1 - abar))
         np.testing.assert_allclose(np.diff(lam), (lam[-1] - lam[0]) / 20, rtol=1e-3)
+    # clip_denoised: this model's x0 estimate is > 1 at every step (for noise > -5); clipped, it is 1 throughout: ddpm
+    # and ddim end on it, and the ODE samplers, epsilon re-derived from it, keep x = sqrt(abar) + sqrt(1 - abar) z.
+    wild = lambda x, t: -5 * torch.ones_like(x)  # noqa: E731
+    noise = seeded_noise(2, 1, 4, 4, dtype=torch.float64)
+    z = (noise - math.sqrt(REF_ABAR[-1])) / math.sqrt(1 - REF_ABAR[-1])
+    for method in ("ddpm", "ddim"):
+        assert diffusion().sample(wild, noise, method, 10).abs().max() > 5
+        clipped = diffusion().sample(wild, noise, method, 10, clip_denoised=True)
+        torch.testing.assert_close(clipped, torch.ones_like(noise))
+    model = recording(wild)
+    diffusion().sample(model, noise, "ddim", 10, clip_denoised=True)
+    for x, t in zip(model.inputs, model.times):
+        torch.testing.assert_close(x, math.sqrt(REF_ABAR[int(t[0])]) + math.sqrt(1 - REF_ABAR[int(t[0])]) * z)
+    torch.testing.assert_close(diffusion().sample(wild, noise, "dpm++", 10, clip_denoised=True),
+                               math.sqrt(REF_ABAR[0]) + math.sqrt(1 - REF_ABAR[0]) * z)
 
 
 @pytest.mark.parametrize("steps, last_order", [(9, 1), (10, 2)])
@@ -650,64 +586,6 @@ def test_dpm_solver_last_step_is_first_order_below_10_steps(steps, last_order):
     estimate = x0_last + (x0_last - x0_before) / (2 * r) if last_order == 2 else x0_last
     expected = sigma[2] / sigma[1] * model.inputs[-1] - alpha[2] * math.expm1(-h) * estimate
     torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9)
-
-
-def test_variance_channels_are_used_by_ddpm_only():
-    noise = seeded_noise(4, 1, 4, 4)
-    with_variance = lambda v: lambda x, t: torch.cat([gaussian_eps(x, t), torch.full_like(x, v)], dim=1)  # noqa: E731
-    for method in ("ddim", "dpm++"):
-        assert torch.equal(diffusion().sample(with_variance(0.5), noise, method, 10),
-                           diffusion().sample(gaussian_eps, noise, method, 10))
-    draws = [diffusion().sample(model_fn, noise, "ddpm", 10, generator=torch.Generator().manual_seed(1))
-             for model_fn in (with_variance(-1.0), gaussian_eps, with_variance(1.0))]
-    assert torch.equal(draws[0], draws[1]) and not torch.allclose(draws[1], draws[2])  # v = -1: posterior variance
-
-
-def test_ddim_with_eta_one_is_ddpm_with_the_posterior_variance():
-    # DDIM's noise is then the posterior variance and its mean the posterior mean at the model's x0: the same
-    # chain as ddpm with C channels, drawing the same noise from the same generator in turn.
-    ddim, ddpm = (diffusion().sample(gaussian_eps, seeded_noise(4, 1, 4, 4, dtype=torch.float64), method, 25,
-                                     generator=torch.Generator().manual_seed(1), **options)
-                  for method, options in (("ddim", {"eta": 1.0}), ("ddpm", {})))
-    torch.testing.assert_close(ddim, ddpm, rtol=1e-12, atol=1e-12)
-
-
-def test_samples_keep_the_noise_dtype():
-    for dtype, method in itertools.product((torch.float32, torch.float64, torch.bfloat16), ("ddpm", "ddim", "dpm++")):
-        assert diffusion().sample(gaussian_eps, torch.randn(2, 1, 4, 4).to(dtype), method, 10).dtype == dtype
-
-
-def test_clip_denoised_holds_the_x0_estimates_in_range():
-    # The x0 estimate of this model is far above 1 at every step (for noise > -5). Clipped, every sampler sees
-    # x0 = 1 throughout: ddpm and ddim end on it, and the ODE samplers, with epsilon re-derived from the
-    # clipped x0, keep x = sqrt(abar) + sqrt(1 - abar) z exactly.
-    wild = lambda x, t: -5 * torch.ones_like(x)  # noqa: E731
-    noise = seeded_noise(2, 1, 4, 4, dtype=torch.float64)
-    on_track = lambda abar: math.sqrt(abar) + math.sqrt(1 - abar) * (  # noqa: E731
-        noise - math.sqrt(REF_ABAR[-1])) / math.sqrt(1 - REF_ABAR[-1])
-    for method in ("ddpm", "ddim"):
-        assert diffusion().sample(wild, noise, method, 10).abs().max() > 5
-        torch.testing.assert_close(diffusion().sample(wild, noise, method, 10, clip_denoised=True),
-                                   torch.ones_like(noise))
-    model = recording(wild)
-    diffusion().sample(model, noise, "ddim", 10, clip_denoised=True)
-    for x, t in zip(model.inputs, model.times):
-        torch.testing.assert_close(x, on_track(REF_ABAR[int(t[0])]))
-    torch.testing.assert_close(diffusion().sample(wild, noise, "dpm++", 10, clip_denoised=True), on_track(REF_ABAR[0]))
-
-
-def test_guided_model_fn_calls_forward_with_cfg_unless_the_scale_is_one():
-    # forward_with_cfg itself is checked in the dit section; this checks the routing of the condition.
-    model = perturb_(LumosDiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2,
-                              cond_dim=5, cond_tokens=3))
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 3, 5, generator=g)
-    t, mask = torch.tensor([10.0, 500.0]), torch.tensor([[1, 1, 0], [1, 1, 1]])
-    with torch.no_grad():
-        guided = guided_model_fn(model, 4.5, y=y, mask=mask)(x, t)
-        assert torch.equal(guided, model.forward_with_cfg(x, t, y, 4.5, mask))
-        assert torch.equal(guided_model_fn(model, y=y, mask=mask)(x, t), model(x, t, y, mask))
-        assert not torch.allclose(guided, model(x, t, y, mask)) and not torch.allclose(guided, model(x, t, y))
 
 
 ####################################################################################################
@@ -743,17 +621,16 @@ def tiny_vit(folder, width=32, layer_norm_eps=1e-12):
 
 def to_original_dino_layout(hub):
     """Hub ViTModel keys -> the original DINO names, as in dino_vitbase16_pretrain.pth."""
+    renames = {"embeddings.patch_embeddings.projection": "patch_embed.proj", "layernorm": "norm"} | {
+        f"encoder.layer.{i}.{hub_name}": f"blocks.{i}.{ours}" for i in range(2) for hub_name, ours in [
+            ("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("attention.output.dense", "attn.proj"),
+            ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")]}
     original = {"cls_token": hub["embeddings.cls_token"], "pos_embed": hub["embeddings.position_embeddings"]}
-    renames = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
-               "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
     for param in ("weight", "bias"):
-        original[f"patch_embed.proj.{param}"] = hub[f"embeddings.patch_embeddings.projection.{param}"]
-        original[f"norm.{param}"] = hub[f"layernorm.{param}"]
+        original |= {f"{ours}.{param}": hub[f"{hub_name}.{param}"] for hub_name, ours in renames.items()}
         for i in range(2):
-            for hub_name, our_name in renames.items():
-                original[f"blocks.{i}.{our_name}.{param}"] = hub[f"encoder.layer.{i}.{hub_name}.{param}"]
-            original[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(
-                [hub[f"encoder.layer.{i}.attention.attention.{name}.{param}"] for name in ("query", "key", "value")])
+            qkv = [hub[f"encoder.layer.{i}.attention.attention.{name}.{param}"] for name in ("query", "key", "value")]
+            original[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(qkv)
     return original
 
 
@@ -763,7 +640,6 @@ def test_dino_matches_transformers_vit(tmp_path, layout):
     eps = 1e-6 if layout.startswith("original") else 1e-12
     reference = tiny_vit(tmp_path, width=128, layer_norm_eps=eps)
     state = load_file(tmp_path / "model.safetensors")
-    source = tmp_path
     if layout != "hub":
         (tmp_path / "model.safetensors").unlink()
     if layout == "hub-shards":  # only the pooler, which is not kept, is in shard 2: it must never be opened
@@ -774,24 +650,24 @@ def test_dino_matches_transformers_vit(tmp_path, layout):
         (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
     elif layout.startswith("original"):
         (tmp_path / "config.json").unlink()
-        source = tmp_path / "dino_vitbase16_pretrain.pth"
-        torch.save({f"module.{key}": tensor for key, tensor in to_original_dino_layout(state).items()}, source)
-    model = encoders.DINOEncoder.from_pretrained(tmp_path if layout == "original-folder" else source)
+        torch.save({f"module.{key}": tensor for key, tensor in to_original_dino_layout(state).items()},
+                   tmp_path / "dino_vitbase16_pretrain.pth")
+    source = tmp_path / "dino_vitbase16_pretrain.pth" if layout == "original" else tmp_path
+    model = encoders.DINOEncoder.from_pretrained(source)
     assert model.norm.eps == eps and not any(param.requires_grad for param in model.parameters())
     torch.manual_seed(1)
     for height, width in ((32, 32), (48, 40)):  # native grid, then interpolated positions
         pixels = torch.randn(2, 3, height, width)
         with torch.no_grad():
-            expected = reference(pixels, interpolate_pos_encoding=True).last_hidden_state
-        assert model(pixels).shape == (2, 1 + (height // 8) * (width // 8), 128)
-        assert_close_to_scale(model(pixels), expected)
+            out, expected = model(pixels), reference(pixels, interpolate_pos_encoding=True).last_hidden_state
+        assert out.shape == (2, 1 + (height // 8) * (width // 8), 128)
+        assert_close_to_scale(out, expected)
 
 
 def test_dinov2_matches_transformers(tmp_path):
     torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                                       patch_size=4)
-    reference = perturb_(transformers.Dinov2Model(config))
+    reference = perturb_(transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)))
     reference.save_pretrained(tmp_path)
     # The .bin path: the same Hub-layout tensors (mask token included) as a pickled state dict.
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
@@ -810,8 +686,7 @@ def test_dino_encode_preprocessing(tmp_path):
     model = encoders.DINOEncoder.from_pretrained(tmp_path)
     normalize = transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
     torch.manual_seed(0)
-    # Shorter side already native (32): no resize, a center crop of columns 8..40.
-    images = torch.rand(3, 3, 32, 48) * 2 - 1
+    images = torch.rand(3, 3, 32, 48) * 2 - 1  # shorter side already native (32): no resize, columns 8..40
     features = model.encode(images)
     assert features.shape == (3, 32) and features.dtype == torch.float32
     assert torch.allclose(features.norm(dim=-1), torch.ones(3))
@@ -827,7 +702,7 @@ def test_dino_encode_preprocessing(tmp_path):
 
 
 @pytest.mark.parametrize("attention_names", ["current", "old"])
-def test_vae_matches_diffusers(tmp_path, attention_names):
+def test_vae_matches_diffusers_and_clamps_the_log_variance(tmp_path, attention_names):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -836,8 +711,7 @@ def test_vae_matches_diffusers(tmp_path, attention_names):
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
     reference.save_pretrained(tmp_path)
     if attention_names == "old":  # query / key / value / proj_attn, as older diffusers saved them
-        path = tmp_path / "diffusion_pytorch_model.safetensors"
-        state = {}
+        path, state = tmp_path / "diffusion_pytorch_model.safetensors", {}
         for key, tensor in load_file(path).items():
             for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
                 key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
@@ -858,49 +732,44 @@ def test_vae_matches_diffusers(tmp_path, attention_names):
     in_bf16 = model.to(torch.bfloat16).decode(latents)
     assert in_bf16.dtype == torch.bfloat16
     assert_close_to_scale(in_bf16, expected_images, 0.05)  # bf16: 8 significant bits (0.4%) per op
-
-
-def test_vae_posterior_std_clamps_log_variance():
-    model = encoders.VAE(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
     with torch.no_grad():  # quant_conv output = 100 for mean and log-variance alike
-        model.quant_conv.weight.zero_()
+        model.float().quant_conv.weight.zero_()
         model.quant_conv.bias.fill_(100.0)
-    mean, std = model.encode(torch.zeros(1, 3, 8, 8))
+    mean, std = model.encode(images)
     assert torch.all(mean == 100.0) and torch.allclose(std, torch.full_like(std, np.exp(10.0)))  # clamped to 20
 
 
 def test_loading_finds_files_and_errors_name_the_problem(tmp_path, monkeypatch):
     assert encoders.locate(tmp_path, "config.json") is None and encoders.read_config(tmp_path) == {}
-    with pytest.raises(FileNotFoundError, match="none of model.safetensors, pytorch_model.bin found"):
-        encoders.load_state_dict(tmp_path, ["model.safetensors", "pytorch_model.bin"])
-    with pytest.raises(FileNotFoundError, match="not a local folder, nor a valid Hub repo id"):
-        encoders.locate(str(tmp_path / "no" / "such" / "folder"), "config.json")
+    names = ["model.safetensors", "pytorch_model.bin"]
+    assert_raises(FileNotFoundError, "none of model.safetensors, pytorch_model.bin found",
+                  lambda: encoders.load_state_dict(tmp_path, names))
+    assert_raises(FileNotFoundError, "not a local folder, nor a valid Hub repo id",
+                  lambda: encoders.locate(str(tmp_path / "no" / "such" / "folder"), "config.json"))
     torch.save({"encoder.w": torch.ones(2), "decoder.w": torch.zeros(3)}, tmp_path / "pytorch_model.bin")
-    state = encoders.load_state_dict(tmp_path, ["model.safetensors", "pytorch_model.bin"],
-                                     keep=lambda key: key.startswith("encoder."))
+    state = encoders.load_state_dict(tmp_path, names, keep=lambda key: key.startswith("encoder."))
     assert list(state) == ["encoder.w"] and torch.equal(state["encoder.w"], torch.ones(2))
     # Offline, a repo not in the cache: one line naming the repo, the file and the ways out.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError) as error:
         encoders.VAE.from_pretrained("no-such-user/no-such-vae")
-    assert "\n" not in str(error.value)
-    for needed in ("no-such-user/no-such-vae", "config.json", "HF_HUB_OFFLINE", "hf download", "local folder"):
-        assert needed in str(error.value)
-    with pytest.raises(FileNotFoundError, match="no-such-user/no-such-dino: no model.safetensors / pytorch_model.bin"):
-        encoders.DINOEncoder.from_pretrained("no-such-user/no-such-dino")
+    needed = ("no-such-user/no-such-vae", "config.json", "HF_HUB_OFFLINE", "hf download", "local folder")
+    assert "\n" not in str(error.value) and all(part in str(error.value) for part in needed), error.value
+    assert_raises(FileNotFoundError, "no-such-user/no-such-dino: no model.safetensors / pytorch_model.bin",
+                  lambda: encoders.DINOEncoder.from_pretrained("no-such-user/no-such-dino"))
     model = encoders.DINOEncoder(image_size=16, patch_size=8, width=16, depth=1, heads=1)
     state = dict(model.state_dict(), **{"head.weight": torch.zeros(1), "cls_token": torch.zeros(1, 1, 8)})
     del state["norm.bias"]
     with pytest.raises(ValueError) as error:
         encoders.load_into(model, state, "ckpt.pth")
-    assert str(error.value).startswith("ckpt.pth: checkpoint does not fit DINOEncoder")
-    for needed in ("1 missing (norm.bias)", "1 unexpected (head.weight)", "cls_token (1, 1, 8) vs model (1, 1, 16)"):
-        assert needed in str(error.value)
+    needed = ("1 missing (norm.bias)", "1 unexpected (head.weight)", "cls_token (1, 1, 8) vs model (1, 1, 16)")
+    assert str(error.value).startswith("ckpt.pth: checkpoint does not fit DINOEncoder"), error.value
+    assert all(part in str(error.value) for part in needed), error.value
     path = tmp_path / "dino_vitbase16_pretrain.pth"
     torch.save({"cls_token": torch.zeros(1, 1, 8), "extra": SimpleNamespace()}, path)
-    with pytest.raises(ValueError, match="dino_vitbase16_pretrain.pth: refused, not a plain tensor checkpoint"):
-        encoders.DINOEncoder.from_pretrained(path)
+    assert_raises(ValueError, "dino_vitbase16_pretrain.pth: refused, not a plain tensor checkpoint",
+                  lambda: encoders.DINOEncoder.from_pretrained(path))
 
 
 ####################################################################################################
@@ -915,31 +784,20 @@ def _tiny_t5(model_class=transformers.T5EncoderModel):
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)).eval()
 
 
-def _padded_batch(length=140):
-    """Random ids (3, length), a mask with one full row and two padded ones. 140 tokens pass max_distance=128:
-    every kind of relative-position bucket is used."""
-    input_ids = torch.randint(0, 64, (3, length), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(input_ids)
-    mask[1, 100:] = 0
-    mask[2, 7:] = 0
-    return input_ids, mask
-
-
-@pytest.mark.parametrize("layout", ["bin-shards", "safetensors-shards", "full-checkpoint", "embed_tokens"])
-def test_t5_encoder_matches_transformers(tmp_path, monkeypatch, layout):
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors-shards", "bin-shards", "full-ckpt", "embed_tokens"])
+def test_t5_encoder_matches_transformers_and_bf16_tracks_fp32(tmp_path, monkeypatch, layout):
     reference = _tiny_t5()
     state = dict(reference.state_dict())
     reference.config.to_json_file(tmp_path / "config.json")
-    if layout == "bin-shards":  # DeepFloyd/t5-v1_1-xxl: .bin shards and pytorch_model.bin.index.json
-        keys = list(state)
-        weight_map = {key: f"pytorch_model-0000{1 + 2 * i // len(keys)}-of-00002.bin" for i, key in enumerate(keys)}
+    if layout.startswith("safetensors"):  # one file, or shards and model.safetensors.index.json
+        reference.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if "shards" in layout else {}))
+        assert (tmp_path / "model.safetensors.index.json").exists() == ("shards" in layout)
+    elif layout == "bin-shards":  # DeepFloyd/t5-v1_1-xxl: .bin shards and pytorch_model.bin.index.json
+        weight_map = {key: f"pytorch_model-0000{1 + 2 * i // len(state)}-of-00002.bin" for i, key in enumerate(state)}
         for name in set(weight_map.values()):
-            torch.save({key: state[key] for key in keys if weight_map[key] == name}, tmp_path / name)
+            torch.save({key: state[key] for key in state if weight_map[key] == name}, tmp_path / name)
         (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    elif layout == "safetensors-shards":
-        reference.save_pretrained(tmp_path, max_shard_size="20KB")
-        assert (tmp_path / "model.safetensors.index.json").exists()
-    elif layout == "full-checkpoint":  # google/t5-v1_1-xxl: one .bin with encoder, decoder and lm_head
+    elif layout == "full-ckpt":  # google/t5-v1_1-xxl: one .bin with encoder, decoder and lm_head
         full = _tiny_t5(transformers.T5ForConditionalGeneration).state_dict()
         torch.save(full | state, tmp_path / "pytorch_model.bin")
     else:
@@ -951,23 +809,17 @@ def test_t5_encoder_matches_transformers(tmp_path, monkeypatch, layout):
     model = encoders.T5Encoder.from_pretrained(tmp_path)
     assert set(loaded_keys) == set(model.state_dict())  # no decoder or lm_head tensors read in
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    input_ids, mask = _padded_batch()
+    # One full row and two padded; 140 tokens pass max_distance=128: every kind of relative-position bucket is used.
+    input_ids = torch.randint(0, 64, (3, 140), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(140) < torch.tensor([[140], [100], [7]])).long()
     with torch.no_grad():
         expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state
     assert model(input_ids, mask).shape == (3, 140, 32)
     assert_close_to_scale(model(input_ids, mask), expected)
-
-
-def test_t5_encoder_bf16_tracks_fp32_and_fp16_is_refused(tmp_path):
-    _tiny_t5().save_pretrained(tmp_path)
-    fp32 = encoders.T5Encoder.from_pretrained(tmp_path)
     bf16 = encoders.T5Encoder.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    input_ids, mask = _padded_batch(length=20)
-    got = bf16(input_ids, mask)
-    assert got.dtype == torch.bfloat16
-    assert_close_to_scale(got, fp32(input_ids, mask), 5e-2)  # bf16: 8 significant bits (0.4%) per op
-    assert_raises(ValueError, "bfloat16", lambda: encoders.T5Encoder.from_pretrained(tmp_path, dtype=torch.float16))
+    got = bf16(input_ids[:, :20], mask[:, :20])
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and got.dtype == torch.bfloat16
+    assert_close_to_scale(got, model(input_ids[:, :20], mask[:, :20]), 5e-2)  # bf16: 8 significant bits (0.4%) per op
 
 
 def test_t5_encoder_load_errors_name_the_problem(tmp_path):
@@ -978,12 +830,12 @@ def test_t5_encoder_load_errors_name_the_problem(tmp_path):
     state = dict(reference.state_dict())
     del state["encoder.final_layer_norm.weight"]
     torch.save(state, tmp_path / "missing_key" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="encoder.final_layer_norm.weight"):
-        encoders.T5Encoder.from_pretrained(tmp_path / "missing_key")
+    load = lambda folder, **options: lambda: encoders.T5Encoder.from_pretrained(tmp_path / folder, **options)
+    assert_raises(ValueError, "encoder.final_layer_norm.weight", load("missing_key"))
     (tmp_path / "original_t5" / "config.json").write_text(json.dumps({"feed_forward_proj": "relu"}))
-    assert_raises(ValueError, "gated-gelu", lambda: encoders.T5Encoder.from_pretrained(tmp_path / "original_t5"))
-    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
-        encoders.T5Encoder.from_pretrained(tmp_path)  # holds no weights at all
+    assert_raises(ValueError, "gated-gelu", load("original_t5"))
+    assert_raises(FileNotFoundError, "pytorch_model.bin", load(""))  # holds no weights at all
+    assert_raises(ValueError, "bfloat16", load("missing_key", dtype=torch.float16))
     model = encoders.T5Encoder(encoders.T5Config(vocab_size=10, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_layers=1))
     assert_raises(ValueError, "vocabulary", lambda: model(torch.tensor([[3, 10]])))
     assert_raises(ValueError, "attention_mask", lambda: model(torch.tensor([[3, 4]]), torch.ones(1, 3)))
@@ -999,25 +851,22 @@ PUNCTUATION = [",", ".", "!", "?", ";", ":", "(", ")", '"', "'", "-", "…"]
 def _sentences(seed, count):
     """Made-up sentences: syllable words, numbers, punctuation, full-width forms, emoji, ligatures."""
     rng = random.Random(seed)
-    sentences = []
-    for _ in range(count):
-        words = []
-        for _ in range(rng.randint(1, 14)):
-            roll = rng.random()
-            word = (str(rng.randint(0, 99999)) if roll < 0.1 else rng.choice(ODD_WORDS) if roll < 0.15
-                    else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))))
-            word = word.capitalize() if rng.random() < 0.2 else word
-            words.append(word + rng.choice(PUNCTUATION) if rng.random() < 0.15 else word)
-        sentences.append(" ".join(words))
-    return sentences
+
+    def word():
+        roll = rng.random()
+        word = (str(rng.randint(0, 99999)) if roll < 0.1 else rng.choice(ODD_WORDS) if roll < 0.15
+                else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))))
+        word = word.capitalize() if rng.random() < 0.2 else word
+        return word + rng.choice(PUNCTUATION) if rng.random() < 0.15 else word
+
+    return [" ".join(word() for _ in range(rng.randint(1, 14))) for _ in range(count)]
 
 
 EDGE_CASES = [
     "", " ", "   ", "  leading spaces", "trailing spaces   ", "runs    of     spaces", "\t tab\nnew\r\nline",
     "ＦＵＬＬ　ｗｉｄｔｈ　１２３", "\u3000ideographic\u3000space\u3000", "漢字かな unseen", "\u200bzero\u200dwidth",
     "\x00\x01control\x7f", "ﬁ ﬂ ﬃ", "①②③ ⁵ ½", "Å Å e\u0301 é", "   😀😀   👍🏽 ", "ǅ ǈ", "ñeñe, 87999",
-    "x" * 500, " ".join(_sentences(7, 40)), "<sep>ka<sep> [IMG]to", "ka  <sep>  to",
-]
+    "x" * 500, " ".join(_sentences(7, 40)), "<sep>ka<sep> [IMG]to", "ka  <sep>  to"]
 
 
 def _train_sentencepiece(folder, **options):
@@ -1036,7 +885,7 @@ def _train_sentencepiece(folder, **options):
     {"normalization_rule_name": "identity", "add_dummy_prefix": False, "split_digits": True},
     {"normalization_rule_name": "nfkc", "treat_whitespace_as_suffix": True},
 ], ids=["nmt_nfkc", "byte_fallback+user_defined", "nfkc_cf+keep_spaces", "identity+no_prefix", "suffix_space"])
-def test_tokenizer_matches_sentencepiece(tmp_path, options):
+def test_tokenizer_matches_sentencepiece_pads_truncates_and_reads_extra_ids(tmp_path, options):
     path = _train_sentencepiece(tmp_path, **options)
     reference = sentencepiece.SentencePieceProcessor(model_file=str(path))
     tokenizer = encoders.T5Tokenizer.from_pretrained(path)
@@ -1045,19 +894,16 @@ def test_tokenizer_matches_sentencepiece(tmp_path, options):
     assert [tokenizer.encode(text) for text in texts] == expected
     # The texts do reach unknown characters (and runs of them), which must not go untested.
     assert any(reference.unk_id() in ids for ids in expected) or options.get("byte_fallback")
-
-
-def test_tokenizer_pads_truncates_masks_and_reads_extra_ids(tmp_path):
-    path = _train_sentencepiece(tmp_path)
-    reference = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    if options:
+        return
     tokenizer = encoders.T5Tokenizer.from_pretrained(tmp_path)  # the folder, as a Hub repo lays it out
     texts = ["kato rimu sé", "ka", "", "ba " * 50]
     max_length = len(reference.encode(texts[0])) + 1  # the first text fills its row exactly
     input_ids, mask = tokenizer(texts, max_length=max_length)
     assert input_ids.shape == mask.shape == (4, max_length) and input_ids.dtype == mask.dtype == torch.long
-    for row, text in enumerate(texts):
-        ids = (reference.encode(text) + [1])[:max_length - 1] + [1] if row == 3 else reference.encode(text) + [1]
-        assert input_ids[row].tolist() == ids + [0] * (max_length - len(ids))  # truncation keeps </s> last
+    for row, text in enumerate(texts):  # truncation keeps </s> last
+        ids = (reference.encode(text)[:max_length - 1] if row == 3 else reference.encode(text)) + [1]
+        assert input_ids[row].tolist() == ids + [0] * (max_length - len(ids))
         assert mask[row].tolist() == [1] * len(ids) + [0] * (max_length - len(ids))
     assert tokenizer("ka")[0].shape == (1, 120)  # one text, Lumos' default length
     assert_raises(ValueError, "max_length", lambda: tokenizer(texts, max_length=0))
@@ -1066,32 +912,27 @@ def test_tokenizer_pads_truncates_masks_and_reads_extra_ids(tmp_path):
     assert tokenizer.vocab_size == pieces + 100
     assert [tokenizer.encode(f"<extra_id_{i}>") for i in (0, 99, 10)] == [
         [pieces + 99, 1], [pieces, 1], [pieces + 89, 1]]
-    assert tokenizer.encode("ka <extra_id_0> to</s>") == (
-        reference.encode("ka") + [pieces + 99] + reference.encode("to") + [1, 1])
+    ids = reference.encode("ka") + [pieces + 99] + reference.encode("to") + [1, 1]
+    assert tokenizer.encode("ka <extra_id_0> to</s>") == ids
     assert tokenizer.encode("<extra_id_100>") == reference.encode("<extra_id_100>") + [1]  # not a sentinel
     assert encoders.T5Tokenizer.from_pretrained(path, num_extra_ids=0).vocab_size == pieces
+    (tmp_path / "bad").mkdir()
+    assert_raises(FileNotFoundError, "spiece.model", lambda: encoders.T5Tokenizer.from_pretrained(tmp_path / "bad"))
+    (tmp_path / "junk.model").write_bytes(b"not a sentencepiece model\n")
+    assert_raises(ValueError, "junk.model", lambda: encoders.T5Tokenizer.from_pretrained(tmp_path / "junk.model"))
+    assert_raises(ValueError, "</s>", lambda: encoders.T5Tokenizer.from_pieces([("</s>", 0.0)]))
+    bpe = _train_sentencepiece(tmp_path / "bad", model_type="bpe", vocab_size=200)
+    assert_raises(ValueError, "unigram", lambda: encoders.T5Tokenizer.from_pretrained(bpe))
 
 
 def _serialized_model(pieces):
     """A ModelProto: <pad>, </s>, <unk>, then `pieces` [(piece, score)] as normal pieces, identity normalizer."""
-    def varint(value):
-        out = bytearray()
-        while True:
-            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-            value >>= 7
-            if not value:
-                return bytes(out)
-
-    def submessage(number, payload):
-        return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-    def piece(text, score, kind):
-        return (submessage(1, text.encode()) + varint(2 << 3 | 5) + struct.pack("<f", score)
-                + varint(3 << 3) + varint(kind))
-
-    specials = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)]
-    return (b"".join(submessage(1, piece(*p)) for p in specials + [(text, score, 1) for text, score in pieces])
-            + submessage(3, submessage(1, b"identity")))
+    varint = lambda value: bytes([value & 0x7F | 0x80 * (value > 0x7F)]) + (varint(value >> 7) if value > 0x7F else b"")
+    field = lambda number, payload: varint(number << 3 | 2) + varint(len(payload)) + payload  # length-delimited
+    piece = lambda text, score, kind: (field(1, text.encode()) + varint(2 << 3 | 5) + struct.pack("<f", score)
+                                       + varint(3 << 3) + varint(kind))
+    pieces = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)] + [(text, score, 1) for text, score in pieces]
+    return b"".join(field(1, piece(*p)) for p in pieces) + field(3, field(1, b"identity"))
 
 
 @pytest.mark.parametrize("pieces, texts", [
@@ -1113,42 +954,24 @@ def test_tokenizer_from_in_memory_pieces_matches_sentencepiece(pieces, texts):
         assert tokenizer.encode("ａｂ") == [8, 1]  # "▁ab"
 
 
-def test_tokenizer_file_errors(tmp_path):
-    assert_raises(FileNotFoundError, "spiece.model", lambda: encoders.T5Tokenizer.from_pretrained(tmp_path))
-    (tmp_path / "junk.model").write_bytes(b"not a sentencepiece model\n")
-    assert_raises(ValueError, "junk.model", lambda: encoders.T5Tokenizer.from_pretrained(tmp_path / "junk.model"))
-    assert_raises(ValueError, "</s>", lambda: encoders.T5Tokenizer.from_pieces([("</s>", 0.0)]))
-    (tmp_path / "bpe").mkdir()
-    with pytest.raises(ValueError, match="unigram"):
-        encoders.T5Tokenizer.from_pretrained(_train_sentencepiece(tmp_path / "bpe", model_type="bpe", vocab_size=200))
-
-
 # ---- prompt preprocessing as the release's T5Embedder does it ---------------------------------
 # Expected outputs worked out by hand from the release's rules, in their order (lowercasing first).
 
 PROMPT_CASES = [
-    ("A Red Car", "a red car"),
-    ("A%20Red+Car", "a red car"),  # URL-unquoted first
+    ("A Red Car", "a red car"), ("Photo by @JohnDoe on stage", "photo by on stage"), ("Wait... what", "wait what"),
+    ("a cat . a dog", "a cat a dog"), ("red,green.blue", "red, green. blue"), ('"Hello World"', "hello world"),
+    ("server 192.168.0.1 rack", "server rack"), ("A%20Red+Car", "a red car"),  # URL-unquoted first
     ("Visit https://www.Example.com/path for more", "visit for more"),  # URL rule 1, twice in one pass
     ("logo from wikipedia.org/wiki today", "logo from today"),  # a bare domain with a listed ending
     ("Fish &amp; <i>Chips</i>", "fish chips"),  # tags go; "&" is bad punctuation
     ("Tom &amp;quot;Jerry&amp;quot;", "tom jerry"),  # double escaped: `&quot;?` takes what HTML leaves
     ("A <person> Riding", "a person riding"),  # replaced before the HTML step could drop it
-    ("Photo by @JohnDoe on stage", "photo by on stage"),
-    ("一只猫 a cat", "a cat"),  # CJK ideographs (U+4E00-9FFF) go
-    ("ネコ cat", "ネコ cat"),  # Katakana is in none of the release's ranges
+    ("一只猫 a cat", "a cat"), ("ネコ cat", "ネコ cat"),  # CJK ideographs (U+4E00-9FFF) go; Katakana is in no range
     ("a “quoted” ‘word’ — dash", "a \"quoted\" 'word' - dash"),  # dashes and quotes; one "-": no split
-    ("this-is-my-cute-cat", "this is my cute cat"),  # more than 3 of "-" / "_": spaces
-    ("a-b-c-d", "a-b-c-d"),  # exactly 3 stay
+    ("this-is-my-cute-cat", "this is my cute cat"), ("a-b-c-d", "a-b-c-d"),  # > 3 of "-" / "_" are spaces; 3 stay
     ("***SALE*** now!!", "sale now!!"),  # bad punctuation runs; "!" is not one
-    ("Wait... what", "wait what"),
-    ("a cat . a dog", "a cat a dog"),
-    ("red,green.blue", "red, green. blue"),
-    ('"Hello World"', "hello world"),  # one pair of enclosing quotes
     ("photo #12 of cat.jpg", "photo of"),  # "#12" (1-3 digits), then the file name
-    ("server 192.168.0.1 rack", "server rack"),
-    ("poster 1920x1080", "poster"),  # \b\d+[a-zA-Z]+\d+\b
-    ("Red Dress Free Shipping", "red dress"),  # shop phrase
+    ("poster 1920x1080", "poster"), ("Red Dress Free Shipping", "red dress"),  # \b\d+[a-zA-Z]+\d+\b; a shop phrase
 ]
 
 
@@ -1159,25 +982,20 @@ def test_preprocess_prompt_rules(prompt, expected):
     assert encoders.clean_caption(expected) == expected
 
 
-def test_preprocess_prompt_cleans_twice_or_not_at_all():
+def test_text_encoder_cleans_prompts_twice_or_not_at_all():
     # Pass 1 drops <b>, </b> and unescapes "&lt;i&gt;" to "<i>", a tag that pass 2 drops.
     assert encoders.clean_caption("<b>Bold</b> &lt;i&gt; text") == "bold <i> text"
     assert encoders.preprocess_prompt("<b>Bold</b> &lt;i&gt; text") == "bold text"
     # use_text_preprocessing=False in the release: text.lower().strip() and nothing else.
-    prompt = "  A Red Car, https://X.com *** &amp;  "
-    assert encoders.preprocess_prompt(prompt, clean=False) == "a red car, https://x.com *** &amp;"
-
-
-def test_text_encoder_tokenizes_cleaned_prompts():
+    raw = "  A Red Car, https://X.com *** &amp;  "
+    assert encoders.preprocess_prompt(raw, clean=False) == "a red car, https://x.com *** &amp;"
     encoder = encoders.random_text_encoder(encoders.random_t5_description(data.shapes_vocabulary()), torch.device("cpu"))
-    assert encoder.clean
     features, mask = encoder(["A Red Circle", "a red circle", "A ***Red*** Circle https://example.com"])
-    assert mask.all()  # the same three tokens (a, red, circle) and </s> in every row: no <unk>
+    assert encoder.clean and mask.all()  # the same three tokens (a, red, circle) and </s> in every row: no <unk>
     assert torch.equal(features[0], features[1]) and torch.equal(features[0], features[2])
     assert torch.equal(encoder.token_features(["A RED CIRCLE"])[0], features[1][mask[1]])  # cache-text: same path
     # Without cleaning, capitals are still lowered, but "***" reaches the tokenizer (<unk>: one more token).
-    raw = encoders.TextEncoder(encoder.tokenizer, encoder.t5, clean=False)
-    _, raw_mask = raw(["A Red Circle", "a red circle ***"])
+    _, raw_mask = encoders.TextEncoder(encoder.tokenizer, encoder.t5, clean=False)(["A Red Circle", "a red circle ***"])
     assert raw_mask.sum(1).tolist() == [4, 5]
 
 

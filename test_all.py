@@ -1004,13 +1004,16 @@ def test_text_encoder_cleans_prompts_twice_or_not_at_all():
 ####################################################################################################
 
 def encode(image, format, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, format, **options)
+    image.save(buffer := io.BytesIO(), format, **options)
     return buffer.getvalue()
 
 
 def noise_image(width, height, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def noise_png(seed, size=8):
+    return encode(noise_image(size, size, seed), "PNG")
 
 
 def write_files(folder, files):
@@ -1038,142 +1041,39 @@ def png_header_only(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
-# ---- folder and tar sources ------------------------------------------------------------------
-
-
-def test_folder_and_tar_read_the_same_images_and_captions(tmp_path):
-    good = {"000": ("png", encode(noise_image(40, 30, 0), "PNG"), "a noisy landscape"),
-            "001": ("jpg", encode(noise_image(20, 50, 1), "JPEG", quality=90), None),
-            "002": ("webp", encode(noise_image(64, 64, 2), "WEBP", lossless=True), "ünïcode caption"),
-            "003": ("png", encode(noise_image(100, 37, 3), "PNG"), None),
-            "004": ("jpeg", encode(noise_image(16, 16, 4), "JPEG"), "last one")}
-    folder_files, tar_members = {}, {}
-    for key, (extension, content, caption) in good.items():
-        folder_files[f"{key}.{extension}"] = tar_members[f"{key}.{extension}"] = content
-        if caption is not None:  # the tar's captions alternate between .txt and .json
-            folder_files[f"{key}.txt"] = caption.encode()
-            tar_members[f"{key}.json" if int(key) % 2 else f"{key}.txt"] = (
-                json.dumps({"text": caption}).encode() if int(key) % 2 else caption.encode())
-    folder = data.open_dataset(str(write_files(tmp_path / "images", folder_files)), 24)
-    shards = data.open_dataset(str(write_tar(tmp_path / "shard.tar", tar_members)), 24)
-    assert isinstance(folder, data.ImageFolder) and isinstance(shards, data.TarShards)
-    assert len(folder) == len(shards) == 5
-    for i, (key, (extension, _, caption)) in enumerate(good.items()):
-        from_folder, from_tar = folder[i], shards[i]
-        assert from_folder["image"].shape == (3, 24, 24) and torch.equal(from_folder["image"], from_tar["image"])
-        assert from_folder["caption"] == from_tar["caption"] == (caption or "")
-        assert from_folder["name"].endswith(f"{key}.{extension}") and from_tar["name"].endswith(f"shard.tar:{key}.{extension}")
-        assert from_folder["skipped"] == from_tar["skipped"] == [] and from_tar["index"] == i
-
-
-def test_folder_listing_is_recursive_sorted_case_insensitive_and_skips_hidden(tmp_path):
-    png = encode(noise_image(8, 8, 0), "PNG")
-    write_files(tmp_path, {"b/x.PNG": png, "a/z.Jpg": encode(noise_image(8, 8, 1), "JPEG"), "a/y.png": png,
-                           "c.webp": encode(noise_image(8, 8, 2), "WEBP"), "notes.md": b"not an image",
-                           ".hidden.png": png, ".cache/w.png": png, "a/y.txt": b"  caption of y \n"})
-    dataset = data.open_dataset(str(tmp_path), 8)
-    assert [os.path.relpath(dataset.name(j), tmp_path) for j in range(len(dataset))] == [
-        os.path.join("a", "y.png"), os.path.join("a", "z.Jpg"), os.path.join("b", "x.PNG"), "c.webp"]
-    assert [dataset[j]["caption"] for j in range(4)] == ["caption of y", "", "", ""]
-
-
-def test_tar_groups_members_by_key_ignores_samples_without_image_and_skips_bad_captions(tmp_path):
-    image = encode(noise_image(8, 8, 0), "PNG")
-    shard = write_tar(tmp_path / "s.tar", {
-        "dir/a.txt": b"caption a", "dir/a.png": image,       # caption before image: same key
-        "dir/b.cls": b"3",                                   # no image: not a sample
-        "dir/c.seg.png": image,                              # extension "seg.png": not an image
-        "dir/d.JPG": encode(noise_image(8, 8, 1), "JPEG"),
-        "dir/d.json": json.dumps({"caption": "from json", "text": "ignored"}).encode(),
-        "e.png": image, "e.json": json.dumps(["not", "a", "dict"]).encode(),
-        "f.json": json.dumps({"caption": "json loses"}).encode(), "f.txt": b"txt wins", "f.png": image,
-        "g.png": image, "g.json": b"{not json",                # a bad caption: the sample is skipped
-    })
-    dataset = data.open_dataset(str(shard), 8)
-    assert [dataset.name(j).split(":")[-1] for j in range(len(dataset))] == ["dir/a.png", "dir/d.JPG", "e.png", "f.png", "g.png"]
-    assert [dataset[j]["caption"] for j in range(5)] == ["caption a", "from json", "", "txt wins", "caption a"]
-    assert dataset[4]["skipped"] == [f"{shard}:g.png"] and dataset[3]["skipped"] == []
-
-
-def test_brace_expansion():
-    assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
-    assert data.expand_braces("{3..1}") == ["3", "2", "1"]
-    assert data.expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
-    assert data.expand_braces("plain{x}.tar") == ["plain{x}.tar"]
-    assert data.split_top_level("a/{0..2}.tar,b/{x,y}.tar, c.tar") == ["a/{0..2}.tar", "b/{x,y}.tar", " c.tar"]
-
-
-def test_shards_from_brace_ranges_globs_and_lists(tmp_path):
-    for shard in range(4):  # shard s holds s + 1 samples
-        write_tar(tmp_path / f"{shard:05d}.tar", {f"k{shard}_{j}.png": encode(noise_image(8, 8, 10 * shard + j), "PNG")
-                                                  for j in range(shard + 1)})
-
-    def member_keys(spec):
-        dataset = data.open_dataset(spec, 8)
-        return [dataset.name(j).split(":")[-1][:-4] for j in range(len(dataset))]
-
-    assert member_keys(f"{tmp_path}/{{00001..00002}}.tar") == ["k1_0", "k1_1", "k2_0", "k2_1", "k2_2"]
-    assert member_keys(f"{tmp_path}/*.tar") == [f"k{shard}_{j}" for shard in range(4) for j in range(shard + 1)]
-    assert member_keys(f"{tmp_path}/00003.tar,{tmp_path}/0000[0].tar") == ["k3_0", "k3_1", "k3_2", "k3_3", "k0_0"]
-    with pytest.raises(FileNotFoundError, match="not found: .*00004.tar and 5 more"):
-        data.open_dataset(f"{tmp_path}/{{00002..00009}}.tar", 8)
-    with pytest.raises(FileNotFoundError, match="no files match"):
-        data.open_dataset(f"{tmp_path}/*.tgz", 8)
-
-
-# ---- bad files -------------------------------------------------------------------------------
-
-
 def bad_and_good_files():
-    """(name, bytes, is_good) in dataset order; the last file is bad, so skipping wraps."""
-    jpeg = encode(noise_image(64, 64, 5), "JPEG", quality=95)
-    png = encode(noise_image(64, 64, 6), "PNG")
-    return [
-        ("00.png", encode(noise_image(20, 20, 0), "PNG"), True),
-        ("01.jpg", b"", False),                                   # zero bytes
-        ("02.jpg", jpeg[: len(jpeg) // 2], False),                # truncated jpeg
-        ("03.png", encode(noise_image(30, 20, 1), "PNG"), True),
-        ("04.jpg", np.random.default_rng(0).bytes(3000), False),  # random bytes
-        ("05.png", png[: len(png) // 2], False),                  # truncated png
-        ("06.png", png_header_only(100_000, 100_000), False),     # decompression bomb
-        ("07.jpg", jpeg, True),
-        ("08.webp", b"RIFF\x00\x00\x00\x00WEBP", False),          # a header and nothing else
-    ]
+    """(name, bytes, caption; None if bad) in dataset order; the last file is bad, so skipping wraps."""
+    jpeg, png = encode(noise_image(64, 64, 5), "JPEG", quality=95), encode(noise_image(64, 64, 6), "PNG")
+    return [("00.png", encode(noise_image(40, 30, 0), "PNG"), "a noisy landscape"), ("01.jpg", b"", None),  # empty
+            ("02.jpg", jpeg[: len(jpeg) // 2], None),  # truncated
+            ("03.webp", encode(noise_image(100, 37, 1), "WEBP", lossless=True), "ünïcode caption"),
+            ("04.jpg", np.random.default_rng(0).bytes(3000), None), ("05.png", png[: len(png) // 2], None),
+            ("06.png", png_header_only(100_000, 100_000), None),  # a decompression bomb
+            ("07.jpeg", jpeg, ""), ("08.webp", b"RIFF\x00\x00\x00\x00WEBP", None)]  # a header and nothing else
 
 
-@pytest.mark.parametrize("source", ["folder", "tar"])
-def test_bad_files_are_skipped_deterministically_and_named(tmp_path, source):
+def test_folder_and_tar_read_the_same_items_and_skip_bad_files_deterministically(tmp_path, monkeypatch):
     files = bad_and_good_files()
-    contents = {name: content for name, content, _ in files}
-    spec = str(write_files(tmp_path / "images", contents) if source == "folder" else write_tar(tmp_path / "s.tar", contents))
-    dataset, n = data.open_dataset(spec, 16), len(files)
-    assert len(dataset) == n
-    good = [j for j, (_, _, is_good) in enumerate(files) if is_good]
+    n, good = len(files), [j for j, (_, _, caption) in enumerate(files) if caption is not None]
+    folder, tar = {}, {}
+    for name, content, caption in files:
+        folder[name] = tar[name] = content
+        if caption:
+            folder[name[:2] + ".txt"] = tar[name[:2] + ".txt"] = caption.encode()
+    tar["03.json"] = json.dumps({"text": tar.pop("03.txt").decode()}).encode()  # a .json caption, after its image
+    folder = data.open_dataset(str(write_files(tmp_path / "images", folder)), 24)
+    shards = data.open_dataset(str(write_tar(tmp_path / "shard.tar", tar)), 24)
+    assert isinstance(folder, data.ImageFolder) and isinstance(shards, data.TarShards) and len(folder) == len(shards) == n
     for i in range(n):
-        item = dataset[i]
-        replacement = next(j % n for j in range(i, i + n) if j % n in good)
-        bad_run = [files[j % n][0] for j in range(i, i + (replacement - i) % n)]
-        assert item["index"] == i and item["name"].endswith(files[replacement][0])
-        assert [name.rsplit("/", 1)[-1].rsplit(":", 1)[-1] for name in item["skipped"]] == bad_run
-        assert torch.equal(item["image"], dataset[replacement]["image"])
-    reopened = data.open_dataset(spec, 16)
-    assert all(torch.equal(reopened[i]["image"], dataset[i]["image"]) for i in range(n))
-
-
-@pytest.mark.parametrize("cut_inside", ["2.png", "2.txt"])
-def test_sample_cut_off_by_a_truncated_shard_is_skipped(tmp_path, cut_inside):
-    members = {f"{j}.png": encode(noise_image(32, 32, j), "PNG") for j in range(3)}
-    members["2.txt"] = b"a caption long enough to be cut in the middle " * 4
-    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
-    (tmp_path / "cut.tar").write_bytes(whole[: whole.index(members[cut_inside]) + 100])
-    with pytest.warns(UserWarning, match="cut.tar"):
-        dataset = data.open_dataset(str(tmp_path / "cut.tar"), 8)
-    assert len(dataset) == 3 and dataset[2]["skipped"] == [f"{tmp_path / 'cut.tar'}:2.png"]
-    assert dataset[2]["name"].endswith(":0.png")
-
-
-def test_images_over_the_pixel_limit_are_bad_even_where_pil_only_warns(monkeypatch):
-    content = encode(noise_image(40, 30, 0), "PNG")  # PIL raises above 2 x MAX_IMAGE_PIXELS, warns from 1x
+        a, b, r = folder[i], shards[i], next(j % n for j in range(i, i + n) if j % n in good)  # r replaces i
+        assert a["image"].shape == (3, 24, 24) and torch.equal(a["image"], b["image"]) and a["index"] == b["index"] == i
+        assert torch.equal(a["image"], folder[r]["image"]) and a["caption"] == b["caption"] == files[r][2]
+        assert a["name"].endswith(files[r][0]) and b["name"].endswith(f"shard.tar:{files[r][0]}")
+        assert [x.rsplit("/", 1)[-1] for x in a["skipped"]] == [x.rsplit(":", 1)[-1] for x in b["skipped"]] == [
+            files[j % n][0] for j in range(i, i + (r - i) % n)]
+    reopened = data.open_dataset(str(tmp_path / "shard.tar"), 24)
+    assert all(torch.equal(reopened[i]["image"], shards[i]["image"]) for i in range(n))
+    content = files[0][1]  # 40 x 30: PIL raises above 2 x MAX_IMAGE_PIXELS, only warns from 1x; both are bad
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(data.BadSampleError, match="DecompressionBomb"):
         data.decode_image(content, 8)
@@ -1181,40 +1081,89 @@ def test_images_over_the_pixel_limit_are_bad_even_where_pil_only_warns(monkeypat
     assert data.decode_image(content, 8).shape == (3, 8, 8)
 
 
-# ---- Too many bad files: a systematic failure stops with one line ----------------------------
+def test_folder_listing_tar_grouping_and_shard_specs(tmp_path):
+    png = noise_png(0)  # a folder: recursive, sorted, case-insensitive extensions, hidden files skipped
+    write_files(tmp_path, {"b/x.PNG": png, "a/z.Jpg": encode(noise_image(8, 8, 1), "JPEG"), "a/y.png": png,
+                           "c.webp": encode(noise_image(8, 8, 2), "WEBP"), "notes.md": b"not an image",
+                           ".hidden.png": png, ".cache/w.png": png, "a/y.txt": b"  caption of y \n"})
+    dataset = data.open_dataset(str(tmp_path), 8)
+    assert [os.path.relpath(dataset.name(j), tmp_path) for j in range(len(dataset))] == [
+        os.path.join("a", "y.png"), os.path.join("a", "z.Jpg"), os.path.join("b", "x.PNG"), "c.webp"]
+    assert [dataset[j]["caption"] for j in range(4)] == ["caption of y", "", "", ""]
+    shard = write_tar(tmp_path / "s.tar", {
+        "dir/a.txt": b"caption a", "dir/a.png": png,         # caption before image: same key
+        "dir/b.cls": b"3",                                   # no image: not a sample
+        "dir/c.seg.png": png,                                # extension "seg.png": not an image
+        "dir/d.JPG": encode(noise_image(8, 8, 1), "JPEG"),
+        "dir/d.json": json.dumps({"caption": "from json", "text": "ignored"}).encode(),
+        "e.png": png, "e.json": json.dumps(["not", "a", "dict"]).encode(),
+        "f.json": json.dumps({"caption": "json loses"}).encode(), "f.txt": b"txt wins", "f.png": png,
+        "g.png": png, "g.json": b"{not json",                # a bad caption: the sample is skipped
+    })
+    dataset = data.open_dataset(str(shard), 8)
+    assert [dataset.name(j).split(":")[-1] for j in range(len(dataset))] == ["dir/a.png", "dir/d.JPG", "e.png", "f.png", "g.png"]
+    assert [dataset[j]["caption"] for j in range(5)] == ["caption a", "from json", "", "txt wins", "caption a"]
+    assert dataset[4]["skipped"] == [f"{shard}:g.png"] and dataset[3]["skipped"] == []
+    members = {**{f"{j}.png": noise_png(j, 32) for j in range(3)}, "2.txt": b"a caption long enough to be cut " * 6}
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    for cut_inside in ("2.png", "2.txt"):  # a sample cut off by a truncated shard is skipped
+        (tmp_path / "cut.tar").write_bytes(whole[: whole.index(members[cut_inside]) + 100])
+        with pytest.warns(UserWarning, match="cut.tar"):
+            dataset = data.open_dataset(str(tmp_path / "cut.tar"), 8)
+        assert len(dataset) == 3 and dataset[2]["skipped"] == [f"{tmp_path / 'cut.tar'}:2.png"]
+        assert dataset[2]["name"].endswith(":0.png")
+    assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
+    assert data.expand_braces("{3..1}") == ["3", "2", "1"] and data.expand_braces("plain{x}.tar") == ["plain{x}.tar"]
+    assert data.expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    assert data.split_top_level("a/{0..2}.tar,b/{x,y}.tar, c.tar") == ["a/{0..2}.tar", "b/{x,y}.tar", " c.tar"]
+    (tmp_path / "shards").mkdir()
+    for s in range(4):  # shard s holds s + 1 samples
+        write_tar(tmp_path / "shards" / f"{s:05d}.tar", {f"k{s}_{j}.png": noise_png(10 * s + j) for j in range(s + 1)})
+    for spec, keys in [("{00001..00002}.tar", ["k1_0", "k1_1", "k2_0", "k2_1", "k2_2"]),
+                       ("*.tar", [f"k{s}_{j}" for s in range(4) for j in range(s + 1)]),
+                       (f"00003.tar,{tmp_path}/shards/0000[0].tar", ["k3_0", "k3_1", "k3_2", "k3_3", "k0_0"])]:
+        dataset = data.open_dataset(f"{tmp_path}/shards/{spec}", 8)
+        assert [dataset.name(j).split(":")[-1][:-4] for j in range(len(dataset))] == keys
+    with pytest.raises(FileNotFoundError, match="not found: .*00004.tar and 5 more"):
+        data.open_dataset(f"{tmp_path}/shards/{{00002..00009}}.tar", 8)
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        data.open_dataset(f"{tmp_path}/shards/*.tgz", 8)
 
 
 def write_bad_folder(folder, count, is_good):
     """count files NNNN.png, a small PNG where is_good(k), garbage bytes elsewhere."""
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(count):
-        (folder / f"{k:04d}.png").write_bytes(encode(noise_image(8, 8, k), "PNG") if is_good(k) else b"not an image %d" % k)
+        (folder / f"{k:04d}.png").write_bytes(noise_png(k) if is_good(k) else b"not an image %d" % k)
     return folder
 
 
-def assert_one_line_naming_the_first_errors(message, folder):
-    assert "\n" not in message and "first errors:" in message and "python data.py stats" in message
-    assert all(f"{folder / name}: UnidentifiedImageError" in message for name in ("0000.png", "0001.png", "0002.png"))
-    assert "0003.png" not in message and "BytesIO" not in message  # BAD_FILE_EXAMPLES errors, not all
-
-
-def test_a_small_folder_of_bad_files_stops_at_the_first_item(tmp_path):
-    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 5, lambda k: False)), 8)
+def test_too_many_bad_files_stop_the_dataset_a_loader_worker_and_stats_in_one_line(tmp_path, monkeypatch):
+    folder = write_bad_folder(tmp_path / "all", 1200, lambda k: False)
+    for workers in (0, 1):
+        loader = data.make_loader(data.open_dataset(str(folder), 8), 4, 4, shuffle=False, num_workers=workers)
+        batches, message = iter(loader), None
+        try:  # not pytest.raises, and the loader kept: else its worker waits for a gc, and the gc 5 s for it
+            next(batches)
+        except data.TooManyBadFiles as error:  # a RuntimeError, one line even from a worker
+            message = str(error)
+        del batches
+        assert issubclass(data.TooManyBadFiles, RuntimeError) and "\n" not in message and "python data.py stats" in message
+        assert message.startswith(f"{data.BAD_FILE_WINDOW} of the last {data.BAD_FILE_WINDOW} files read failed")
+        assert all(f"{folder / f'{k:04d}.png'}: UnidentifiedImageError" in message for k in range(3))
+        assert "0003.png" not in message and "BytesIO" not in message  # BAD_FILE_EXAMPLES errors, not all
+    with pytest.raises(SystemExit) as exit_info:  # 0 workers, for the same reason
+        data.main(["stats", str(folder), "--image-size", "8", "--batch-size", "4", "--workers", "0"])
+    assert re.fullmatch(r"error: 1000 of the last 1000 files read failed [^\n]*", exit_info.value.code)
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path / "small", 5, lambda k: False)), 8)
     with pytest.raises(data.TooManyBadFiles, match=r"no readable image .* all 5 files failed; first errors"):
         dataset[2]
-
-
-def test_sparse_bad_files_are_still_skipped(tmp_path):
-    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 1200, lambda k: k % 10 != 3)), 8)
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path / "sparse", 1200, lambda k: k % 10 != 3)), 8)
     assert sum(len(dataset[i]["skipped"]) for i in range(len(dataset))) == 120  # each bad file once
-
-
-def test_the_window_slides_and_only_more_than_half_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BAD_FILE_WINDOW", 10)
-    # Files 0-4 bad, 5-9 good, 10-15 bad. Items 0 (reads 0..5) and 6..9 fill the window with
-    # exactly half bad: fine. Item 10 reads 10, 11, ...: the bad files 0-4 leave the window
-    # first, and 15 pushes out good 5: 6 of 10 bad, the first of them now 10.
-    dataset = data.open_dataset(str(write_bad_folder(tmp_path, 20, lambda k: 5 <= k < 10 or k >= 16)), 8)
+    # Bad: 0-4, 10-15. Items 0 (reads 0..5) and 6..9 leave the window half bad: fine. Item 10 reads 10, 11, ...:
+    # 0-4 leave the window first, and 15 pushes out good 5: 6 of 10 bad, the first of them now 10.
+    dataset = data.open_dataset(str(write_bad_folder(tmp_path / "window", 20, lambda k: 5 <= k < 10 or k >= 16)), 8)
     for i in (0, 6, 7, 8, 9):
         dataset[i]
     with pytest.raises(data.TooManyBadFiles, match=r"^6 of the last 10 files read failed .* first errors: "
@@ -1222,29 +1171,7 @@ def test_the_window_slides_and_only_more_than_half_stops(tmp_path, monkeypatch):
         dataset[10]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_folder_of_bad_files_stops_loader_and_stats_in_one_line_from_a_worker_too(tmp_path, workers):
-    folder = write_bad_folder(tmp_path, 1200, lambda k: False)
-    loader = data.make_loader(data.open_dataset(str(folder), 8), 4, 4, shuffle=False, num_workers=workers)
-    # try/except, not pytest.raises: the error's traceback holds the loader, whose worker then goes at
-    # once, not in a later test's garbage collection (5 s); for that reason too, stats runs with 0 workers.
-    batches, message = iter(loader), None
-    try:
-        next(batches)
-    except data.TooManyBadFiles as error:  # a RuntimeError, one line even from a worker
-        message = str(error)
-    del batches
-    assert issubclass(data.TooManyBadFiles, RuntimeError)
-    assert message.startswith(f"{data.BAD_FILE_WINDOW} of the last {data.BAD_FILE_WINDOW} files read failed")
-    assert_one_line_naming_the_first_errors(message, folder)
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["stats", str(folder), "--image-size", "8", "--batch-size", "4", "--workers", "0"])
-    assert re.fullmatch(r"error: 1000 of the last 1000 files read failed [^\n]*", exit_info.value.code)
-
-
-# "all bad": met in main(), reading the held-out items, before any DataLoader. "mostly bad": the
-# held-out items (0, 300, 600, 900 of 1200) are good, so the training loop meets it, in the main
-# process with 0 workers, re-raised from a DataLoader worker with 1.
+# "all bad": met in main() on the held-out items; "mostly bad" (held-out 0, 300, 600, 900 good): in the loop, 0/1 worker.
 @pytest.mark.slow
 @pytest.mark.parametrize("good, workers", [("all bad", "0"), ("mostly bad", "0"), ("mostly bad", "1")])
 def test_training_on_bad_files_exits_2_with_one_line(tmp_path, good, workers):
@@ -1260,32 +1187,28 @@ def test_training_on_bad_files_exits_2_with_one_line(tmp_path, good, workers):
     assert f"first errors: {folder}{os.sep}" in lines[0]
 
 
-# ---- image modes and the centre crop ---------------------------------------------------------
+def plain(mode, size, colour, format="PNG", palette=None, **options):
+    image = Image.new(mode, size, colour)
+    if palette:
+        image.putpalette(palette)
+    return encode(image, format, **options)
 
 
-def palette_image(transparent):
-    image = Image.new("P", (12, 9), 1)
-    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * (3 * 254))
-    return encode(image, "PNG", **({"transparency": 1} if transparent else {}))
-
-
+PALETTE = [0, 0, 0, 10, 200, 30] + [0] * (3 * 254)
 ODD_MODES = {  # label: (encoded file, expected RGB everywhere)
-    "L": (encode(Image.new("L", (40, 30), 200), "PNG"), (200, 200, 200)),
-    "1": (encode(Image.new("1", (40, 30), 1), "PNG"), (255, 255, 255)),
-    "LA transparent": (encode(Image.new("LA", (20, 20), (100, 0)), "PNG"), (255, 255, 255)),
-    "LA opaque": (encode(Image.new("LA", (20, 20), (100, 255)), "PNG"), (100, 100, 100)),
-    "P": (palette_image(transparent=False), (10, 200, 30)),
-    "P transparent": (palette_image(transparent=True), (255, 255, 255)),
-    "RGBA transparent": (encode(Image.new("RGBA", (20, 20), (0, 0, 255, 0)), "PNG"), (255, 255, 255)),
-    "RGBA half": (encode(Image.new("RGBA", (20, 20), (0, 0, 255, 128)), "PNG"), (127, 127, 255)),
-    "RGB with transparency key": (encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG", transparency=(1, 2, 3)),
-                                  (255, 255, 255)),
-    "CMYK jpeg": (encode(Image.new("CMYK", (24, 24), (0, 255, 0, 0)), "JPEG", quality=95), (255, 0, 255)),
-    "I;16 png": (encode(Image.fromarray(np.full((20, 30), 128 * 257, np.uint16)), "PNG"), (128, 128, 128)),
-    "tiny 1x1": (encode(Image.new("RGB", (1, 1), (30, 60, 90)), "PNG"), (30, 60, 90)),
-    "very tall 10x1000": (encode(Image.new("RGB", (10, 1000), (5, 250, 120)), "PNG"), (5, 250, 120)),
-    "very wide webp": (encode(Image.new("RGB", (3000, 7), (90, 20, 200)), "WEBP", lossless=True), (90, 20, 200)),
-}
+    "L": (plain("L", (40, 30), 200), (200,) * 3), "1": (plain("1", (40, 30), 1), (255,) * 3),
+    "LA transparent": (plain("LA", (20, 20), (100, 0)), (255,) * 3),
+    "LA opaque": (plain("LA", (20, 20), (100, 255)), (100,) * 3),
+    "P": (plain("P", (12, 9), 1, palette=PALETTE), (10, 200, 30)),
+    "P transparent": (plain("P", (12, 9), 1, palette=PALETTE, transparency=1), (255,) * 3),
+    "RGBA transparent": (plain("RGBA", (20, 20), (0, 0, 255, 0)), (255,) * 3),
+    "RGBA half": (plain("RGBA", (20, 20), (0, 0, 255, 128)), (127, 127, 255)),
+    "RGB with transparency key": (plain("RGB", (20, 20), (1, 2, 3), transparency=(1, 2, 3)), (255,) * 3),
+    "CMYK jpeg": (plain("CMYK", (24, 24), (0, 255, 0, 0), "JPEG", quality=95), (255, 0, 255)),
+    "I;16 png": (encode(Image.fromarray(np.full((20, 30), 128 * 257, np.uint16)), "PNG"), (128,) * 3),
+    "tiny 1x1": (plain("RGB", (1, 1), (30, 60, 90)), (30, 60, 90)),
+    "very tall 10x1000": (plain("RGB", (10, 1000), (5, 250, 120)), (5, 250, 120)),
+    "very wide webp": (plain("RGB", (3000, 7), (90, 20, 200), "WEBP", lossless=True), (90, 20, 200))}
 
 
 @pytest.mark.parametrize("label", list(ODD_MODES))
@@ -1299,7 +1222,7 @@ def test_every_good_file_in_an_odd_mode_is_read(tmp_path, label):
     torch.testing.assert_close(item["image"], expected, atol=0.04 if label == "CMYK jpeg" else 1e-6, rtol=0)
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_and_center_crop_by_box_halving_bicubic_and_strip_trimming(tmp_path, monkeypatch):
     pixels = np.zeros((40, 40, 3), np.uint8)
     pixels[:20], pixels[20:] = (255, 0, 0), (0, 0, 255)  # red top half, blue bottom half, as stored
     exif = Image.Exif()
@@ -1307,24 +1230,20 @@ def test_exif_orientation_is_applied(tmp_path):
     write_files(tmp_path, {"photo.jpg": encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif)})
     image = (data.open_dataset(str(tmp_path), 16)[0]["image"] + 1) * 127.5
     assert image[2, 2, 8] > 200 and image[0, 2, 8] < 50 and image[0, 13, 8] > 200 and image[2, 13, 8] < 50  # blue on top
-
-
-@pytest.mark.parametrize("width, height", [(300, 100), (100, 300), (3000, 1000), (40, 4000)])
-def test_center_crop_keeps_the_centre_square(width, height):
-    short = min(width, height)  # a red image whose central square (side = short side) is green
-    pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[...] = (255, 0, 0)
-    top, left = (height - short) // 2, (width - short) // 2
-    pixels[top : top + short, left : left + short] = (0, 255, 0)
-    crop = data.center_crop_arr(Image.fromarray(pixels), 32)
-    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
-    assert np.abs(crop[2:-2, 2:-2].astype(int) - np.array([0, 255, 0])).max() <= 2  # bicubic blends the border
-
-
-def test_extreme_strips_are_trimmed_around_the_centre_before_resizing(monkeypatch):
-    # Upscaled whole, a 1 x 100000 strip would need 32 x 3.2M pixels; trimmed, 32 x 128.
-    strip = np.zeros((100_000, 1, 3), np.uint8)
-    strip[49_998:50_002] = 255  # the central 4 pixels: what the trim to 1:4 keeps
+    for width, height in [(300, 100), (100, 300), (3000, 1000), (40, 4000)]:
+        short = min(width, height)  # a red image whose central square (side = short side) is green
+        pixels = np.full((height, width, 3), (255, 0, 0), np.uint8)
+        top, left = (height - short) // 2, (width - short) // 2
+        pixels[top : top + short, left : left + short] = (0, 255, 0)
+        crop = data.center_crop_arr(Image.fromarray(pixels), 32)
+        assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+        assert np.abs(crop[2:-2, 2:-2].astype(int) - np.array([0, 255, 0])).max() <= 2  # bicubic blends the border
+    image = noise_image(130, 70, 0)  # short side 70 >= 2 * 32: one BOX halving to 65 x 35
+    resized = np.array(image.resize((65, 35), Image.BOX).resize((round(65 * 32 / 35), 32), Image.BICUBIC))
+    left = (resized.shape[1] - 32) // 2
+    np.testing.assert_array_equal(data.center_crop_arr(image, 32), resized[:, left : left + 32])
+    strip = np.zeros((100_000, 1, 3), np.uint8)  # upscaled whole: 32 x 3.2M pixels; trimmed to 1:4, 32 x 128
+    strip[49_998:50_002] = 255  # the central 4 pixels: what the trim keeps
     resized_to, original_resize = [], Image.Image.resize
     monkeypatch.setattr(Image.Image, "resize", lambda image, size, *a, **k: resized_to.append(size) or
                         original_resize(image, size, *a, **k))
@@ -1332,56 +1251,11 @@ def test_extreme_strips_are_trimmed_around_the_centre_before_resizing(monkeypatc
     assert crop.shape == (32, 32, 3) and crop.min() == 255 and resized_to == [(32, 128)]
 
 
-def test_center_crop_matches_box_halving_then_bicubic():
-    image = noise_image(130, 70, 0)  # short side 70 >= 2 * 32: one BOX halving to 65 x 35
-    resized = np.array(image.resize((65, 35), Image.BOX).resize((round(65 * 32 / 35), 32), Image.BICUBIC))
-    left = (resized.shape[1] - 32) // 2
-    np.testing.assert_array_equal(data.center_crop_arr(image, 32), resized[:, left : left + 32])
-
-
-# ---- shapes ----------------------------------------------------------------------------------
-
-
-def test_shapes_is_deterministic_by_seed_and_index():
+def test_shapes_is_deterministic_its_captions_and_pixels_show_the_attributes_and_specs_set_count_and_seed():
     first, again, other = (data.ShapesDataset(50, 32, seed=seed) for seed in (3, 3, 4))
-    for i in (0, 7, 49):
-        assert torch.equal(first[i]["image"], again[i]["image"])
-        assert first[i]["caption"] == again[i]["caption"] and first[i]["attrs"] == again[i]["attrs"]
+    assert all(torch.equal(first[i]["image"], again[i]["image"]) and first[i]["caption"] == again[i]["caption"]
+               and first[i]["attrs"] == again[i]["attrs"] for i in (0, 7, 49))
     assert sum(first[i]["caption"] != other[i]["caption"] for i in range(50)) > 40
-
-
-def test_shapes_captions_state_the_attributes_and_cover_the_vocabulary():
-    caption = re.compile(r"a (\w+) (\w+) (\w+) at the ([\w ]+) on an? (\w+) background")
-    dataset = data.ShapesDataset(600, 16, seed=0)
-    keys = ("size", "color", "shape", "position", "background")
-    seen = {key: set() for key in keys}
-    for i in range(len(dataset)):
-        attrs = dataset[i]["attrs"]
-        assert caption.fullmatch(dataset[i]["caption"]).groups() == tuple(attrs[key] for key in keys)
-        assert attrs["background"] != attrs["color"]
-        for key in keys:
-            seen[key].add(attrs[key])
-    assert seen["shape"] == set(data.SHAPES) and seen["size"] == set(data.SIZES) and seen["position"] == set(data.POSITIONS)
-    assert seen["color"] == seen["background"] == set(data.COLORS)
-    assert data.shapes_caption({"shape": "star", "color": "red", "size": "small", "position": "top left",
-                                "background": "orange"}) == "a small red star at the top left on an orange background"
-
-
-def test_shapes_pixels_show_the_attributes():
-    size, dataset = 64, data.ShapesDataset(200, 64, seed=1)
-    for i in range(len(dataset)):
-        attrs, image = dataset[i]["attrs"], (dataset[i]["image"] + 1) * 127.5
-        cx, cy = attrs["cx"] * size, attrs["cy"] * size
-        corner_x, corner_y = (0 if cx > size / 2 else size - 1), (0 if cy > size / 2 else size - 1)  # farthest corner
-        torch.testing.assert_close(image[:, int(cy), int(cx)], torch.tensor(data.COLORS[attrs["color"]], dtype=torch.float32),
-                                   atol=1e-3, rtol=0)
-        torch.testing.assert_close(image[:, corner_y, corner_x], torch.tensor(data.COLORS[attrs["background"]],
-                                   dtype=torch.float32), atol=1e-3, rtol=0)
-        half = attrs["extent"] / 2  # the object stays inside the frame
-        assert half <= attrs["cx"] <= 1 - half and half <= attrs["cy"] <= 1 - half
-
-
-def test_shapes_specs():
     assert len(data.open_dataset("shapes", 16)) == data.DEFAULT_SHAPES_IMAGES
     dataset = data.open_dataset("shapes:7", 16, seed=5)
     assert len(dataset) == 7 and dataset.seed == 5 and dataset[6]["image"].shape == (3, 16, 16)
@@ -1390,112 +1264,88 @@ def test_shapes_specs():
             data.open_dataset(spec, 16)
     with pytest.raises(IndexError):
         dataset[7]
+    caption = re.compile(r"a (\w+) (\w+) (\w+) at the ([\w ]+) on an? (\w+) background")
+    items, keys = [*data.ShapesDataset(600, 16, seed=0)], ("size", "color", "shape", "position", "background")
+    for item in items:
+        assert caption.fullmatch(item["caption"]).groups() == tuple(item["attrs"][key] for key in keys)
+        assert item["attrs"]["background"] != item["attrs"]["color"]
+    seen = {key: {item["attrs"][key] for item in items} for key in keys}
+    assert seen["shape"] == set(data.SHAPES) and seen["size"] == set(data.SIZES) and seen["position"] == set(data.POSITIONS)
+    assert seen["color"] == seen["background"] == set(data.COLORS)
+    assert data.shapes_caption({"shape": "star", "color": "red", "size": "small", "position": "top left",
+                                "background": "orange"}) == "a small red star at the top left on an orange background"
+    for item in data.ShapesDataset(200, 64, seed=1):
+        attrs, image = item["attrs"], (item["image"] + 1) * 127.5
+        cx, cy = attrs["cx"] * 64, attrs["cy"] * 64
+        corner = (0 if cy > 32 else 63, 0 if cx > 32 else 63)  # the farthest corner
+        for (y, x), colour in [((int(cy), int(cx)), attrs["color"]), (corner, attrs["background"])]:
+            torch.testing.assert_close(image[:, y, x], torch.tensor(data.COLORS[colour]).float(), atol=1e-3, rtol=0)
+        half = attrs["extent"] / 2  # the object stays inside the frame
+        assert half <= attrs["cx"] <= 1 - half and half <= attrs["cy"] <= 1 - half
 
 
-# ---- GlobalSampler and the loader ------------------------------------------------------------
-
-
-def take(sampler, count):
-    return list(itertools.islice(iter(sampler), count))
-
-
-def test_sampler_epochs_are_permutations_that_reshuffle():
+def test_global_sampler_and_loader_on_a_tar_source_that_pickles_and_collates(tmp_path):
+    take = lambda sampler, count: list(itertools.islice(iter(sampler), count))  # noqa: E731
     pairs = take(data.GlobalSampler(10, 4, seed=0), 30)
     assert [g for g, _ in pairs] == list(range(30))
     epochs = [[i for _, i in pairs[e * 10 : (e + 1) * 10]] for e in range(3)]
     assert all(sorted(epoch) == list(range(10)) for epoch in epochs) and epochs[0] != epochs[1] != epochs[2]
     assert [i for _, i in take(data.GlobalSampler(10, 4, seed=1), 10)] != epochs[0]
     assert [i for _, i in take(data.GlobalSampler(10, 4, shuffle=False), 12)] == list(range(10)) + [0, 1]
-
-
-def test_sampler_ranks_split_each_global_batch_into_contiguous_disjoint_slices():
+    for make, message in [(lambda: data.GlobalSampler(10, 6, rank=0, world_size=4), "multiple of the world size"),
+                          (lambda: data.GlobalSampler(10, 8, rank=2, world_size=2), "outside world size"),
+                          (lambda: data.GlobalSampler(0, 8), "non-empty"),
+                          (lambda: data.make_loader(data.ShapesDataset(10, 8), 8, 3, world_size=2), "does not divide")]:
+        with pytest.raises(ValueError, match=message):
+            make()
     global_batch, steps = 12, 5
     single = take(data.GlobalSampler(17, global_batch, seed=2), global_batch * steps)
-    for world in (2, 3, 4):
+    for world in (2, 3, 4):  # each rank takes a contiguous slice of each global batch
         per_rank = global_batch // world
         shares = [take(data.GlobalSampler(17, global_batch, rank, world, seed=2), per_rank * steps) for rank in range(world)]
         for step in range(steps):
             batch = [pair for share in shares for pair in share[step * per_rank : (step + 1) * per_rank]]
             assert batch == single[step * global_batch : (step + 1) * global_batch]
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_sampler_resumes_the_same_stream(world):
-    for rank in range(world):
+    for world, rank in [(1, 0), (2, 0), (2, 1)]:  # resumed after 3 steps of 8
         straight = take(data.GlobalSampler(13, 8, rank, world, seed=7), 40 // world)
-        resumed = take(data.GlobalSampler(13, 8, rank, world, seed=7, start=3 * 8), 16 // world)  # after 3 steps
-        assert resumed == straight[3 * 8 // world :]
-
-
-def test_sampler_rejects_bad_layouts():
-    with pytest.raises(ValueError, match="multiple of the world size"):
-        data.GlobalSampler(10, 6, rank=0, world_size=4)
-    with pytest.raises(ValueError, match="outside world size"):
-        data.GlobalSampler(10, 8, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="non-empty"):
-        data.GlobalSampler(0, 8)
-    with pytest.raises(ValueError, match="does not divide"):
-        data.make_loader(data.ShapesDataset(10, 8), 8, 3, world_size=2)
-
-
-def test_collate_keeps_global_index_and_flattens_skipped(tmp_path):
-    write_files(tmp_path, {"a.png": encode(noise_image(8, 8, 0), "PNG"), "b.png": b"",
-                           "c.png": encode(noise_image(8, 8, 1), "PNG")})
-    wrapped = data.WithGlobalIndex(data.open_dataset(str(tmp_path), 8))
-    batch = data.collate_samples([wrapped[(40, 1)], wrapped[(41, 2)], wrapped[(42, 1)]])
-    assert batch["image"].shape == (3, 3, 8, 8) and batch["caption"] == ["", "", ""]
-    assert batch["global_index"].tolist() == [40, 41, 42] and batch["index"].tolist() == [1, 2, 1]
-    assert [os.path.basename(n) for n in batch["skipped"]] == ["b.png", "b.png"]
-    shapes = data.ShapesDataset(3, 8)
-    assert [a["shape"] for a in data.collate_samples([shapes[i] for i in range(3)])["attrs"]] == \
-        [shapes[i]["attrs"]["shape"] for i in range(3)]
-
-
-def test_tar_dataset_pickles_with_open_files(tmp_path):
-    shard = write_tar(tmp_path / "s.tar", {f"{j}.png": encode(noise_image(8, 8, j), "PNG") for j in range(3)})
+        assert take(data.GlobalSampler(13, 8, rank, world, seed=7, start=3 * 8), 16 // world) == straight[3 * 8 // world :]
+    shard = write_tar(tmp_path / "s.tar", {f"{j:02d}.png": encode(noise_image(10, 12, j), "PNG") for j in range(12)})
     dataset = data.open_dataset(str(shard), 8)
     first = dataset[0]["image"]  # opens a file handle
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy._files == {} and torch.equal(copy[0]["image"], first)
-
-
-def test_loader_with_two_workers_reads_this_ranks_share_of_a_tar_source(tmp_path):
-    shard = write_tar(tmp_path / "s.tar", {f"{j:02d}.png": encode(noise_image(10, 12, j), "PNG") for j in range(12)})
-    dataset = data.open_dataset(str(shard), 8)
     sampler = data.GlobalSampler(len(dataset), 8, 1, 2, seed=3, start=8)
     loader = data.make_loader(dataset, 8, 2, 1, 2, seed=3, start=8, num_workers=2)  # rank 1 of 2, micro-batches of 2
-    batches = list(itertools.islice(loader, 4))  # two steps, two accumulation micro-batches each
-    # rank 1's halves of global batches 1 and 2
+    batches = list(itertools.islice(loader, 4))  # 2 steps x 2 micro-batches: rank 1's halves of global batches 1, 2
     assert torch.cat([b["global_index"] for b in batches]).tolist() == [12, 13, 14, 15, 20, 21, 22, 23]
     for batch in batches:
         assert batch["image"].shape == (2, 3, 8, 8) and batch["skipped"] == []
         for g, index, image in zip(batch["global_index"], batch["index"], batch["image"]):
             assert index == sampler.dataset_index(int(g)) and torch.equal(image, dataset[int(index)]["image"])
+    write_files(tmp_path / "f", {"a.png": noise_png(0), "b.png": b"", "c.png": noise_png(1)})  # skipped: flattened
+    wrapped = data.WithGlobalIndex(data.open_dataset(str(tmp_path / "f"), 8))
+    batch = data.collate_samples([wrapped[(40, 1)], wrapped[(41, 2)], wrapped[(42, 1)]])
+    assert batch["image"].shape == (3, 3, 8, 8) and batch["caption"] == ["", "", ""]
+    assert batch["global_index"].tolist() == [40, 41, 42] and batch["index"].tolist() == [1, 2, 1]
+    assert [os.path.basename(n) for n in batch["skipped"]] == ["b.png", "b.png"]
+    shapes = [*data.ShapesDataset(3, 8)]
+    assert [a["shape"] for a in data.collate_samples(shapes)["attrs"]] == [item["attrs"]["shape"] for item in shapes]
 
 
-# ---- bad specs and the command line ----------------------------------------------------------
-
-
-def test_empty_missing_or_unreadable_data_is_a_clear_error(tmp_path):
+def test_bad_data_is_a_clear_error_and_the_cli_shows_and_counts(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no images .* found under .*empty"):
-        data.open_dataset(str(tmp_path / "empty"), 8)
-    with pytest.raises(FileNotFoundError, match="data path not found: .*nowhere"):
-        data.open_dataset(str(tmp_path / "nowhere"), 8)
     (tmp_path / "tars").mkdir()
-    write_tar(tmp_path / "tars" / "0.tar", {"a.png": encode(noise_image(8, 8, 0), "PNG")})
-    with pytest.raises(FileNotFoundError, match=r"pass them as DIR/\*\.tar"):
-        data.open_dataset(str(tmp_path / "tars"), 8)
-    (tmp_path / "x.zip").write_bytes(b"zip")
-    with pytest.raises(ValueError, match="neither a folder nor a .tar"):
-        data.open_dataset(str(tmp_path / "x.zip"), 8)
+    write_tar(write_files(tmp_path, {"x.zip": b"zip"}) / "tars" / "0.tar", {"a.png": noise_png(0)})
+    for path, error, message in [("empty", FileNotFoundError, r"no images .* found under .*empty"),
+                                 ("nowhere", FileNotFoundError, "data path not found: .*nowhere"),
+                                 ("tars", FileNotFoundError, r"pass them as DIR/\*\.tar"),
+                                 ("x.zip", ValueError, "neither a folder nor a .tar")]:
+        with pytest.raises(error, match=message):
+            data.open_dataset(str(tmp_path / path), 8)
     import gzip
     (tmp_path / "g.tar").write_bytes(gzip.compress((tmp_path / "tars" / "0.tar").read_bytes()))  # a compressed shard
     with pytest.warns(UserWarning, match="plain .tar"), pytest.raises(FileNotFoundError, match="no images in the 1 tar shard"):
         data.open_dataset(str(tmp_path / "g.tar"), 8)
-
-
-def test_cli_show_and_stats(tmp_path, capsys):
     data.main(["show", "shapes:10", "--image-size", "32", "--n", "4", "--out", str(tmp_path / "grid.png")])
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
@@ -1513,9 +1363,7 @@ def test_cli_show_and_stats(tmp_path, capsys):
 # train
 ####################################################################################################
 
-# Float32 sums taken in another order (per-rank sums plus an all-reduce; fused compiled kernels;
-# convolutions over other batch compositions) differ by ~1e-7 relative; a wrong sample, flip,
-# scale or update differs by more than 1e-2.
+# fp32 sums in another order (ranks + all-reduce, fused kernels, batchings) differ by ~1e-7 relative; a bug by > 1e-2.
 TOLERANCE = 1e-5
 
 
@@ -1525,34 +1373,35 @@ def checkpoint(out, step):
 
 def checkpoint_weights(path, part):
     """The "model" or "ema" weights of a DCP checkpoint as full tensors, whatever world wrote it."""
-    with open(os.path.join(path, "run_config.json")) as f:
-        state = {part: LumosDiT(**json.load(f)["model_config"]).state_dict()}
+    state = {part: LumosDiT(**json.loads(pathlib.Path(path, "run_config.json").read_text())["model_config"]).state_dict()}
     dcp.load(state, checkpoint_id=path)
     return state[part]
 
 
 def assert_same_weights(actual, expected, rtol=TOLERANCE):
-    """rtol, and 1e-7 absolute for entries near 0: a step moves a weight by up to the learning
-    rate, 1e-3, so a wrong gradient or update shows far above 1e-7."""
+    """rtol, and 1e-7 absolute near 0: a step moves a weight by up to the lr, 1e-3, far above 1e-7."""
     assert actual.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=1e-7, msg=lambda m: f"{key}: {m}")
 
 
-def test_loss_decreases_on_shapes(tmp_path):
+def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_its_metadata_alone(tmp_path):
     train_i2i.main(TINY_RUN + ["--steps", "30", "--global-batch-size", "16", "--data", "shapes:256", "--lr", "3e-3",
                                "--max-grad-norm", "1", "--sample-every", "30", "--out", str(tmp_path)])
-    loss = read_metrics(tmp_path)["loss"]  # here the last 5 average 0.56 of the first 5: a wide margin
+    loss, lr = read_metrics(tmp_path)["loss"], read_metrics(tmp_path)["lr"]  # last 5 losses: 0.56 of the first 5
     assert len(loss) == 30 and sum(loss[-5:]) < 0.7 * sum(loss[:5])
+    assert lr == pytest.approx([1.5e-3] + [3e-3] * 29, rel=1e-12)  # lr * min(1, (step + 1) / 2), then constant
     assert os.path.exists(tmp_path / "samples" / "step_0000030.png")
+    (model, metadata), saved = dit.load_export(tmp_path / "ema.safetensors"), load_file(tmp_path / "ema.safetensors")
+    info, config = metadata["lumos"], metadata["lumos"]["config"]
+    assert (info["space"], info["image_size"], info["encoder"], metadata["step"]) == ("pixel", 16, "random-vit", 30)
+    assert config["depth"] == 2 and config["in_channels"] == 3
+    assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
+    y = torch.randn(2, 1, config["cond_dim"])
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), y).shape == (2, 6, 16, 16)
 
 
-def test_logged_lr_warms_up_linearly_then_holds(tiny_i2i):
-    # --lr 1e-3 --warmup-steps 2: lr * min(1, (step + 1) / warmup_steps) at steps 0, 1, 2.
-    assert read_metrics(tiny_i2i)["lr"] == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-12)
-
-
-def test_resume_after_a_kill_during_a_checkpoint_save_is_exact(tmp_path, monkeypatch):
+def test_resume_after_a_kill_during_a_checkpoint_save_is_exact_and_reads_pre_rename_configs(tmp_path, monkeypatch):
     run = TINY_RUN + ["--steps", "4", "--ckpt-every", "2"]
     train_i2i.main(run + ["--out", str(tmp_path / "straight")])
     real_replace = os.replace
@@ -1561,33 +1410,23 @@ def test_resume_after_a_kill_during_a_checkpoint_save_is_exact(tmp_path, monkeyp
         if str(src).endswith("step_0000004.tmp"):
             raise KeyboardInterrupt("killed while saving")  # the shards are written, the commit is not
         return real_replace(src, dst)
-
     monkeypatch.setattr(train_i2i.os, "replace", die_at_the_second_commit)
     with pytest.raises(KeyboardInterrupt):
         train_i2i.main(run + ["--out", str(tmp_path / "killed")])
     monkeypatch.setattr(train_i2i.os, "replace", real_replace)
     assert dit.latest_checkpoint(tmp_path / "killed").endswith("step_0000002")
     assert (tmp_path / "killed" / "checkpoints" / "step_0000004.tmp").is_dir()
+    path = pathlib.Path(checkpoint(tmp_path / "killed", 2), "run_config.json")
+    run_config = json.loads(path.read_text())  # rewritten as saved before the config renames
+    run_config["model_config"]["class_dropout_prob"] = run_config["model_config"].pop("cond_dropout_prob")
+    del run_config["model_config"]["pose_dim"]
+    path.write_text(json.dumps(run_config))
     train_i2i.main(run + ["--out", str(tmp_path / "killed"), "--resume"])
     straight, killed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
     assert killed["step"][-2:] == [3, 4] and killed["loss"][-2:] == pytest.approx(straight["loss"][-2:], rel=1e-6)
     for part in ("model", "ema"):  # the same computation again: equal up to 1e-6
         assert_same_weights(checkpoint_weights(checkpoint(tmp_path / "killed", 4), part),
                             checkpoint_weights(checkpoint(tmp_path / "straight", 4), part), rtol=1e-6)
-
-
-def test_resume_reads_a_checkpoint_saved_before_the_config_renames(tmp_path):
-    train_i2i.main(TINY_RUN + ["--steps", "2", "--ckpt-every", "2", "--out", str(tmp_path)])
-    path = os.path.join(dit.latest_checkpoint(tmp_path), "run_config.json")
-    with open(path) as f:
-        run_config = json.load(f)
-    config = run_config["model_config"]
-    config["class_dropout_prob"] = config.pop("cond_dropout_prob")
-    del config["pose_dim"]
-    with open(path, "w") as f:
-        json.dump(run_config, f)
-    train_i2i.main(TINY_RUN + ["--steps", "3", "--out", str(tmp_path), "--resume"])
-    assert read_metrics(tmp_path)["step"] == [1, 2, 3]
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
@@ -1603,7 +1442,6 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
         parameters = list(parameters)
         before.append([p.detach().clone() for p in [*parameters, *(emas[0].parameters() if emas else [])]])
         return clip(parameters, *args, **kwargs)
-
     monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_loss)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     monkeypatch.setattr(train_i2i, "update_ema", lambda ema, *args: emas.append(ema) or update(ema, *args))
@@ -1616,17 +1454,22 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("script, hflip", [(train_i2i, True), (train_t2i, False), (train_nvs, False)])
-def test_each_task_mirrors_training_images_as_documented_and_the_loop_honours_it(tmp_path, monkeypatch, script, hflip):
+def test_tasks_mirror_as_documented_and_i2i_conditions_on_the_image_it_denoises(tmp_path, monkeypatch, script, hflip):
     # T2I captions name left and right, and an NVS target mirrored would belong to a mirrored camera.
-    tasks, flips, mirrored, run = [], [], train_i2i.mirrored, train_i2i._train
-    monkeypatch.setattr(train_i2i, "_train", lambda args, task, *rest: tasks.append(task) or run(args, task, *rest))
-    monkeypatch.setattr(train_i2i, "mirrored", lambda batch, f: flips.append(f) or mirrored(batch, f))
+    seen = {}  # the arguments of each call, by owner
+    for owner, name in [(train_i2i, "mirrored"), (encoders.ImageSpace, "encode"), (encoders.DINOEncoder, "encode")]:
+        monkeypatch.setattr(owner, name, lambda *args, real=getattr(owner, name), key=owner.__name__:
+                            seen.setdefault(key, []).append(args) or real(*args))
     extra = {train_i2i: ["--data", "shapes:64"], train_t2i: ["--init", "scratch", "--data", "shapes:64"],
              train_nvs: ["--init", "scratch", "--data", "multiview:2", "--held-out-objects", "1"]}[script]
     script.main([*TINY_SIZE, *TINY_LOOP, *extra, "--steps", "1", "--ckpt-every", "0", "--out", str(tmp_path)])
     drawn = train_i2i.sample_randomness(torch.arange(8), 0, (3, 16, 16), 1000, 0.1, False)[0]
-    assert tasks[0].hflip is hflip and drawn.any() and not drawn.all()
-    assert not flips[0].any() and torch.equal(flips[1], drawn & hflip)  # the grids' batch, then step 1's
+    (_, grid_flips), (batch, flips) = seen["train_i2i"][:2]  # the grids' held-out batch, never mirrored, then step 1's
+    assert drawn.any() and not drawn.all() and not grid_flips.any() and torch.equal(flips, drawn & hflip)
+    if script is train_i2i:  # the target and DINO's condition are of one image, mirrored where drawn
+        target = seen["ImageSpace"][0][1]
+        assert torch.equal(target, torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"]))
+        assert torch.equal(seen["DINOEncoder"][-1][1], target)
 
 
 @pytest.mark.slow
@@ -1639,24 +1482,11 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     while time.time() < deadline and (not (out / "metrics.jsonl").exists() or len(read_metrics(out).get("step", [])) < 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    latest = dit.latest_checkpoint(out)
+    output, latest = proc.communicate(timeout=120)[0], dit.latest_checkpoint(out)
     assert proc.returncode == 0 and latest is not None and "signal" in output, output
-    saved_step = int(os.path.basename(latest).split("_")[1])
-    assert saved_step >= 3
+    assert (saved_step := int(os.path.basename(latest).split("_")[1])) >= 3
     train_i2i.main(TINY_RUN + ["--out", str(out), "--steps", str(saved_step + 2), "--resume"])
     assert dit.latest_checkpoint(out).endswith(f"step_{saved_step + 2:07d}")
-
-
-def test_export_rebuilds_the_model_from_its_metadata_alone(tiny_i2i):
-    model, metadata = dit.load_export(tiny_i2i / "ema.safetensors")
-    info = metadata["lumos"]
-    assert (info["space"], info["image_size"], info["encoder"], metadata["step"]) == ("pixel", 16, "random-vit", 3)
-    assert info["config"]["depth"] == 2 and info["config"]["in_channels"] == 3
-    saved = load_file(tiny_i2i / "ema.safetensors")
-    assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
-    y = torch.randn(2, 1, info["config"]["cond_dim"])
-    assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), y).shape == (2, 6, 16, 16)
 
 
 @pytest.mark.parametrize("script, extra, message", [
@@ -1664,25 +1494,28 @@ def test_export_rebuilds_the_model_from_its_metadata_alone(tiny_i2i):
     (train_i2i, ["--image-size", "18"], "--image-size 18 must be divisible by 4"),
     (train_i2i, ["--model", "DiT-Huge/2"], "unknown --model 'DiT-Huge/2'"),
     (train_i2i, ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (train_i2i, ["--data", "{cache}", "--image-size", "32", "--vae", "{vae}"], "was made with --vae {vae} --encoder {dino}"),
+    (train_i2i, ["--data", "{cache}", "--image-size", "64", "--vae", "{vae}", "--encoder", "{dino}"], "pass --image-size 32"),
     (train_nvs, ["--init", "scratch", "--data", "multiview:0"], "multiview:N with N a positive integer"),
     (train_nvs, ["--init", "{export}", "--depth", "2"], "--depth: the model's size comes from --init"),
     (train_nvs, ["--init", "{export}", "--vae", "some/vae"], "is a 3-channel model, but this run is in latent space"),
     (train_nvs, ["--init", "{export}", "--encoder", "facebook/dino-vitb16"], "--encoder facebook/dino-vitb16: --init"),
     (train_nvs, ["--init", "{missing}"], "no such file"),
 ])
-def test_bad_arguments_fail_with_one_line(tmp_path, capsys, tiny_i2i, script, extra, message):
-    paths = {"export": tiny_i2i / "ema.safetensors", "missing": tmp_path / "none.safetensors"}
+def test_bad_arguments_fail_with_one_line(tmp_path, capsys, tiny_i2i, latent_assets, script, extra, message):
+    paths = {"export": tiny_i2i / "ema.safetensors", "missing": tmp_path / "none.safetensors",
+             "cache": latent_assets.cache, "vae": latent_assets.vae, "dino": latent_assets.dino}
     with pytest.raises(SystemExit) as exit_info:
         script.main((TINY_RUN if script is train_i2i else []) + [arg.format(**paths) for arg in extra] + ["--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith(f"{script.__name__}.py: error:") and message in err and "\n" not in err
+    assert exit_info.value.code == 2 and err.startswith(f"{script.__name__}.py: error:") and "\n" not in err
+    assert message.format(**paths) in err
 
 
 def test_per_sample_randomness_does_not_depend_on_batching():
     whole = train_i2i.sample_randomness(torch.arange(8), 3, (3, 4, 4), 1000, 0.5, latent=True)
     halves = [train_i2i.sample_randomness(torch.arange(4) + 4 * k, 3, (3, 4, 4), 1000, 0.5, latent=True) for k in range(2)]
-    for i, draw in enumerate(whole):
-        assert torch.equal(draw, torch.cat([h[i] for h in halves]))
+    assert all(torch.equal(draw, torch.cat([half[i] for half in halves])) for i, draw in enumerate(whole))
     other_seed = train_i2i.sample_randomness(torch.arange(8), 4, (3, 4, 4), 1000, 0.5, latent=False)
     assert not torch.equal(other_seed[3], whole[3]) and other_seed[4] is None
 
@@ -1691,61 +1524,41 @@ def test_per_sample_randomness_does_not_depend_on_batching():
 # scale
 ####################################################################################################
 
-# Small VAE with the SD-VAE's structure (4 levels: f = 8) and a small DINO ViT, random weights.
-TINY_VAE = {**bench.SD_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
-TINY_DINO = {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 1}
-
-
-def write_cache(folder, vae_dir, dino_dir, spec="shapes:16", shard_size=4):
-    """A feature cache of `spec` at 32 px, written in this process; returns the FeatureCache."""
-    settings = {"data": spec, "seed": 0, "image_size": 32, "vae": vae_dir, "encoder": dino_dir}
-    data.write_feature_cache(data.open_dataset(spec, 32), folder, encoders.VAE.from_pretrained(vae_dir),
-                             encoders.DINOEncoder.from_pretrained(dino_dir), settings, shard_size, batch_size=3,
-                             log=lambda line: None)
-    return data.FeatureCache(folder)
-
-
 @pytest.fixture(scope="module")
 def latent_assets(tmp_path_factory):
-    """Tiny random encoders (--vae, --encoder folders), a feature cache of shapes:16 at 32 px in
-    shards of 4 and its text cache; the training flags of a run on them."""
+    """Tiny random encoders, a feature cache of shapes:16 at 32 px in shards of 4, its text cache; `run`: their flags."""
     root = tmp_path_factory.mktemp("latent")
-    vae, dino = bench.write_random_encoders(root, TINY_VAE, TINY_DINO)
-    write_cache(root / "cache", vae, dino)
+    vae, dino = bench.write_random_encoders(  # random weights: a VAE of the SD-VAE's structure (f = 8), a small DINO
+        root, {**bench.SD_VAE_CONFIG, "block_out_channels": [8] * 4, "layers_per_block": 1, "norm_num_groups": 4},
+        {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 1})
+    settings = {"data": "shapes:16", "seed": 0, "image_size": 32, "vae": vae, "encoder": dino}
+    data.write_feature_cache(data.open_dataset("shapes:16", 32), root / "cache", encoders.VAE.from_pretrained(vae),
+                             encoders.DINOEncoder.from_pretrained(dino), settings, 4, batch_size=3, log=lambda line: None)
     train_t2i.main(["cache-text", "--data", f"cache:{root / 'cache'}", "--out", str(root / "text"),
                     "--image-size", "32", "--num-samples", "4"])
     return SimpleNamespace(vae=vae, dino=dino, root=root / "cache", cache=f"cache:{root / 'cache'}", text=str(root / "text"),
-                           run=["--image-size", "32", "--vae", vae, "--encoder", dino])
+                           settings=settings, run=["--image-size", "32", "--vae", vae, "--encoder", dino])
 
 
-# ---- FSDP2 under torchrun --------------------------------------------------------------------
-
-
-# The launch matrix: the training scripts under torchrun (2 ranks, gloo, CPU) as users start them,
-# pairwise over task x precision x compile x data (NVS has no feature cache):
-#   i2i fp32 eager   on the fly  --grad-accum 2, guided grid between checkpoints; = 1 rank
-#   i2i bf16 compile cache       grid between checkpoints; 2-rank checkpoint, 1-rank resume
-#   t2i bf16 compile on the fly  guided grid between checkpoints
-#   t2i fp32 eager   image+text caches  --grad-accum 2, guided grid; = 1 rank
-#   nvs bf16 eager   on the fly  guided grid; exact t, fp32 residual stream; 1 rank within the bf16 bound
-#   nvs fp32 compile on the fly  --grad-accum 2, grid
-# Every grid falls between checkpoints, so an EMA update follows it.
+# The launch matrix: training scripts under torchrun (2 ranks, gloo, CPU), pairwise over task x precision x compile x
+# data (NVS has no cache); grids (guided but in i2i bf16, nvs fp32) fall between checkpoints, so EMA updates follow.
+#   i2i fp32 eager on the fly, --grad-accum 2, = 1 rank | bf16 compile 2-rank-made cache, 1-rank resume | t2i bf16
+#   compile on the fly | fp32 eager image+text caches, --grad-accum 2, = 1 rank | nvs bf16 eager on the fly, exact t,
+#   fp32 residuals, ~ 1 rank | fp32 compile on the fly, --grad-accum 2
 LAUNCH_NVS = ["train_nvs.py", "--init", "scratch", *TINY_SIZE, *TINY_LOOP, "--data", "multiview:4", "--held-out-objects",
               "1", "--steps", "3", "--ckpt-every", "3", "--sample-every", "2"]
 
 
 def assert_launched(result, out, steps, grids):
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = read_metrics(out)
-    assert logged["step"] == list(range(1, steps + 1)) and logged["nonfinite_steps"][-1] == 0
+    assert (logged := read_metrics(out))["step"] == list(range(1, steps + 1)) and logged["nonfinite_steps"][-1] == 0
     assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"step_{step:07d}.png" for step in grids]
 
 
 @pytest.mark.slow
 def test_launch_i2i_fp32_eager_on_the_fly_equals_one_rank(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    # Grids at 2 and 4 with a checkpoint at 4 only: EMA updates follow the step-2 grid (it once
-    # left the EMA's root unsharded) and the grid is guided (it once bypassed FSDP's hooks).
+    # Grids at 2 and 4, a checkpoint at 4: an EMA update follows a grid (it once left the EMA's root unsharded); guided.
     common = TINY_RUN + ["--ckpt-every", "4", "--sample-every", "2", "--cfg-scale", "2"]
     train_i2i.main(common + ["--out", str(one), "--steps", "5"])
     # 2 ranks x 2 micro-batches of 2 (gradient sync only on the last) = 1 rank x 8.
@@ -1764,20 +1577,35 @@ def test_launch_i2i_fp32_eager_on_the_fly_equals_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_launch_i2i_bf16_compiled_cache_resumes_on_one_rank(tmp_path, latent_assets):
-    common = [*TINY_RUN, *latent_assets.run, "--model", "DiT-S/2", "--data", latent_assets.cache, "--precision", "bf16",
-              "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(tmp_path)]
-    assert_launched(torchrun("train_i2i.py", *common, "--steps", "3"), tmp_path, 3, [2, 3])
+def test_launch_i2i_bf16_compiled_on_a_two_rank_extracted_cache_resumes_on_one_rank(tmp_path, latent_assets):
+    root, out = tmp_path / "cache", tmp_path / "run"  # the cache by 2 ranks: each image once, as 1 rank extracts it
+    result = torchrun("data.py", "cache", "--data", "shapes:16", "--out", root, "--vae", latent_assets.vae, "--encoder",
+                      latent_assets.dino, "--image-size", "32", "--shard-size", "4", "--batch-size", "2", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    writes = [line.split(" ")[:4] for line in result.stdout.splitlines() if ": wrote " in line]
+    assert sorted(path for *_, path in writes) == [data.cache_shard_path(str(root), k) for k in range(4)]
+    assert {rank for _, rank, *_ in writes} == {"0:", "1:"}  # both ranks wrote, no shard twice
+    assert sorted(os.listdir(root)) == ["cache.json"] + [f"shard_{k:05d}.safetensors" for k in range(4)]
+    cache, single = data.FeatureCache(root), data.FeatureCache(latent_assets.root)
+    for i in range(16):
+        assert cache[i]["index"] == i and cache[i]["caption"] == single[i]["caption"]
+        for key in ("latent_mean", "latent_std", "cond"):
+            assert_close_to_scale(cache[i][key], single[i][key], TOLERANCE)
+    common = [*TINY_RUN, *latent_assets.run, "--model", "DiT-S/2", "--data", f"cache:{root}", "--precision", "bf16",
+              "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(out)]
+    assert_launched(torchrun("train_i2i.py", *common, "--steps", "3"), out, 3, [2, 3])
     train_i2i.main(common + ["--steps", "4", "--resume"])  # the 2-rank bf16 checkpoint on 1 rank
-    assert_launched(SimpleNamespace(returncode=0), tmp_path, 4, [2, 3, 4])
+    assert_launched(SimpleNamespace(returncode=0), out, 4, [2, 3, 4])
 
 
 @pytest.mark.slow
-def test_launch_t2i_bf16_compiled_on_the_fly(tmp_path, tiny_i2i):
-    result = torchrun("train_t2i.py", "--init", tiny_i2i / "ema.safetensors", *TINY_LOOP, "--data", "shapes:64",
-                      "--precision", "bf16", "--compile", "--steps", "3", "--ckpt-every", "3", "--sample-every", "2",
-                      "--cfg-scale", "4.5", "--out", tmp_path)
-    assert_launched(result, tmp_path, 3, [2, 3])
+@pytest.mark.parametrize("argv", [
+    ["train_t2i.py", "--init", "{export}", *TINY_LOOP, "--data", "shapes:64", "--precision", "bf16", "--steps", "3",
+     "--ckpt-every", "3", "--sample-every", "2", "--cfg-scale", "4.5"], [*LAUNCH_NVS, "--grad-accum", "2"]],
+    ids=["t2i_bf16_on_the_fly", "nvs_fp32_grad_accum"])
+def test_launch_compiled(tmp_path, tiny_i2i, argv):
+    argv = [arg.format(export=tiny_i2i / "ema.safetensors") for arg in argv]
+    assert_launched(torchrun(*argv, "--compile", "--out", tmp_path), tmp_path, 3, [2, 3])
 
 
 @pytest.mark.slow
@@ -1792,16 +1620,12 @@ def test_launch_t2i_fp32_eager_caches_equal_one_rank(tmp_path, latent_assets):
     assert_same_weights(load_file(two / "ema.safetensors"), load_file(one / "ema.safetensors"))
 
 
-# Runs a training script as torchrun starts it, recording what reaches the model in training:
-# the timesteps at the timestep embedder beside those the loop drew, and the dtypes of the
-# condition and of the residual stream entering each block. Written to out/seen_<rank>.json.
+# Runs a training script, writing to out/seen_<rank>.json the drawn t, t at the embedder, y's and residuals' dtypes.
 RECORDING_LAUNCHER = """
-import json, os, runpy, sys
-import torch
+import json, os, pathlib, runpy, sys, torch
 sys.path.insert(0, {repo!r})
 import dit, train_i2i
 seen = {{"drawn": [], "t": [], "y": [], "residual": []}}
-
 def spy(owner, name, record):  # record(args, kwargs, result) of each call in training (grad enabled)
     real = getattr(owner, name)
     def call(*args, **kwargs):
@@ -1810,23 +1634,19 @@ def spy(owner, name, record):  # record(args, kwargs, result) of each call in tr
             record(args, kwargs, result)
         return result
     setattr(owner, name, call)
-
 spy(train_i2i, "sample_randomness", lambda args, kwargs, drawn: seen["drawn"].extend(drawn[1].tolist()))
 spy(dit.TimestepEmbedder, "forward", lambda args, kwargs, _: seen["t"].extend(args[1].tolist()))
 spy(dit.LumosDiT, "forward", lambda args, kwargs, _: seen["y"].append(str((kwargs["y"] if "y" in kwargs else args[3]).dtype)))
 spy(dit.LumosBlock, "forward", lambda args, kwargs, _: seen["residual"].append(str(args[1].dtype)))
-script, out = sys.argv[1], sys.argv[sys.argv.index("--out") + 1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-with open(os.path.join(out, "seen_%s.json" % os.environ.get("RANK", 0)), "w") as f:
-    json.dump(seen, f)
+out, sys.argv = sys.argv[sys.argv.index("--out") + 1], sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+pathlib.Path(out, "seen_%s.json" % os.environ.get("RANK", 0)).write_text(json.dumps(seen))
 """
 
 
 @pytest.mark.slow
 def test_launch_nvs_bf16_eager_exact_timesteps(tmp_path):
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(RECORDING_LAUNCHER.format(repo=REPO))
+    (launcher := tmp_path / "launch.py").write_text(RECORDING_LAUNCHER.format(repo=REPO))
     one, two = tmp_path / "one", tmp_path / "two"
     common = [*LAUNCH_NVS, "--precision", "bf16", "--cfg-scale", "3"]
     assert_launched(torchrun(launcher, *common, "--out", two), two, 3, [2, 3])
@@ -1835,38 +1655,27 @@ def test_launch_nvs_bf16_eager_exact_timesteps(tmp_path):
     assert_launched(single, one, 3, [2, 3])
     reference = json.loads((one / "seen_0.json").read_text())
     for seen in (json.loads((two / f"seen_{rank}.json").read_text()) for rank in (0, 1)):
-        # The timesteps the loop drew reach the embedder exactly (FSDP's input cast once made 999
-        # 1000 and 517 516 in bf16); the residual stream stays fp32 as autocast keeps it, and the
-        # condition tokens have the dtype they have on one rank (NVS's pose mixer runs under autocast).
+        # The drawn timesteps reach the embedder exactly (FSDP's input cast once made 999 1000 in bf16); the residual
+        # stream stays fp32, and the condition has its 1-rank dtype (NVS's pose mixer runs under autocast).
         assert seen["t"] == seen["drawn"] and len(seen["t"]) == 12
         assert set(seen["residual"]) == {"torch.float32"} and set(seen["y"]) == set(reference["y"])
     assert reference["t"] == reference["drawn"] and len(reference["t"]) == 24
-    # bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 = 0.2 %. Two ranks
-    # run each matmul on half the batch, so the fp32 accumulation order differs and a product may
-    # round to the neighbouring bf16 value; gradients are reduced in fp32 either way. The loss is
-    # a mean of 8 x 3 x 16 x 16 squared errors, mostly the fp32 noise's own energy early on, so
-    # such roundings move it far less than one bf16 step: we allow half of one (1e-3).
+    # A bf16 rounding moves a value by up to 2^-9 (0.2 %); 2 ranks sum in another fp32 order, so a product may round
+    # the other way. The loss, a mean of 8 x 3 x 16 x 16 squared errors, moves far less: we allow half a rounding (1e-3).
     assert read_metrics(two)["loss"] == pytest.approx(read_metrics(one)["loss"], rel=1e-3)
 
 
 @pytest.mark.slow
-def test_launch_nvs_fp32_compiled_grad_accum(tmp_path):
-    result = torchrun(*LAUNCH_NVS, "--compile", "--grad-accum", "2", "--out", tmp_path)
-    assert_launched(result, tmp_path, 3, [2, 3])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["batch", "resume"])
-def test_bad_arguments_under_torchrun_give_one_line_and_every_rank_exits(tmp_path, case):
-    extra, message = ["--global-batch-size", "6", "--grad-accum", "2"], "--global-batch-size 6 must be divisible by world size 2 x --grad-accum 2"
-    if case == "resume":
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "6", "--grad-accum", "2"], "--global-batch-size 6 must be divisible by world size 2 x --grad-accum 2"),
+    (["--resume", "--global-batch-size", "16"], "global_batch_size: 8 -> 16")], ids=["batch", "resume"])
+def test_bad_arguments_under_torchrun_give_one_line_and_every_rank_exits(tmp_path, extra, message):
+    if "--resume" in extra:
         train_i2i.main(TINY_RUN + ["--out", str(tmp_path), "--steps", "1"])
-        extra, message = ["--resume", "--global-batch-size", "16"], "global_batch_size: 8 -> 16"
     result = torchrun("train_i2i.py", *TINY_RUN, "--out", tmp_path, "--steps", "2", *extra)
     errors = [line for line in result.stderr.splitlines() if "train_i2i.py: error:" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
-    # torchrun's failure report names each rank with its exit code: 2, or SIGTERM (-15) from
-    # torchrun itself when the other rank's exit came first; the one line was printed before.
+    # torchrun reports each rank's exit code: 2, or -15 (SIGTERM from torchrun once the other rank exited).
     exit_codes = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)", result.stderr))
     assert result.returncode != 0 and set(exit_codes) == {"0", "1"}, result.stderr[-3000:]
     assert "2" in exit_codes.values() and set(exit_codes.values()) <= {"2", "-15"}
@@ -1887,13 +1696,10 @@ def test_compiled_training_step_matches_eager_and_keeps_plain_keys(tmp_path):
     assert saved_keys[1] == saved_keys[0] and "model.blocks.0.attn.qkv.weight" in saved_keys[1]
 
 
-# ---- The feature cache -----------------------------------------------------------------------
-
-
-def test_cached_batches_equal_encoding_on_the_fly(latent_assets):
+def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_shards(tmp_path, latent_assets):
     cache, images = data.FeatureCache(latent_assets.root), data.open_dataset("shapes:16", 32)
-    space = encoders.ImageSpace(encoders.VAE.from_pretrained(latent_assets.vae))
-    dino = encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    space = encoders.ImageSpace(vae)
     batches = [next(iter(data.make_loader(source, 16, 16, seed=3))) for source in (images, cache)]
     assert torch.equal(batches[0]["index"], batches[1]["index"]) and batches[0]["caption"] == batches[1]["caption"]
     flips, _, _, _, posterior = train_i2i.sample_randomness(batches[0]["global_index"], 0, (4, 4, 4), 1000, 0.1, True)
@@ -1909,35 +1715,14 @@ def test_cached_batches_equal_encoding_on_the_fly(latent_assets):
     assert (expected[flips] - dino.encode(batches[0]["image"])[flips][:, None]).abs().max() > 1e-3  # DINO sees the flip
     # The grids' references: decoded cached means, what the VAE makes of the (mirrored) images.
     assert_close_to_scale(train_i2i.reference_images(cached, space), space.decode(space.encode(mirror_images)), TOLERANCE)
-
-
-def test_training_conditions_on_the_very_image_it_denoises(tmp_path, monkeypatch):
-    seen = {"original": [], "target": [], "condition": []}
-    mirrored, encode, dino_encode = train_i2i.mirrored, encoders.ImageSpace.encode, encoders.DINOEncoder.encode
-    monkeypatch.setattr(train_i2i, "mirrored", lambda batch, flips: seen["original"].append(
-        (batch["image"].clone(), flips.clone())) or mirrored(batch, flips))
-    monkeypatch.setattr(encoders.ImageSpace, "encode",
-                        lambda self, images, *a: seen["target"].append(images.clone()) or encode(self, images, *a))
-    monkeypatch.setattr(encoders.DINOEncoder, "encode",
-                        lambda self, images: seen["condition"].append(images.clone()) or dino_encode(self, images))
-    train_i2i.main(TINY_RUN + ["--out", str(tmp_path), "--steps", "1", "--ckpt-every", "0"])
-    (_, no_flips), (images, flips) = seen["original"]  # the grids' held-out batch first, never mirrored
-    assert not no_flips.any() and flips.any() and not flips.all()
-    assert torch.equal(seen["target"][0], torch.where(flips[:, None, None, None], images.flip(-1), images))
-    assert torch.equal(seen["condition"][-1], seen["target"][0])
-
-
-def test_restart_skips_finished_shards_and_refuses_other_settings(tmp_path, latent_assets):
-    root = tmp_path / "cache"
-    shutil.copytree(latent_assets.root, root)  # 16 items in shards of 4
+    root, settings = tmp_path / "cache", latent_assets.settings  # a copy of the cache, 16 items in shards of 4
+    shutil.copytree(latent_assets.root, root)
     before = load_file(data.cache_shard_path(root, 1))
     os.remove(data.cache_shard_path(root, 1))
     pathlib.Path(data.cache_shard_path(root, 1) + ".tmp").write_bytes(b"cut off by a kill")
     with pytest.raises(FileNotFoundError, match="incomplete: 1 of 4 shards missing"):
         data.FeatureCache(root)
     finished = {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2, 3)}
-    settings = {"data": "shapes:16", "seed": 0, "image_size": 32, "vae": latent_assets.vae, "encoder": latent_assets.dino}
-    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
     assert data.write_feature_cache(data.open_dataset("shapes:16", 32), root, vae, dino, settings, 4, log=lambda line: None) == [1]
     assert {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2, 3)} == finished
     for key, tensor in load_file(data.cache_shard_path(root, 1)).items():
@@ -1947,47 +1732,14 @@ def test_restart_skips_finished_shards_and_refuses_other_settings(tmp_path, late
         data.write_feature_cache(data.open_dataset("shapes:16", 64), root, vae, dino, {**settings, "image_size": 64}, 4)
 
 
-def test_training_refuses_a_cache_of_other_encoders_or_size(tmp_path, capsys, latent_assets):
-    run = TINY_RUN + ["--data", latent_assets.cache, "--out", str(tmp_path / "run")]
-    vae, dino = latent_assets.vae, latent_assets.dino
-    for extra, message in [(["--image-size", "32", "--vae", vae], f"was made with --vae {vae} --encoder {dino}"),
-                           (["--image-size", "64", "--vae", vae, "--encoder", dino], "pass --image-size 32")]:
-        with pytest.raises(SystemExit) as exit_info:
-            train_i2i.main(run + extra)
-        error = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and message in error and "\n" not in error
-
-
-@pytest.mark.slow
-def test_two_rank_extraction_covers_every_image_once(tmp_path, latent_assets):
-    root = tmp_path / "cache"
-    result = torchrun("data.py", "cache", "--data", "shapes:16", "--out", root, "--vae", latent_assets.vae, "--encoder",
-                      latent_assets.dino, "--image-size", "32", "--shard-size", "4", "--batch-size", "2", "--workers", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    writes = [line.split(" ")[:4] for line in result.stdout.splitlines() if ": wrote " in line]
-    assert sorted(path for *_, path in writes) == [data.cache_shard_path(str(root), k) for k in range(4)]
-    assert {rank for _, rank, *_ in writes} == {"0:", "1:"}  # both ranks wrote, no shard twice
-    assert sorted(os.listdir(root)) == ["cache.json"] + [f"shard_{k:05d}.safetensors" for k in range(4)]
-    cache, single = data.FeatureCache(root), data.FeatureCache(latent_assets.root)
-    for i in range(16):
-        assert cache[i]["index"] == i and cache[i]["caption"] == single[i]["caption"]
-        for key in ("latent_mean", "latent_std", "cond"):
-            assert_close_to_scale(cache[i][key], single[i][key], TOLERANCE)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch, precision, latent_assets):
-    # In bf16 too: the frozen encoders run in fp32 in both paths (the cache holds fp32), so both
-    # train on the same targets and conditions, and the bf16 forward sees the same inputs.
+    # bf16 too: the frozen encoders run in fp32 in both paths (the cache holds fp32), so the inputs are the same.
     run = TINY_RUN + latent_assets.run + ["--global-batch-size", "4", "--steps", "3", "--sample-every", "3",
                                           "--precision", precision]
     train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("an encoder ran during training from the cache")
-
-    monkeypatch.setattr(train_i2i, "load_image_encoder", must_not_run)
-    monkeypatch.setattr(encoders.VAE, "encode", must_not_run)
+    for owner, name in [(train_i2i, "load_image_encoder"), (encoders.VAE, "encode")]:  # must not run
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: pytest.fail("an encoder ran in training from the cache"))
     train_i2i.main(run + ["--data", latent_assets.cache, "--out", str(tmp_path / "cached")])
     assert read_metrics(tmp_path / "cached")["loss"] == pytest.approx(read_metrics(tmp_path / "on_the_fly")["loss"], rel=TOLERANCE)
     assert_same_weights(load_file(tmp_path / "cached" / "ema.safetensors"), load_file(tmp_path / "on_the_fly" / "ema.safetensors"))

@@ -89,9 +89,7 @@ def tiny_i2i(tmp_path_factory):
     return out
 
 
-####################################################################################################
-# dit
-####################################################################################################
+# ======================================== dit ====================================================
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, cond_dim=12, cond_tokens=5)
 POSE = dict(in_channels=8, out_channels=4, pose_dim=4)  # NVS: the target, then the source view
@@ -295,9 +293,7 @@ def test_forward_flops_match_flop_counter(overrides):
     assert abs(forward_flops(model, batch_size=2) - counter.get_total_flops()) / counter.get_total_flops() < 0.02
 
 
-####################################################################################################
-# diffusion
-####################################################################################################
+# ======================================== diffusion ==============================================
 
 T = 1000
 REF_ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
@@ -588,9 +584,7 @@ def test_dpm_solver_last_step_is_first_order_below_10_steps(steps, last_order):
     torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9)
 
 
-####################################################################################################
-# encoders
-####################################################################################################
+# ======================================== encoders ===============================================
 
 def assert_close_to_scale(actual, expected, tolerance=1e-4):
     """max |actual - expected| <= tolerance * max |expected|. The default: fp32 modules against a reference library
@@ -772,9 +766,7 @@ def test_loading_finds_files_and_errors_name_the_problem(tmp_path, monkeypatch):
                   lambda: encoders.DINOEncoder.from_pretrained(path))
 
 
-####################################################################################################
-# t5
-####################################################################################################
+# ======================================== t5 =====================================================
 
 def _tiny_t5(model_class=transformers.T5EncoderModel):
     """A random T5 v1.1 small enough for CPU tests, with T5's own bucket sizes (32, max 128)."""
@@ -999,9 +991,7 @@ def test_text_encoder_cleans_prompts_twice_or_not_at_all():
     assert raw_mask.sum(1).tolist() == [4, 5]
 
 
-####################################################################################################
-# data
-####################################################################################################
+# ======================================== data ===================================================
 
 def encode(image, format, **options):
     image.save(buffer := io.BytesIO(), format, **options)
@@ -1359,9 +1349,7 @@ def test_bad_data_is_a_clear_error_and_the_cli_shows_and_counts(tmp_path, capsys
         data.main(["stats", str(tmp_path / "nowhere")])
 
 
-####################################################################################################
-# train
-####################################################################################################
+# ======================================== train ==================================================
 
 # fp32 sums in another order (ranks + all-reduce, fused kernels, batchings) differ by ~1e-7 relative; a bug by > 1e-2.
 TOLERANCE = 1e-5
@@ -1520,9 +1508,7 @@ def test_per_sample_randomness_does_not_depend_on_batching():
     assert not torch.equal(other_seed[3], whole[3]) and other_seed[4] is None
 
 
-####################################################################################################
-# scale
-####################################################################################################
+# ======================================== scale ==================================================
 
 @pytest.fixture(scope="module")
 def latent_assets(tmp_path_factory):
@@ -1748,9 +1734,7 @@ def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders
         assert json.loads(f.metadata()["lumos"])["vae"] == latent_assets.vae
 
 
-####################################################################################################
-# sample
-####################################################################################################
+# ======================================== sample =================================================
 
 def pngs(folder, count):
     return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))).astype(int) for i in range(count)])
@@ -1875,9 +1859,7 @@ def test_a_bad_checkpoint_or_image_is_one_line_and_exit_status_2(tmp_path, tiny_
     assert str(path) in err and BAD_FILES[kind] in err and not marker.exists()  # the payload was refused, never run
 
 
-####################################################################################################
-# t2i
-####################################################################################################
+# ======================================== t2i ====================================================
 
 def t2i_args(*argv):
     return train_t2i.add_t2i_args(argparse.ArgumentParser()).parse_args([str(arg) for arg in argv])
@@ -2036,9 +2018,7 @@ def test_t2i_init_finetune_from_the_i2i_export_then_sample_and_coco_fid30k(tiny_
     assert "pass the text encoder as --t5" in errors
 
 
-####################################################################################################
-# nvs
-####################################################################################################
+# ======================================== nvs ====================================================
 
 TINY_I2I = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, cond_dim=16)
 NVS_NEW, NVS_WIDENED = ("pose_mixer.weight", "pose_mixer.bias"), ("x_embedder.proj.weight",)
@@ -2245,9 +2225,7 @@ def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_
     assert (args.encoder, args.image_size, args.vae, args.data) == ("random-vit", 32, None, "multiview:2000")
 
 
-####################################################################################################
-# evaluate
-####################################################################################################
+# ======================================== evaluate ===============================================
 
 @torch.no_grad()
 def random_fid_inception(seed=0):
@@ -2539,9 +2517,7 @@ def test_shapes_alignment_and_the_command_line(tmp_path, capsys, monkeypatch):
         assert error.startswith(f"evaluate.py {argv[0]}: error:") and re.search(message, error), error
 
 
-####################################################################################################
-# nvs source views
-####################################################################################################
+# ======================================== nvs source views =======================================
 
 def source_of(item):  # a fresh source view per training sample: Zero-1-to-3 sees every pair of views
     return int(re.search(r"<-(?:\d+/)?(\d+)", item["name"]).group(1))

@@ -55,6 +55,7 @@ import sys
 import tarfile
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -803,10 +804,10 @@ class WithGlobalIndex(Dataset):
         return {**sample, "global_index": global_index}
 
 
-def collate_samples(items):
+def collate_samples(items, per_sample=None):
     """List of item dicts -> batch dict: tensors stacked ("image": (B, 3, S, S)), ints as int64
     tensors ("index", "global_index"), "skipped" concatenated into one list of names, anything
-    else ("caption", "name", "attrs") as a list."""
+    else ("caption", "name", "attrs") as a list; plus per_sample(batch["global_index"]) if given."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
@@ -818,19 +819,23 @@ def collate_samples(items):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         else:
             batch[key] = values
+    if per_sample is not None:
+        batch.update(per_sample(batch["global_index"]))
     return batch
 
 
 def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size=1, seed=0,
-                start=0, shuffle=True, num_workers=0):
+                start=0, shuffle=True, num_workers=0, per_sample=None):
     """An endless DataLoader of this rank's micro-batches (dicts from `collate_samples`), from
-    stream position `start`; see GlobalSampler for the layout."""
+    stream position `start`; see GlobalSampler for the layout. `per_sample(global_indices)` ->
+    dict of tensors, if given, is added to each batch in the loader's workers, beside the data
+    (the training loop's per-sample randomness), and pinned with it for the copy to the GPU."""
     sampler = GlobalSampler(len(dataset), global_batch_size, rank, world_size, seed, start, shuffle)
     if micro_batch_size <= 0 or sampler.per_rank % micro_batch_size:
         raise ValueError(f"micro batch size {micro_batch_size} does not divide the per-rank batch "
                          f"{sampler.per_rank} (global {global_batch_size} / world {world_size})")
     return DataLoader(WithGlobalIndex(dataset), batch_size=micro_batch_size, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_samples,
+                      num_workers=num_workers, collate_fn=partial(collate_samples, per_sample=per_sample),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 

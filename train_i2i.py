@@ -47,13 +47,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -113,23 +113,22 @@ def add_train_args(parser):
     a("--encoder", default=RANDOM_VIT, help=f"DINO repo/folder/.pth, or {RANDOM_VIT} (small frozen random ViT)")
     a("--prediction", default="epsilon", choices=["epsilon", "v"])
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    a("--steps", type=int, default=500, help="optimizer steps in total")
+    a("--steps", type=int, default=None, help="optimizer steps in total (default: see RUN_DEFAULTS)")
     a("--global-batch-size", type=int, default=64)
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
     a("--lr", type=float, default=1e-3)
     a("--warmup-steps", type=int, default=100)
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=1.0)
-    a("--ema-decay", type=float, default=None,
-      help="EMA decay (default: DiT's 0.9999 with --model; 0.99 for the short offline default)")
-    a("--precision", default="fp32", choices=["fp32", "bf16"])
+    a("--ema-decay", type=float, default=None, help="EMA decay (default: see RUN_DEFAULTS)")
+    a("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on the CPU")
     a("--grad-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=None, help="data loader workers (default: 8 on GPU, 0 on CPU)")
     a("--log-every", type=int, default=25)
-    a("--sample-every", type=int, default=250, help="steps between sample grids; 0: never, not even at the end")
-    a("--ckpt-every", type=int, default=250, help="steps between checkpoints; 0: only on a signal (benchmarks)")
+    a("--sample-every", type=int, default=None, help="steps between sample grids; 0: never, not even at the end")
+    a("--ckpt-every", type=int, default=None, help="steps between checkpoints; 0: only on a signal (benchmarks)")
     a("--keep-last", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     a("--num-samples", type=int, default=16, help="held-out conditions in each sample grid")
@@ -141,8 +140,20 @@ def add_train_args(parser):
     return parser
 
 
+# Defaults of a real run (--model given: DiT's 400K steps, its EMA, a checkpoint about every
+# 5-10 minutes on 8 GPUs, each 13 GB at XL/2) and of the offline default (a few minutes on a CPU).
+RUN_DEFAULTS = {"steps": (400_000, 500), "ema_decay": (0.9999, 0.99), "sample_every": (5_000, 250),
+                "ckpt_every": (5_000, 250)}
+
+
 def check_args(args, world_size):
-    """One clear line for every argument problem that would otherwise fail deep inside a run."""
+    """Fill the defaults that depend on the run (RUN_DEFAULTS, --precision), then one clear line
+    for every argument problem that would otherwise fail deep inside a run."""
+    for name, (real_run, offline) in RUN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, real_run if args.model else offline)
+    if args.precision is None:
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     per_rank = args.global_batch_size // world_size if args.global_batch_size % world_size == 0 else 0
     if args.global_batch_size <= 0 or per_rank == 0 or per_rank % args.grad_accum:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by world size "
@@ -267,22 +278,24 @@ def device_peak_tflops(device, override=None):
 #################################################################################
 
 def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob, latent):
-    """Every random choice of a training sample, from a generator seeded by (seed, global index).
+    """Every random choice of a training sample, from a generator seeded by (seed, global index),
+    drawn on the CPU in the loader's workers beside the data (data.make_loader's per_sample), so
+    the step neither waits for it nor reads the indices back from the GPU.
 
-    Returns flips (B,) bool, t (B,) int64, drop_cond (B,) bool, noise (B, *x_shape), and the VAE
-    posterior noise (B, *x_shape) or None in pixel space. Drawn in this fixed order on the CPU.
+    Returns {"flip": (B,) bool, "t": (B,) int64, "drop_cond": (B,) bool, "noise": (B, *x_shape)},
+    and in latent space "posterior_noise" (B, *x_shape), the VAE posterior sample's noise; drawn in
+    this fixed order.
     """
-    flips, timesteps, drops, noises, posterior = [], [], [], [], []
+    draws = {"flip": [], "t": [], "drop_cond": [], "noise": [], "posterior_noise": []}
     for g in global_indices.tolist():
         gen = sample_generator(seed, g)
-        flips.append(torch.rand((), generator=gen) < 0.5)
-        timesteps.append(torch.randint(num_timesteps, (), generator=gen))
-        drops.append(torch.rand((), generator=gen) < dropout_prob)
-        noises.append(torch.randn(x_shape, generator=gen))
+        draws["flip"].append(torch.rand((), generator=gen) < 0.5)
+        draws["t"].append(torch.randint(num_timesteps, (), generator=gen))
+        draws["drop_cond"].append(torch.rand((), generator=gen) < dropout_prob)
+        draws["noise"].append(torch.randn(x_shape, generator=gen))
         if latent:
-            posterior.append(torch.randn(x_shape, generator=gen))
-    return (torch.stack(flips), torch.stack(timesteps), torch.stack(drops), torch.stack(noises),
-            torch.stack(posterior) if latent else None)
+            draws["posterior_noise"].append(torch.randn(x_shape, generator=gen))
+    return {key: torch.stack(values) for key, values in draws.items() if values}
 
 
 #################################################################################
@@ -408,6 +421,8 @@ def train(args, task):
 
 def _train(args, task, rank, world_size, device):
     torch.manual_seed(args.seed)
+    if device.type == "cuda":  # TF32 for what runs in fp32 (the frozen encoders, an fp32 run)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     space = ImageSpace(VAE.from_pretrained(args.vae).to(device) if args.vae else None)
     model = task.build_model().to(device)
     ema = task.build_model().to(device).requires_grad_(False)
@@ -417,8 +432,9 @@ def _train(args, task, rank, world_size, device):
     flops_per_image = 3 * forward_flops(model)  # forward + backward (2x), nanoGPT's accounting
     parallelize(model, args, world_size)
     parallelize(ema, args, world_size, train=False)
+    # Fused: one kernel for the update, and it takes the step's found-inf flag on the device.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.999))
+                                  betas=(0.9, 0.999), fused=True)
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=args.prediction)
 
     run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
@@ -438,18 +454,17 @@ def _train(args, task, rank, world_size, device):
     per_rank = args.global_batch_size // world_size
     micro = per_rank // args.grad_accum
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == "cuda" else 0)
-    loader = data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
-                              start=step * args.global_batch_size, num_workers=workers)
-    batches = iter(loader)
     x_size = args.image_size // space.downsampling
-    x_shape = (space.channels, x_size, x_size)
-    dropout_prob = config["cond_dropout_prob"]
+    randomness = partial(sample_randomness, seed=args.seed, x_shape=(space.channels, x_size, x_size),
+                         num_timesteps=diffusion.num_timesteps, dropout_prob=config["cond_dropout_prob"],
+                         latent=space.vae is not None)
+    batches = iter(data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
+                                    start=step * args.global_batch_size, num_workers=workers, per_sample=randomness))
     num_eval = len(task.eval_items[: args.num_samples])
     eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
                           torch.zeros(num_eval, dtype=torch.bool, device=device))
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
-    ema_decay = args.ema_decay if args.ema_decay is not None else (0.9999 if args.model else 0.99)
     metadata = {"lumos": {"task": task.metadata.get("task", "i2i"), "model": args.model, "config": config,
                           "space": "latent" if args.vae else "pixel", "vae": args.vae, "image_size": args.image_size,
                           "encoder": args.encoder, "prediction": args.prediction, **task.metadata}}
@@ -462,8 +477,7 @@ def _train(args, task, rank, world_size, device):
         return model(x, t, **kwargs).float()
 
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "samples": 0, "time": time.perf_counter(), "skipped": []}
-    consecutive_nonfinite = 0
+    window = new_window(device)
     model.train()
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -472,66 +486,94 @@ def _train(args, task, rank, world_size, device):
         for micro_step in range(args.grad_accum):
             batch = to_device(next(batches), device)
             window["skipped"] += batch.get("skipped", [])
-            flips, t, drop, noise, posterior = sample_randomness(
-                batch["global_index"], args.seed, x_shape, diffusion.num_timesteps, dropout_prob, space.vae is not None)
-            flips, t, drop, noise = flips.to(device), t.to(device), drop.to(device), noise.to(device)
             # The frozen encoders run in fp32 whatever --precision is: the feature cache holds their
             # fp32 outputs, and both paths must train on the same targets and conditions.
             with torch.no_grad():
-                batch = mirrored(batch, flips & task.hflip)
-                x0 = diffusion_targets(batch, posterior, space)
+                batch = mirrored(batch, batch["flip"] & task.hflip)
+                x0 = diffusion_targets(batch, batch.get("posterior_noise"), space)
                 cond = task.condition(batch, space)
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(micro_step == args.grad_accum - 1)
             with autocast():
-                losses = diffusion.training_losses(model_fn, x0.float(), t, {**cond, "drop_cond": drop}, noise=noise)
+                losses = diffusion.training_losses(model_fn, x0.float(), batch["t"],
+                                                   {**cond, "drop_cond": batch["drop_cond"]}, noise=batch["noise"])
             (losses["loss"].sum() / per_rank).backward()
-            window["loss"] += losses["loss"].detach().sum().item()
-            window["mse"] += losses["mse"].detach().sum().item()
-            window["vb"] += losses["vb"].detach().sum().item() if "vb" in losses else 0.0
-            window["samples"] += len(t)
+            window["sums"][:3] += torch.stack([losses[k].detach().sum() if k in losses else losses["mse"].new_zeros(())
+                                               for k in ("loss", "mse", "vb")]).double()
+            window["sums"][3] += len(x0)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = float(local(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm))
-        if math.isfinite(grad_norm):
-            optimizer.step()
-            update_ema(ema, model, ema_decay)
-            consecutive_nonfinite = 0
-        else:
-            counters[2] += 1
-            consecutive_nonfinite += 1
-            if consecutive_nonfinite >= args.max_nonfinite:
-                raise RuntimeError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                                   f"at step {step}: lower --lr, use --precision fp32, or check the data")
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        skip = ~torch.isfinite(grad_norm)
+        optimizer.found_inf = skip.float()  # the fused AdamW skips the whole update, on the device
+        optimizer.step()
+        update_ema(ema, model, args.ema_decay, skip)
         optimizer.zero_grad(set_to_none=True)
+        count_nonfinite(window, skip, grad_norm)
         step += 1
         counters[0] = step
         progress.update(1)
 
+        checkpoint_now = args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps)
+        # The host reads the device only here, every --log-every steps (and at checkpoints).
         if step % args.log_every == 0 or step == args.steps:
-            log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
+            log_metrics(args, window, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
+        elif checkpoint_now:
+            read_nonfinite(args, window, step, counters)
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             path = os.path.join(args.out, "samples", f"step_{step:07d}.png") if rank == 0 else None
             images = sample_grid(ema, task, space, diffusion, eval_batch, args, path)
             if task.evaluate:
                 log_line(args, rank, {"step": step, **task.evaluate(images, eval_batch)})
             model.train()
-        stop_now = all_reduce([float(stop["signal"] is not None)], device, dist.ReduceOp.MAX)[0] > 0
-        if stop_now or args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
+        signalled = step % args.log_every == 0 and all_reduce([float(stop["signal"] is not None)], device,
+                                                              dist.ReduceOp.MAX)[0] > 0
+        if signalled or checkpoint_now:
             count_skipped_files(window, counters, rank)
             save_checkpoint(args, model, ema, optimizer, counters, rank, run_config)
             export_ema(args, ema, rank, {**metadata, "step": step})
-        if stop_now:
+        if signalled:
             if rank == 0:
                 tqdm.write(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting")
             break
     progress.close()
 
 
-def update_ema(ema, model, decay):
-    """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP."""
+def update_ema(ema, model, decay, skip):
+    """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP; unchanged where
+    the step was skipped (`skip`, a bool tensor read on the device, not on the host)."""
     ema_params = [local(p) for p in ema.parameters()]
     model_params = [local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    weight = (~skip).float() * (1.0 - decay)
+    torch._foreach_lerp_(ema_params, model_params, [weight] * len(ema_params))
+
+
+def new_window(device):
+    """What the steps between two log lines leave on the device, read on the host at the next
+    one: a read every step would make the host wait for the GPU, which would then idle while the
+    host queues the next step. "sums": loss, mse, vb and samples; "nonfinite": skipped steps, the
+    current run of them, the longest run; "grad_norm": the last step's."""
+    return {"sums": torch.zeros(4, dtype=torch.float64, device=device),
+            "nonfinite": torch.zeros(3, dtype=torch.int64, device=device),
+            "grad_norm": torch.zeros((), device=device), "time": time.perf_counter(), "skipped": []}
+
+
+def count_nonfinite(window, skip, grad_norm):
+    nonfinite, skipped = window["nonfinite"], skip.long()
+    nonfinite[0] += skipped
+    nonfinite[1] = (nonfinite[1] + 1) * skipped
+    nonfinite[2] = torch.maximum(nonfinite[2], nonfinite[1])
+    window["grad_norm"] = grad_norm.detach()
+
+
+def read_nonfinite(args, window, step, counters):
+    """Fold the window's skipped steps into counters[2]; stop the run once --max-nonfinite steps in
+    a row were non-finite (found here, at the latest --log-every steps after it happened)."""
+    count, run, longest = window["nonfinite"].tolist()  # the same on every rank: the norm is global
+    counters[2] += count
+    if longest >= args.max_nonfinite:
+        raise RuntimeError(f"{longest} consecutive steps with a non-finite loss or gradient by step {step}: "
+                           f"lower --lr, use --precision fp32, or check the data")
+    window["nonfinite"][0], window["nonfinite"][2] = 0, run
 
 
 def count_skipped_files(window, counters, rank):
@@ -559,9 +601,14 @@ def peak_memory_gib(device):
     return int(kib) / 2**20
 
 
-def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress):
+def log_metrics(args, window, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress):
     count_skipped_files(window, counters, rank)
-    loss, mse, vb, samples = all_reduce([window["loss"], window["mse"], window["vb"], window["samples"]], device)
+    read_nonfinite(args, window, step, counters)
+    sums = window["sums"].clone()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, mse, vb, samples = sums.tolist()
+    grad_norm = float(window["grad_norm"])
     elapsed = time.perf_counter() - window["time"]
     images_per_s = samples / elapsed
     tflops = flops_per_image * images_per_s / 1e12
@@ -573,7 +620,8 @@ def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, pe
     log_line(args, rank, line)
     progress.set_postfix(loss=f"{line['loss']:.4f}", gnorm=f"{grad_norm:.2f}", img_s=f"{images_per_s:.1f}",
                          mfu="-" if peak is None else f"{100 * line['mfu']:.1f}%")
-    window.update(loss=0.0, mse=0.0, vb=0.0, samples=0, time=time.perf_counter())
+    window["sums"].zero_()
+    window["time"] = time.perf_counter()
 
 
 def log_line(args, rank, line):

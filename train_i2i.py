@@ -53,6 +53,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Optional
 
@@ -116,6 +117,8 @@ def add_train_args(parser):
     a("--steps", type=int, default=None, help="optimizer steps in total (default: see RUN_DEFAULTS)")
     a("--global-batch-size", type=int, default=64)
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
+    a("--shard-group", type=int, default=None,
+      help="ranks that shard the model between them (HSDP: the GPUs of a node); default: all (FSDP)")
     a("--lr", type=float, default=1e-3)
     a("--warmup-steps", type=int, default=100)
     a("--weight-decay", type=float, default=0.0)
@@ -214,7 +217,23 @@ def reference_images(batch, space):
 #                                 Parallelism                                   #
 #################################################################################
 
-def parallelize(model, args, world_size, train=True):
+def device_mesh(args, world_size, device):
+    """The ranks' layout for FSDP2: None on one rank; a 1-D mesh that shards over all ranks (FSDP);
+    or, with --shard-group N < world size, HSDP as torchtitan builds it: a 2-D mesh whose "shard"
+    dimension is N ranks (a node: all-gathers and reduce-scatters stay on its fast links) and
+    whose "replicate" dimension holds world / N such groups, which only all-reduce gradients."""
+    if world_size == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = args.shard_group or world_size
+    if world_size % shard:
+        raise UsageError(f"--shard-group {shard} must divide the world size {world_size}")
+    if shard == world_size:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model, args, mesh, train=True):
     """torchtitan's order: activation checkpointing, then compile each block, then FSDP2 per block
     and at the root. The backward pass recomputes each block by calling it again, compiled graph
     and FSDP all-gather included; compile per block, since the blocks are identical and one graph
@@ -230,18 +249,43 @@ def parallelize(model, args, world_size, train=True):
     if train and args.compile:
         for block in model.blocks:
             block.compile()
-    if world_size > 1:
+    if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         bf16 = train and args.precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
                                       reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         # The guided forward calls self.forward directly, past the hooks that gather the root's
         # parameters: register it as a forward of its own.
         register_fsdp_forward_method(model, "forward_with_cfg")
     return model
+
+
+def check_shared_out(out, rank):
+    """--out must be one folder that every rank sees (checkpoints are written there by all ranks
+    and committed by rank 0): rank 0 writes a fresh token there, and every rank must read it."""
+    os.makedirs(out, exist_ok=True)
+    if not dist.is_initialized():
+        return
+    token = [os.urandom(8).hex()]
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(out, ".shared_by_all_ranks")
+    if rank == 0:
+        write_atomically(path, token[0].encode())
+    barrier()
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, os.uname().nodename))
+    blind = sorted({host for seen_there, host in views if not seen_there})
+    if blind:
+        raise UsageError(f"--out {out}: the ranks on {', '.join(blind)} do not see the files rank 0 writes there; "
+                         f"pass a folder on a filesystem that every node mounts")
 
 
 def reshard(model):
@@ -308,28 +352,67 @@ def training_state(model, ema, optimizer, counters):
             "counters": counters, "rng": torch.get_rng_state()}
 
 
-def save_checkpoint(args, model, ema, optimizer, counters, rank, run_config):
-    """Every rank writes its shards into step_N.tmp; rank 0 renames it to step_N (atomic), points
-    `latest` at it (atomic replace) and deletes the oldest beyond --keep-last."""
-    name = f"step_{int(counters[0]):07d}"
-    final = os.path.join(checkpoint_dir(args.out), name)
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    dcp.save(training_state(model, ema, optimizer, counters), checkpoint_id=tmp)
-    if rank == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(run_config, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomically(os.path.join(checkpoint_dir(args.out), "latest"), name.encode())
-        complete = sorted(d for d in os.listdir(checkpoint_dir(args.out)) if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in complete[:-args.keep_last]:
-            shutil.rmtree(os.path.join(checkpoint_dir(args.out), old), ignore_errors=True)
-    barrier()
-    return final
+class Checkpointer:
+    """Checkpoints a step does not wait for. dcp.async_save copies the state to host memory (the
+    only part the step waits for) and every rank writes its shards into step_N.tmp in a background
+    thread; once all have, rank 0 commits it: renames it to step_N (atomic), points `latest` at it
+    (atomic replace) and deletes the oldest beyond --keep-last. A run killed before the commit
+    resumes from the previous checkpoint. Rank 0 writes the EMA export in the background too."""
+
+    def __init__(self, args, rank):
+        self.args, self.rank = args, rank
+        # async_save's collectives run in its thread, on the CPU: a gloo group beside NCCL's.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.export_writer = ThreadPoolExecutor(1)
+        self.in_flight, self.export = None, None  # (future, tmp folder, run config); rank 0's export write
+
+    def save(self, model, ema, optimizer, counters, run_config, metadata):
+        self.commit(wait=True)
+        tmp = os.path.join(checkpoint_dir(self.args.out), f"step_{int(counters[0]):07d}.tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        state = training_state(model, ema, optimizer, counters.clone())
+        self.in_flight = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), tmp, run_config)
+        # The export: gathered to rank 0 here (a collective), written in the background.
+        full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.export is not None:
+            self.export.result()
+        if self.rank == 0:
+            self.export = self.export_writer.submit(write_export, self.args.out, full, metadata)
+
+    def commit(self, wait):
+        """Commit the checkpoint in flight once every rank has written it; `wait`: block until then."""
+        if self.in_flight is None:
+            return
+        future, tmp, run_config = self.in_flight
+        if not wait:
+            done = torch.tensor([float(future.done())])
+            if self.group is not None:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            if not done.item():
+                return
+        future.result()
+        barrier()
+        if self.rank == 0:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(run_config, f, indent=1)
+            final = tmp.removesuffix(".tmp")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_atomically(os.path.join(checkpoint_dir(self.args.out), "latest"), os.path.basename(final).encode())
+            complete = sorted(d for d in os.listdir(checkpoint_dir(self.args.out))
+                              if d.startswith("step_") and not d.endswith(".tmp"))
+            for old in complete[:-self.args.keep_last]:
+                shutil.rmtree(os.path.join(checkpoint_dir(self.args.out), old), ignore_errors=True)
+        barrier()
+        self.in_flight = None
+
+    def close(self):
+        self.commit(wait=True)
+        if self.export is not None:
+            self.export.result()
 
 
 def load_checkpoint(path, model, ema, optimizer, run_config):
@@ -349,15 +432,13 @@ def load_checkpoint(path, model, ema, optimizer, run_config):
     return state["counters"]
 
 
-def export_ema(args, ema, rank, metadata):
-    """The EMA weights as one safetensors file with plain LumosDiT keys; its metadata holds all that
-    sample.py needs to rebuild the model and its inputs."""
-    full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        path = os.path.join(args.out, "ema.safetensors")
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in full.items()}
-        save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
-        os.replace(path + ".tmp", path)
+def write_export(out, state_dict, metadata):
+    """out/ema.safetensors: the weights, and in its metadata all that sample.py needs to rebuild
+    the model and its inputs (atomic replace)."""
+    path = os.path.join(out, "ema.safetensors")
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(path + ".tmp", path)
 
 
 def write_atomically(path, payload):
@@ -430,8 +511,9 @@ def _train(args, task, rank, world_size, device):
     config = model.config
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_image = 3 * forward_flops(model)  # forward + backward (2x), nanoGPT's accounting
-    parallelize(model, args, world_size)
-    parallelize(ema, args, world_size, train=False)
+    mesh = device_mesh(args, world_size, device)
+    parallelize(model, args, mesh)
+    parallelize(ema, args, mesh, train=False)
     # Fused: one kernel for the update, and it takes the step's found-inf flag on the device.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), fused=True)
@@ -440,6 +522,7 @@ def _train(args, task, rank, world_size, device):
     run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
                                                  "prediction", "data", "seed", "learn_sigma")}
     run_config.update(model_config=config, task_metadata=task.metadata)
+    check_shared_out(args.out, rank)
     counters = torch.zeros(4, dtype=torch.int64)  # step, skipped files, non-finite steps, spare
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if ckpt:
@@ -478,6 +561,8 @@ def _train(args, task, rank, world_size, device):
 
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = new_window(device)
+    checkpoints = Checkpointer(args, rank)
+    signalled = False
     model.train()
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -529,13 +614,15 @@ def _train(args, task, rank, world_size, device):
                                                               dist.ReduceOp.MAX)[0] > 0
         if signalled or checkpoint_now:
             count_skipped_files(window, counters, rank)
-            save_checkpoint(args, model, ema, optimizer, counters, rank, run_config)
-            export_ema(args, ema, rank, {**metadata, "step": step})
+            checkpoints.save(model, ema, optimizer, counters, run_config, {**metadata, "step": step})
+        elif step % args.log_every == 0:
+            checkpoints.commit(wait=False)
         if signalled:
-            if rank == 0:
-                tqdm.write(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting")
             break
+    checkpoints.close()
     progress.close()
+    if signalled and rank == 0:
+        print(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting", flush=True)
 
 
 def update_ema(ema, model, decay, skip):

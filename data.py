@@ -997,7 +997,8 @@ class FeatureCache(Dataset):
 
         {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
          "cond": float32 (2, D), [unflipped, flipped] DINO CLS (all stored in 16 bits: see above),
-         "caption": str, "index": i, "name": its source file, "skipped": [] (bad files were reported when the cache was written)}
+         "caption": str, "index": i, "name": its source file,
+         "skipped": [] (bad files were reported when the cache was written)}
 
     Rows are read one at a time from the memory-mapped shards: no process holds a whole shard.
     Each process opens the shards lazily (pickling drops the handles, as for TarShards).

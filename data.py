@@ -843,23 +843,63 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 # The feature cache: the frozen encoders run once over a dataset, the training loop reads their
 # outputs instead of images (`--data cache:DIR`).
 #
-# DIR/cache.json holds the settings it was made with; DIR/shard_00000.safetensors, ... hold
-# `shard_size` consecutive items each, as tensors
-#     "latent_mean", "latent_std"  (n, 2, C, h, w) float32: the VAE posterior of the image [0]
-#                                  and of its mirror image [1] (the loop flips per sample and the
-#                                  VAE does not commute with flips), in raw latent units
-#     "cond"                       (n, 2, D) float32: the L2-normalised DINO CLS of the same two
-#                                  images, so that the condition is always of the target's image
-#     "index"                      (n,) int64: dataset indices, to extend the cache later (T5)
+# DIR/cache.json holds the settings it was made with and the format; DIR/shard_00000.safetensors,
+# ... hold `shard_size` consecutive items each, as tensors
+#     "latent_mean"    (n, 2, C, h, w) float16: the VAE posterior mean of the image [0] and of its
+#                      mirror image [1] (the loop flips per sample and the VAE does not commute
+#                      with flips), in raw latent units
+#     "latent_logvar"  (n, 2, C, h, w) float16: the posterior's log-variance, 2 log std
+#     "cond"           (n, 2, D) float16: the L2-normalised DINO CLS of the same two images, so that
+#                      the condition is always of the target's image
+#     "index"          (n,) int64: dataset indices, to extend the cache later (T5)
 # and, as JSON lists in the safetensors metadata, "caption", "name" (source file) and "skipped"
-# (bad files passed over). float32, not half: the SD-VAE posterior std goes down to exp(-15)
-# (log-variance clamped at -30), far below fp16's normal range (6e-5), and bf16 rounds a latent
-# by up to 0.4 %, as much as the smallest noise the diffusion adds (std 0.01 at t = 0). At
-# 256 px an item takes 70 KiB.
+# (bad files passed over). FeatureCache hands out float32 (mean, std = exp(logvar / 2), cond).
+#
+# Why these 16-bit formats (format 2; format 1 stored float32, 70 KiB an item at 256 px, now 35):
+# the std itself underflows in fp16: the SD-VAE clamps the log-variance to [-30, 20], so the std
+# goes down to exp(-15) = 3e-7, below fp16's normal range (6e-5); the log-variance, within
+# [-30, 20], fp16 holds to 2^-7 (half its spacing there), which moves the std by at most
+# exp(2^-8) - 1 = 0.39 % (0.2 % for |logvar| < 16). fp16, not bf16, for the mean and cond: raw SD
+# latents are O(10), far inside fp16's range (65504), and fp16 rounds them to 2^-11 relative, bf16
+# to 2^-8 (0.4 %), as much as the smallest noise the diffusion adds (std 0.01 at t = 0). So a training
+# target x0 = (mean + std * noise) * scale moves by at most
+#     scale * (2^-11 |mean| + 2^-25 + 0.0039 std |noise|)
+# (2^-25: fp16 rounding below 6e-5); `python bench.py cache-size` checks it numerically.
+# A mean beyond fp16's range stops the writer rather than being stored as inf.
 
 CACHE_INFO = "cache.json"
-CACHE_TENSORS = ("latent_mean", "latent_std", "cond", "index")
+CACHE_FORMAT = 2  # 16-bit posterior and condition; format 1 (float32) wrote no "format" to cache.json
+CACHE_TENSORS = ("latent_mean", "latent_logvar", "cond", "index")
 CACHE_TEXT = ("caption", "name", "skipped")
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def compact_features(mean, std, cond):
+    """float32 VAE posterior (mean, std) and DINO CLS -> the cache's 16-bit tensors (see above)."""
+    return {"latent_mean": mean.float().half(), "latent_logvar": (2 * std.float().log()).half(),
+            "cond": cond.float().half()}
+
+
+def expand_features(stored):
+    """The cache's 16-bit tensors -> float32 "latent_mean", "latent_std", "cond", as training reads them."""
+    return {"latent_mean": stored["latent_mean"].float(),
+            "latent_std": torch.exp(0.5 * stored["latent_logvar"].float()), "cond": stored["cond"].float()}
+
+
+def cache_item_bytes(latent_shape, cond_dim, cache_format=CACHE_FORMAT):
+    """Tensor bytes one item takes in a cache of `cache_format` (captions and names come on top):
+    two mirror images' posteriors (mean and std or log-variance, each of latent_shape (C, h, w))
+    and CLS features (cond_dim), 4 bytes each in format 1, 2 in format 2; and the int64 index."""
+    value_bytes = {1: 4, 2: 2}[cache_format]
+    return 2 * (2 * math.prod(latent_shape) + cond_dim) * value_bytes + 8
+
+
+def check_cache_format(root, info):
+    """An error naming `root` unless its cache.json says CACHE_FORMAT: older caches must be rebuilt."""
+    found = info.get("format", 1)
+    if found != CACHE_FORMAT:
+        raise ValueError(f"feature cache {root} is in format {found} (made by an older data.py; this one reads "
+                         f"format {CACHE_FORMAT}, 16-bit); write it anew with `python data.py cache` into another folder")
 
 
 def cache_shard_path(root, shard):
@@ -885,9 +925,14 @@ def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=
     for batch in loader:
         images = batch["image"].to(device)
         both = torch.cat([images, images.flip(-1)])  # the images, then their mirror images
-        mean, std = vae.encode(both)
-        for key, value in (("latent_mean", mean), ("latent_std", std), ("cond", encoder.encode(both))):
-            tensors[key].append(torch.stack(value.float().chunk(2), dim=1).cpu())
+        stored = compact_features(*vae.encode(both), encoder.encode(both))
+        beyond = ~torch.isfinite(stored["latent_mean"]).flatten(1).all(1)
+        if beyond.any():
+            bad = batch["index"][beyond.chunk(2)[0] | beyond.chunk(2)[1]].tolist()
+            raise ValueError(f"dataset items {bad}: a VAE posterior mean beyond fp16's range (+-{FP16_MAX:.0f}), "
+                             f"which the feature cache stores in fp16; check the --vae weights")
+        for key, value in stored.items():
+            tensors[key].append(torch.stack(value.chunk(2), dim=1).cpu())
         tensors["index"].append(batch["index"])
         for key in CACHE_TEXT:
             text[key] += batch[key]
@@ -913,8 +958,10 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     cache made with other settings is an error. Returns the shards this rank wrote.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    settings = {**settings, "num_items": len(dataset), "shard_size": shard_size}
+    settings = {**settings, "num_items": len(dataset), "shard_size": shard_size, "format": CACHE_FORMAT}
     existing = read_cache_info(root)
+    if existing is not None:
+        check_cache_format(root, existing)
     if existing is not None and existing != settings:
         changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
         raise ValueError(f"{root} holds a feature cache made with other settings ({'; '.join(changed)}); "
@@ -954,8 +1001,9 @@ class FeatureCache(Dataset):
     """A complete feature cache (`python data.py cache`) as a dataset. Item i:
 
         {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
-         "cond": float32 (2, D), [unflipped, flipped] DINO CLS, "caption": str, "index": i,
-         "name": its source file, "skipped": [] (bad files were reported when the cache was written)}
+         "cond": float32 (2, D), [unflipped, flipped] DINO CLS (all stored in 16 bits: see above),
+         "caption": str, "index": i, "name": its source file,
+         "skipped": [] (bad files were reported when the cache was written)}
 
     Rows are read one at a time from the memory-mapped shards: no process holds a whole shard.
     Each process opens the shards lazily (pickling drops the handles, as for TarShards).
@@ -967,6 +1015,7 @@ class FeatureCache(Dataset):
         if self.info is None:
             raise FileNotFoundError(f"no feature cache at {root} (no {CACHE_INFO}); write one with "
                                     f"`python data.py cache --data SPEC --out {root} --vae ... --encoder ...`")
+        check_cache_format(root, self.info)
         num_shards = -(-self.info["num_items"] // self.info["shard_size"])
         missing = [cache_shard_path(root, k) for k in range(num_shards)
                    if not os.path.isfile(cache_shard_path(root, k))]
@@ -976,11 +1025,7 @@ class FeatureCache(Dataset):
                                     "arguments to finish it")
         self._shards = {}
         self.image_size = self.info["image_size"]
-        cond_shape = self._open(0)[0].get_slice("cond").get_shape()
-        if len(cond_shape) != 3:
-            raise ValueError(f"feature cache {root} holds the DINO feature of the unmirrored image only (made by an "
-                             f"older data.py); write it anew with `python data.py cache` into another folder")
-        self.cond_dim = cond_shape[-1]
+        self.cond_dim = self._open(0)[0].get_slice("cond").get_shape()[-1]
 
     def __len__(self):
         return self.info["num_items"]
@@ -1004,7 +1049,7 @@ class FeatureCache(Dataset):
             raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
         shard, row = divmod(i, self.info["shard_size"])
         handle, text = self._open(shard)
-        item = {key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_std", "cond")}
+        item = expand_features({key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_logvar", "cond")})
         return {**item, "caption": text["caption"][row], "index": int(i), "name": text["name"][row],
                 "skipped": []}
 

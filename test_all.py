@@ -2209,9 +2209,10 @@ def test_compiled_training_step_matches_eager_and_keeps_plain_keys(tmp_path):
 # The feature cache
 
 
-def test_cached_batches_equal_encoding_on_the_fly(tmp_path):
+def test_cached_batches_equal_encoding_on_the_fly(tmp_path, monkeypatch):
     vae_dir, dino_dir = tiny_encoders(tmp_path)
     cache = write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:12", shard_size=5)
+    round_encoders_like_the_cache(monkeypatch)  # on the fly through the 16-bit format: see the compact caches
     images = data.open_dataset("shapes:12", 32)
     space = train_i2i.ImageSpace(encoders.VAE.from_pretrained(vae_dir))
     dino = encoders.DINOEncoder.from_pretrained(dino_dir)
@@ -2222,16 +2223,16 @@ def test_cached_batches_equal_encoding_on_the_fly(tmp_path):
     assert flips.any() and not flips.all()
     on_the_fly, cached = (train_i2i.mirrored(batch, flips) for batch in batches)
     target = train_i2i.diffusion_targets(on_the_fly, posterior, space)
-    assert_close_to_scale(train_i2i.diffusion_targets(cached, posterior, space), target, TOLERANCE)
+    assert_close_to_scale(train_i2i.diffusion_targets(cached, posterior, space), target, COMPACT_STEP)
     # The condition is of the target's own image, mirrored where the target is, in both paths.
     mirror_images = torch.where(flips[:, None, None, None], batches[0]["image"].flip(-1), batches[0]["image"])
     expected = dino.encode(mirror_images)[:, None]
     assert_close_to_scale(condition(on_the_fly, space)["y"], expected, TOLERANCE)
-    assert_close_to_scale(train_i2i.cached_condition(cached, space)["y"], expected, TOLERANCE)
+    assert_close_to_scale(train_i2i.cached_condition(cached, space)["y"], expected, COMPACT_STEP)
     assert (expected[flips] - dino.encode(batches[0]["image"])[flips][:, None]).abs().max() > 1e-3  # DINO sees the flip
     # The grids' references: decoded cached means, what the VAE makes of the (mirrored) images.
     references = space.decode(space.encode(mirror_images))
-    assert_close_to_scale(train_i2i.reference_images(cached, space), references, TOLERANCE)
+    assert_close_to_scale(train_i2i.reference_images(cached, space), references, COMPACT_STEP)
 
 
 def test_training_conditions_on_the_very_image_it_denoises(tmp_path, monkeypatch):
@@ -2271,8 +2272,8 @@ def test_restart_skips_finished_shards_and_refuses_other_settings(tmp_path):
                                        log=lambda line: None)
     assert written == [1]
     assert {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2)} == finished
-    for key, tensor in load_file(data.cache_shard_path(root, 1)).items():
-        assert_close_to_scale(tensor, before[1][key], TOLERANCE)
+    for key, tensor in load_file(data.cache_shard_path(root, 1)).items():  # fp16: up to one step apart
+        assert_close_to_scale(tensor, before[1][key], COMPACT_STEP)
     assert len(data.FeatureCache(root)) == len(first) == 10
     with pytest.raises(ValueError, match="image_size: 32 -> 64"):
         data.write_feature_cache(data.open_dataset("shapes:10", 64), root, vae, dino,
@@ -2307,17 +2308,19 @@ def test_two_rank_extraction_covers_every_image_once(tmp_path):
     single = write_cache(tmp_path / "single", vae_dir, dino_dir, shard_size=3)
     cache = data.FeatureCache(root)
     for i in range(10):
-        for key in ("latent_mean", "latent_std", "cond"):
-            assert_close_to_scale(cache[i][key], single[i][key], TOLERANCE)
+        for key in ("latent_mean", "latent_std", "cond"):  # fp16 (std: |logvar| < 1 here): one step apart at most
+            assert_close_to_scale(cache[i][key], single[i][key], COMPACT_STEP)
         assert cache[i]["caption"] == single[i]["caption"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch, precision):
-    # In bf16 too: the frozen encoders run in fp32 in both paths (the cache holds fp32), so both
-    # train on the same targets and conditions, and the bf16 forward sees the same inputs.
+    # In bf16 too: the frozen encoders run in fp32 in both paths and the on-the-fly run rounds
+    # their outputs as the 16-bit cache stores them, so both train on the same targets and
+    # conditions, and the bf16 forward sees the same inputs.
     vae_dir, dino_dir = tiny_encoders(tmp_path)
     write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:16")
+    round_encoders_like_the_cache(monkeypatch)
     run = SCALE_RUN + ["--image-size", "32", "--vae", vae_dir, "--encoder", dino_dir, "--global-batch-size", "4",
                       "--steps", "3", "--sample-every", "3", "--precision", precision]
     train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
@@ -3685,3 +3688,100 @@ def test_loader_draws_the_source_from_the_global_index_on_any_world_size():
         assert name == dataset.item(sampler.dataset_index(g), g)["name"]
     # One epoch covers every target once; its sources are the per-sample draws, not ds[i]'s.
     assert {name for name, _ in one.values()} != {dataset[i]["name"] for i in range(24)}
+
+
+####################################################################################################
+# data at scale: compact caches
+####################################################################################################
+
+# The feature cache stores fp16 (data.py): round to nearest moves a value x by at most 2^-11 |x|,
+# or 2^-25 below fp16's normal range (2^-14). The log-variance L (|L| <= 30) moves by at most
+# 2^-7, so std = exp(L / 2) by at most exp(2^-8) - 1 < 0.004 relative. The encoders' fp32 outputs
+# may differ by TOLERANCE of their scale between the writer's batches and these; a value near a
+# rounding boundary may then round one fp16 step (2^-10 relative) away.
+COMPACT_STEP = torch.finfo(torch.float16).eps  # 2^-10
+
+
+def compact_bound(value, scale):
+    """The most fp16 rounding moves `value` (a float32 tensor), plus TOLERANCE of `scale`."""
+    return 2.0 ** -11 * value.abs() + 2.0 ** -25 + TOLERANCE * scale
+
+
+def round_encoders_like_the_cache(monkeypatch):
+    """The VAE and DINO then return what a feature cache reads back: their outputs through its format."""
+    vae_encode, dino_encode = encoders.VAE.encode, encoders.DINOEncoder.encode
+
+    def through_cache(mean, std, cond):
+        return data.expand_features(data.compact_features(mean, std, cond))
+
+    monkeypatch.setattr(encoders.VAE, "encode", lambda self, images, *args: tuple(
+        through_cache(*vae_encode(self, images, *args), torch.zeros(0)).values())[:2])
+    monkeypatch.setattr(encoders.DINOEncoder, "encode", lambda self, images, *args: through_cache(
+        torch.zeros(0), torch.ones(0), dino_encode(self, images, *args))["cond"])
+
+
+def test_compact_cache_keeps_training_targets_within_the_fp16_bound(tmp_path):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    cache = write_cache(tmp_path / "cache", vae_dir, dino_dir, "shapes:6")
+    vae, dino = encoders.VAE.from_pretrained(vae_dir), encoders.DINOEncoder.from_pretrained(dino_dir)
+    space = train_i2i.ImageSpace(vae)
+    images = torch.stack([data.open_dataset("shapes:6", 32)[i]["image"] for i in range(6)])
+    flips = torch.tensor([False, True] * 3)
+    mirror_images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+    batch = data.collate_samples([cache[i] for i in range(6)])
+    cached = train_i2i.mirrored(batch, flips)
+    mean, std = vae.encode(mirror_images)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    target = train_i2i.diffusion_targets(cached, noise, space)
+    exact = space.from_posterior(mean, std, noise)
+    # x0 = (mean + std * noise) * scale moves by the mean's rounding and < 0.004 of std * noise.
+    size = space.vae.scaling_factor * (mean.abs() + std * noise.abs())
+    bound = space.vae.scaling_factor * (compact_bound(mean, 0) + 0.004 * std * noise.abs()) + TOLERANCE * size.max()
+    assert ((target - exact).abs() <= bound).all()
+    cond = dino.encode(mirror_images)
+    assert ((cached["cond"] - cond).abs() <= compact_bound(cond, cond.abs().max())).all()
+    assert cached["latent_std"].dtype == cached["cond"].dtype == torch.float32  # training reads float32
+
+
+def test_an_older_feature_cache_is_refused_with_one_line(tmp_path, capsys):
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    root = tmp_path / "cache"
+    write_cache(root, vae_dir, dino_dir)
+    info = data.read_cache_info(root)
+    (root / data.CACHE_INFO).write_text(json.dumps({k: v for k, v in info.items() if k != "format"}))  # format 1
+    with pytest.raises(ValueError, match=r"format 1 .* write it anew with `python data.py cache`") as error:
+        data.FeatureCache(root)
+    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit):
+        train_i2i.main(SCALE_RUN + ["--data", f"cache:{root}", "--image-size", "32", "--vae", vae_dir,
+                                    "--encoder", dino_dir, "--out", str(tmp_path / "run")])
+    message = capsys.readouterr().err.strip()
+    assert "format 1" in message and "\n" not in message
+    with pytest.raises(ValueError, match="format 1"):  # nor finished by this data.py
+        write_cache(root, vae_dir, dino_dir)
+
+
+def test_feature_cache_bytes_per_item_follow_the_layout(tmp_path):
+    # At 256 px: 2 images x (mean + log-variance of 4 x 32 x 32, and a 768-d CLS) x 2 bytes, + an int64 index.
+    assert data.cache_item_bytes((4, 32, 32), 768) == 2 * (2 * 4096 + 768) * 2 + 8 == 35848  # 35.0 KiB
+    assert data.cache_item_bytes((4, 32, 32), 768, cache_format=1) == 71688  # float32: 70.0 KiB
+    vae_dir, dino_dir = tiny_encoders(tmp_path)
+    write_cache(tmp_path / "cache", vae_dir, dino_dir, shard_size=4)  # 10 items: shards of 4, 4, 2
+    for shard, items in enumerate([4, 4, 2]):
+        path = data.cache_shard_path(tmp_path / "cache", shard)
+        with open(path, "rb") as f:
+            header = 8 + struct.unpack("<Q", f.read(8))[0]
+        assert os.path.getsize(path) - header == items * data.cache_item_bytes((4, 4, 4), TINY_DINO["width"])
+
+
+def test_text_cache_in_bf16_is_within_bf16_rounding_of_fp32(tmp_path):
+    run = ["cache-text", "--data", "shapes:8", "--image-size", "16", "--num-samples", "4"]
+    train_t2i.main(run + ["--out", str(tmp_path / "fp32")])
+    train_t2i.main(run + ["--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+    exact, compact = train_t2i.TextFeatureCache(str(tmp_path / "fp32")), train_t2i.TextFeatureCache(str(tmp_path / "bf16"))
+    assert (exact.info["dtype"], compact.info["dtype"]) == ("float32", "bfloat16")  # the CPU's T5 runs in fp32
+    captions = [data.open_dataset("shapes:8", 16)[i]["caption"] for i in range(8)]
+    for stored, reference in zip(compact.token_features(captions), exact.token_features(captions)):
+        assert stored.dtype == torch.bfloat16
+        # bf16 keeps 8 significant bits: round to nearest moves x by 2^-8 |x| (2^-134 among subnormals).
+        torch.testing.assert_close(stored.float(), reference, rtol=2.0 ** -8, atol=2.0 ** -134)

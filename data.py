@@ -58,6 +58,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -391,7 +392,8 @@ def tar_index_folder(shard_paths, index_dir=None):
 
 
 def _index_command(spec, index_dir):
-    return f"`python data.py index {spec or 'SPEC'}" + (f" --index {index_dir}`" if index_dir else "`")
+    quoted = shlex.quote(spec) if spec else "SPEC"  # a glob or {a..b} must reach data.py unexpanded
+    return f"`python data.py index {quoted}" + (f" --index {shlex.quote(index_dir)}`" if index_dir else "`")
 
 
 def build_tar_index(shard_paths, folder, workers=0, spec=None, replace=False):
@@ -529,7 +531,7 @@ class TarShards(_EncodedImageDataset):
         self.rebuild = _index_command(spec, index_dir or os.environ.get(TAR_INDEX_ENV))
         self.info = read_tar_index_info(self.index)
         if self.info is None:
-            self.info = build_tar_index(self.shard_paths, self.index, spec=spec)
+            self.info = self._build_at_first_use(spec)
         else:
             for problem in self.info["problems"]:
                 warnings.warn(problem)
@@ -539,6 +541,17 @@ class TarShards(_EncodedImageDataset):
                              f"rebuild it with {self.rebuild}")
         self._maps = None
         self._files = collections.OrderedDict()
+
+    def _build_at_first_use(self, spec):
+        """Under torchrun the node's LOCAL_RANK 0 builds the missing index and its other ranks wait
+        for it (torchrun stops them if that rank fails); nodes that share the folder race harmlessly."""
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            while (info := read_tar_index_info(self.index)) is None:
+                time.sleep(1)
+            return info
+        print(f"building the tar index of {len(self.shard_paths)} shards at first use into {self.index}; "
+              f"{_index_command(spec, None)[:-1]} --workers N` builds it ahead, faster", file=sys.stderr)
+        return build_tar_index(self.shard_paths, self.index, spec=spec)
 
     @property
     def records(self):

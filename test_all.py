@@ -3743,7 +3743,7 @@ def test_changed_shard_is_refused_until_the_index_is_rebuilt(tmp_path, monkeypat
         data.main(["index", spec, "--index", str(index_dir), "--workers", "2"])
         assert data.open_dataset(spec, 8)[2]["caption"] == "cap d"
     assert str(refused.value) == (f"tar shard {paths[1]} changed since its index {data.tar_index_folder(paths)} "
-                                  f"was built (size or mtime): rebuild it with `python data.py index {spec} "
+                                  f"was built (size or mtime): rebuild it with `python data.py index '{spec}' "
                                   f"--index {index_dir}`")
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot write the tar index into .*file/sub .*python data.py index"):
@@ -3757,14 +3757,16 @@ def test_concurrent_first_use_leaves_one_whole_index(tmp_path):
             "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
             "dataset = data.TarShards(sys.argv[3:], 8); print(len(dataset), dataset.info['build'], dataset[4]['name'])")
     go = tmp_path / "go"
+    # Two nodes' LOCAL_RANK 0 race to build it; a LOCAL_RANK 1 waits for it.
     ranks = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"rank{k}"), str(go), *paths],
-                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(data.__file__))
-             for k in range(2)]
-    while not all((tmp_path / f"rank{k}.ready").exists() for k in range(2)):
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(data.__file__),
+                              env={**os.environ, "LOCAL_RANK": str(local_rank)})
+             for k, local_rank in enumerate([0, 0, 1])]
+    while not all((tmp_path / f"rank{k}.ready").exists() for k in range(3)):
         time.sleep(0.01)
     go.touch()
     outputs = [rank.communicate(timeout=120)[0].split() for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0]
     build = data.read_tar_index_info(data.tar_index_folder(paths))["build"]
-    assert outputs[0] == outputs[1] == ["6", build, f"{paths[2]}:g.png"]
+    assert outputs == [["6", build, f"{paths[2]}:g.png"]] * 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lumos")] == [os.path.basename(data.tar_index_folder(paths))]

@@ -548,9 +548,11 @@ class TarShards(_EncodedImageDataset):
         if int(os.environ.get("LOCAL_RANK", 0)) != 0:
             while (info := read_tar_index_info(self.index)) is None:
                 time.sleep(1)
+            for problem in info["problems"]:
+                warnings.warn(problem)
             return info
         print(f"building the tar index of {len(self.shard_paths)} shards at first use into {self.index}; "
-              f"{_index_command(spec, None)[:-1]} --workers N` builds it ahead, faster", file=sys.stderr)
+              f"{self.rebuild[:-1]} --workers N` builds it ahead, faster", file=sys.stderr)
         return build_tar_index(self.shard_paths, self.index, spec=spec)
 
     @property

@@ -5,6 +5,7 @@
     python bench.py encoders                                # T5 .bin loaded encoder-only vs whole
     python bench.py train                                   # the training loop: compile, bf16, cache, FSDP2
     python bench.py cache-size                              # feature cache bytes per item; target error
+    python bench.py data-index --images 1000000 --baseline OLD_DATA_PY   # tar shards: scan vs index
 
 FLOPs are counted as nanoGPT and the DiT paper do (2 per multiply-add of the matmuls and
 attention, `dit.forward_flops`); a training step is 3x the forward. MFU = achieved FLOP/s over
@@ -13,17 +14,20 @@ the device's peak (`--peak-tflops`, or known for common GPUs).
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import save_file
 
@@ -401,6 +405,86 @@ def bench_cache_size(args):
     print_table(rows, columns)
     print("bound per value: 0.18215 * (2^-11 |mean| + 2^-25 + 0.0039 std |noise|), to fp32 arithmetic "
           "(bench.compact_target_bound); relative: to 0.18215 * (|mean| + std |noise|)")
+# One tar-index variant in a fresh interpreter (VmHWM is that variant's own peak): opens the
+# shards with the data.py at argv[2] (the current one, or an older one given by --baseline),
+# then reads 10,000 random names, as a training run touches the index.
+_TAR_OPEN_IN_CHILD = r"""
+import importlib.util, json, re, sys, time
+import numpy as np
+spec = importlib.util.spec_from_file_location("data_under_test", sys.argv[2])
+data = importlib.util.module_from_spec(spec); spec.loader.exec_module(data)
+variant, index_dir, paths = sys.argv[1], sys.argv[3], sys.argv[4:]
+def resident():
+    with open("/proc/self/status") as status:
+        return {k: int(v) * 1024 for k, v in re.findall(r"(VmHWM|VmRSS|RssFile):\s+(\d+) kB", status.read())}
+before, start = resident(), time.perf_counter()
+if variant == "build":
+    data.build_tar_index(paths, data.tar_index_folder(paths, index_dir), replace=True)
+elif variant != "python":
+    dataset = data.TarShards(paths, 64, **({"index_dir": index_dir} if variant == "open" else {}))
+seconds, after = time.perf_counter() - start, resident()
+if variant in ("open", "scan"):
+    for j in np.random.default_rng(0).integers(0, len(dataset), 10000):
+        dataset.name(int(j))
+used = resident()
+print(json.dumps({"seconds": seconds, "after": after["VmRSS"], "used": used["VmRSS"],
+                  "mapped": used["RssFile"] - before["RssFile"], "peak": used["VmHWM"]}))
+"""
+
+
+def write_tiny_shards(folder, images, per_shard):
+    """images samples (a 1x1 PNG and a .txt caption each) in shards of per_shard -> their paths."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    members = {"png": buffer.getvalue(), "txt": b"a black pixel"}
+    paths = []
+    for shard in range(-(-images // per_shard)):
+        paths.append(str(folder / f"{shard:05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            for key in range(shard * per_shard, min(images, (shard + 1) * per_shard)):
+                for extension, content in members.items():
+                    info = tarfile.TarInfo(f"{key:09d}.{extension}")
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+    return paths
+
+
+def bench_data_index(args):
+    """Opening tar shards: every rank scanning every header (--baseline, the data.py before the
+    index) against the memory-mapped index; time and RSS of each in its own process."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        started = time.perf_counter()
+        paths = write_tiny_shards(Path(tmp), args.images, args.per_shard)
+        tar_bytes = sum(os.path.getsize(p) for p in paths)
+        print(f"{args.images} images in {len(paths)} shards ({tar_bytes / 2**30:.2f} GiB) written in "
+              f"{time.perf_counter() - started:.0f} s; page cache warm for every variant")
+        variants = [("python", "python + torch + data.py, nothing opened", data.__file__)]
+        if args.baseline:
+            variants.append(("scan", "before: TarShards scans every header", args.baseline))
+        variants += [("build", "python data.py index (1 process)", data.__file__),
+                     ("open", "TarShards from the built index", data.__file__)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        rows, base = [], None
+        for variant, label, module in variants:
+            result = subprocess.run([sys.executable, "-c", _TAR_OPEN_IN_CHILD, variant, module, tmp, *paths],
+                                    capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"{variant} failed:\n{result.stderr}")
+            report = json.loads(result.stdout.strip().splitlines()[-1])
+            base = base or report
+            private = report["used"] - report["mapped"] if variant in ("open", "scan") else report["peak"]
+            rows.append({"variant": label, "s": f"{report['seconds']:.3f}",
+                         "RSS after open MiB": f"{report['after'] / 2**20:.0f}",
+                         "peak MiB": f"{report['peak'] / 2**20:.0f}",
+                         "after 10k names MiB": f"{report['used'] / 2**20:.0f}" if variant in ("open", "scan") else "-",
+                         "of it file pages MiB": f"{report['mapped'] / 2**20:.0f}",
+                         "private B/image": f"{(private - base['after']) / args.images:.1f}" if variant != "python" else "-"})
+        index = data.tar_index_folder(paths, tmp)
+        index_bytes = sum(os.path.getsize(os.path.join(index, f)) for f in os.listdir(index))
+    print_table(rows, list(rows[0]))
+    print(f"index on disk: {index_bytes / 2**20:.1f} MiB, {index_bytes / args.images:.1f} bytes an image; "
+          "file pages: the page cache the process mapped, shared by the ranks of a node and dropped under pressure; "
+          "private B/image: RSS less file pages after 10k names (peak RSS for the build) over the first row's RSS")
 
 
 def main():
@@ -438,6 +522,12 @@ def main():
     cache_size.add_argument("--items", type=int, default=8, help="items of the cache written to measure")
     cache_size.add_argument("--samples", type=int, default=1_000_000, help="random posteriors per range")
     cache_size.set_defaults(func=bench_cache_size)
+    tar_index = sub.add_parser("data-index", help="tar shards: every rank scanning them vs the memory-mapped index")
+    tar_index.add_argument("--images", type=int, default=100_000, help="tiny samples to generate")
+    tar_index.add_argument("--per-shard", type=int, default=1000)
+    tar_index.add_argument("--baseline", help="a data.py from before the index (git show REV:data.py > FILE)")
+    tar_index.add_argument("--dir", help="where to write the shards (default: the temp folder)")
+    tar_index.set_defaults(func=bench_data_index)
     args = parser.parse_args()
     args.func(args)
 

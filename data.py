@@ -25,7 +25,10 @@ Sources, chosen by `open_dataset(spec, image_size)`:
     shards/{00000..01023}.tar         tar shards in the webdataset layout (`key.jpg` + optional
     shards/*.tar,extra/a.tar          `key.txt` / `key.json`), as paths, globs, brace ranges or
                                       comma-separated lists of those; read by seeking into the
-                                      uncompressed tar files, never extracted
+                                      uncompressed tar files, never extracted, at the offsets of
+                                      a memory-mapped index (`data.py index`, else built at first
+                                      use: `.lumos_index_*` beside the first shard, or in
+                                      $LUMOS_TAR_INDEX)
     shapes, shapes:N                  N procedural images (default 10000), see `ShapesDataset`
     cache:DIR                         a feature cache (`FeatureCache`): VAE posteriors and DINO
                                       features in place of images, written by `data.py cache`
@@ -38,22 +41,30 @@ source view per training sample), else `ds[i]`.
 Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
 `[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
---image-size S` writes a feature cache of SPEC, split over the ranks.
+--image-size S` writes a feature cache of SPEC, split over the ranks; `python data.py index SPEC
+[--index DIR]` scans tar shards once into the index their readers memory-map.
 """
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import datetime
 import glob
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
+import uuid
 import warnings
 from functools import partial
 
@@ -203,6 +214,13 @@ class _PackedStrings:
         self.offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
         self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
+    @classmethod
+    def from_arrays(cls, offsets, data):
+        """From int64 offsets (n + 1) and uint8 bytes, e.g. memory maps of the tar index."""
+        packed = cls.__new__(cls)
+        packed.offsets, packed.data = offsets, data
+        return packed
+
     def __len__(self):
         return len(self.offsets) - 1
 
@@ -339,6 +357,154 @@ _TAR_RECORD = np.dtype([("shard", np.int32), ("image_offset", np.int64), ("image
                         ("caption_kind", np.int8)])
 _NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
 
+# The tar index: TarShards' rows, built once (`python data.py index SPEC`, or at first use) and
+# memory-mapped by every process, so that opening 190M images neither reads the headers of 100k
+# shards in every rank nor holds ~57 bytes an image in each rank's memory. A folder of raw arrays
+# (np.memmap; lengths in index.json), renamed into place complete, so concurrent builders cannot
+# leave a partial one:
+#     records.bin        _TAR_RECORD rows in dataset order (exactly the rows a scan yields)
+#     names.bin          the image member names, utf-8, concatenated
+#     name_offsets.bin   int64 (n + 1): name j is names.bin[offsets[j] : offsets[j + 1]]
+#     shards.bin         _SHARD_STAT rows: each shard's size and mtime when it was scanned
+#     index.json         format, hash of the shard list, counts, warnings of unreadable shards
+# It lives in `<folder of the first shard>/.lumos_index_<hash of the shard list>`, or in DIR from
+# `--index DIR` / the environment variable LUMOS_TAR_INDEX when the data folder is read-only.
+TAR_INDEX_ENV = "LUMOS_TAR_INDEX"
+_TAR_INDEX_FORMAT = 1
+_SHARD_STAT = np.dtype([("size", np.int64), ("mtime_ns", np.int64)])
+
+
+class StaleTarIndex(ValueError):
+    """A shard changed after its index was built: indices would no longer name the same samples
+    (and resume elsewhere), so reading stops. Its str() is one line, also from a DataLoader worker."""
+
+    def __str__(self):
+        text = super().__str__()
+        return text.rstrip().rsplit("\n", 1)[-1].split("StaleTarIndex: ", 1)[-1]
+
+
+def tar_index_folder(shard_paths, index_dir=None):
+    """Where the index of these shards (in this order) lives: index_dir, else $LUMOS_TAR_INDEX,
+    else the folder of the first shard; the name holds a hash of the absolute shard paths."""
+    paths = [os.path.abspath(p) for p in shard_paths]
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    parent = index_dir or os.environ.get(TAR_INDEX_ENV) or os.path.dirname(paths[0])
+    return os.path.join(os.path.abspath(parent), f".lumos_index_{digest}")
+
+
+def _index_command(spec, index_dir):
+    quoted = shlex.quote(spec) if spec else "SPEC"  # a glob or {a..b} must reach data.py unexpanded
+    return f"`python data.py index {quoted}" + (f" --index {shlex.quote(index_dir)}`" if index_dir else "`")
+
+
+def build_tar_index(shard_paths, folder, workers=0, spec=None, replace=False):
+    """Scan the shards into an index at `folder`; returns the index.json dict of the one there.
+
+    Written to a private temporary folder beside `folder` and renamed into place, so readers see
+    a whole index. Processes that build the same missing index at once (the ranks at first use)
+    all succeed and keep the first one renamed there; replace=True (`data.py index`) replaces an
+    existing one. workers > 0 scans shards in that many processes."""
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        temporary = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=parent)
+        os.chmod(temporary, 0o755)  # mkdtemp's 0o700 would hide the index from the other users
+    except OSError as error:
+        raise ValueError(f"cannot write the tar index into {parent} ({error.strerror}): build it in a "
+                         f"writable folder with {_index_command(spec, 'DIR')} and train with "
+                         f"{TAR_INDEX_ENV}=DIR") from None
+    try:
+        _write_tar_index(shard_paths, temporary, workers)
+        _rename_folder(temporary, folder, replace)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return read_tar_index_info(folder)
+
+
+def _write_tar_index(shard_paths, folder, workers):
+    """Scan shard after shard, appending to the files (memory stays that of one shard)."""
+    files = {name: open(os.path.join(folder, name + ".bin"), "wb")
+             for name in ("records", "names", "name_offsets", "shards")}
+    count, name_bytes, problems = 0, 0, []
+    files["name_offsets"].write(np.zeros(1, np.int64).tobytes())
+    with contextlib.ExitStack() as stack:
+        for file in files.values():
+            stack.enter_context(file)
+        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers)) if workers > 1 else None
+        scans = pool.map(_scan_shard, shard_paths, chunksize=16) if pool else map(_scan_shard, shard_paths)
+        for shard, (stat, indexed, problem) in enumerate(scans):
+            if problem:
+                warnings.warn(problem)
+                problems.append(problem)
+            records = np.array([(shard,) + record for record, _ in indexed], dtype=_TAR_RECORD)
+            names = [name.encode() for _, name in indexed]
+            offsets = name_bytes + np.cumsum([len(n) for n in names], dtype=np.int64)
+            for key, value in (("records", records.tobytes()), ("names", b"".join(names)),
+                               ("name_offsets", offsets.tobytes()),
+                               ("shards", np.array(stat, _SHARD_STAT).tobytes())):
+                files[key].write(value)
+            count, name_bytes = count + len(indexed), name_bytes + sum(map(len, names))
+    if count == 0:
+        raise FileNotFoundError(f"no images in the {len(shard_paths)} tar shard(s) starting "
+                                f"with {shard_paths[0]}")
+    info = {"format": _TAR_INDEX_FORMAT, "shard_list": os.path.basename(tar_index_folder(shard_paths)),
+            "num_shards": len(shard_paths), "num_items": count, "name_bytes": name_bytes,
+            "problems": problems, "build": uuid.uuid4().hex}
+    _write_json_atomically(os.path.join(folder, "index.json"), info)
+    return info
+
+
+def _scan_shard(path):
+    """(size, mtime_ns) of the shard before the scan, _index_shard's rows, its problem or None."""
+    try:
+        stat = os.stat(path)
+        stat = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        stat = (-1, -1)
+    return (stat,) + _index_shard(path)
+
+
+def _rename_folder(new, folder, replace):
+    """Rename `new` to `folder` unless another process did so first; with replace, an index
+    already there is moved aside first and deleted (processes that mapped it keep their copy)."""
+    old = None
+    if replace and os.path.exists(folder):
+        old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old", dir=os.path.dirname(folder))
+        try:
+            os.rename(folder, os.path.join(old, "index"))
+        except FileNotFoundError:  # another process moved it first
+            pass
+    try:
+        os.rename(new, folder)
+    except OSError:  # another process renamed its own complete index there first: keep that one
+        if not os.path.isfile(os.path.join(folder, "index.json")):
+            raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_tar_index_info(folder):
+    path = os.path.join(folder, "index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _map_tar_index(folder, info, rebuild):
+    """The index arrays as read-only memory maps (pages are read as they are touched), of the
+    same build as `info` (a DataLoader worker maps them later than its main process read it)."""
+    if (read_tar_index_info(folder) or {}).get("build") != info["build"]:
+        raise StaleTarIndex(f"tar index {folder} was rebuilt or removed while this run used it: "
+                            f"restart the run (with {rebuild} done)")
+    def mapped(name, dtype, count):
+        return np.memmap(os.path.join(folder, name + ".bin"), dtype=dtype, mode="r", shape=(count,))
+    n = info["num_items"]
+    names = _PackedStrings.from_arrays(mapped("name_offsets", np.int64, n + 1),
+                                       mapped("names", np.uint8, info["name_bytes"]))
+    return (mapped("records", _TAR_RECORD, n), names,
+            mapped("shards", _SHARD_STAT, info["num_shards"]))
+
 
 class TarShards(_EncodedImageDataset):
     """Samples of webdataset tar shards, read in place by seeking into the files.
@@ -346,41 +512,73 @@ class TarShards(_EncodedImageDataset):
     A sample is the group of members that share a key (the member name up to the first "." of
     its file name): an image `key.jpg|jpeg|png|webp` and optionally `key.txt` or `key.json`
     (caption under "caption" or "text"); `.txt` wins when both exist. Members without an image
-    are ignored. Opening reads every member header once (tarfile, no data); items are then read
-    with `os.pread` at the recorded offsets. Each process opens its own file handles lazily
-    (pickling drops them, so DataLoader workers start without any) and keeps at most
-    MAX_OPEN_FILES of them. A shard that cannot be indexed, in whole or from some member on,
-    is reported with a warning and the readable part is kept.
+    are ignored. Where every sample lies comes from the tar index (see `tar_index_folder`), built
+    at first use when missing and memory-mapped lazily by each process (pickling drops the maps,
+    so DataLoader workers map it themselves); items are read with `os.pread` at the recorded
+    offsets. Each process opens its own file handles lazily (pickling drops them too) and keeps at
+    most MAX_OPEN_FILES of them; opening one checks that the shard is the one indexed
+    (StaleTarIndex if not). A shard that cannot be indexed, in whole or from some member on, is
+    reported with a warning (at every open) and the readable part is kept.
     """
 
     MAX_OPEN_FILES = 64
 
-    def __init__(self, shard_paths, image_size):
+    def __init__(self, shard_paths, image_size, index_dir=None, spec=None):
         super().__init__(image_size)
         if not shard_paths:
             raise FileNotFoundError("no tar shards given")
         self.shard_paths = [os.path.abspath(p) for p in shard_paths]
-        records, names = [], []
-        for shard, path in enumerate(self.shard_paths):
-            for record, name in _index_shard(path):
-                records.append((shard,) + record)
-                names.append(name)
-        if not records:
-            raise FileNotFoundError(f"no images in the {len(shard_paths)} tar shard(s) starting "
-                                    f"with {shard_paths[0]}")
-        self.records = np.array(records, dtype=_TAR_RECORD)
-        self.member_names = _PackedStrings(names)
+        self.index = tar_index_folder(self.shard_paths, index_dir)
+        self.rebuild = _index_command(spec, index_dir or os.environ.get(TAR_INDEX_ENV))
+        self.info = read_tar_index_info(self.index)
+        if self.info is None:
+            self.info = self._build_at_first_use(spec)
+        else:
+            for problem in self.info["problems"]:
+                warnings.warn(problem)
+        expected = (_TAR_INDEX_FORMAT, os.path.basename(self.index), len(self.shard_paths))
+        if tuple(self.info.get(k) for k in ("format", "shard_list", "num_shards")) != expected:
+            raise ValueError(f"tar index {self.index} is of another format or shard list: "
+                             f"rebuild it with {self.rebuild}")
+        self._maps = None
         self._files = collections.OrderedDict()
 
+    def _build_at_first_use(self, spec):
+        """Under torchrun the node's LOCAL_RANK 0 builds the missing index and its other ranks wait
+        for it (torchrun stops them if that rank fails); nodes that share the folder race harmlessly."""
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            while (info := read_tar_index_info(self.index)) is None:
+                time.sleep(1)
+            for problem in info["problems"]:
+                warnings.warn(problem)
+            return info
+        print(f"building the tar index of {len(self.shard_paths)} shards at first use into {self.index}; "
+              f"{self.rebuild[:-1]} --workers N` builds it ahead, faster", file=sys.stderr)
+        return build_tar_index(self.shard_paths, self.index, spec=spec)
+
+    @property
+    def records(self):
+        return self._mapped()[0]
+
+    @property
+    def member_names(self):
+        return self._mapped()[1]
+
+    def _mapped(self):
+        if self._maps is None:
+            self._maps = _map_tar_index(self.index, self.info, self.rebuild)
+        return self._maps
+
     def __len__(self):
-        return len(self.records)
+        return self.info["num_items"]
 
     def __repr__(self):
         return (f"TarShards({len(self.shard_paths)} shards from {self.shard_paths[0]!r}, "
                 f"{len(self)} images)")
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": collections.OrderedDict()}
+        # Pickling a memory map would copy the whole index into the pickle.
+        return {**self.__dict__, "_files": collections.OrderedDict(), "_maps": None}
 
     def __del__(self):
         for fd in getattr(self, "_files", {}).values():
@@ -420,14 +618,26 @@ class TarShards(_EncodedImageDataset):
         else:
             if len(self._files) >= self.MAX_OPEN_FILES:
                 os.close(self._files.popitem(last=False)[1])
-            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            self._check_unchanged(shard, fd)
+            self._files[shard] = fd
         return self._files[shard]
+
+    def _check_unchanged(self, shard, fd):
+        """Compare the shard with its index when it is opened, not at start-up: a stat of every
+        shard by every rank would be O(shards) metadata calls on the shared filesystem."""
+        stat, indexed = os.fstat(fd), self._mapped()[2][shard]
+        if (stat.st_size, stat.st_mtime_ns) != (indexed["size"], indexed["mtime_ns"]):
+            os.close(fd)
+            raise StaleTarIndex(f"tar shard {self.shard_paths[shard]} changed since its index "
+                                f"{self.index} was built (size or mtime): rebuild it with {self.rebuild}")
 
 
 def _index_shard(path):
-    """[((image_offset, image_size, caption_offset, caption_size, caption_kind), image member name)]
-    for every sample with an image in the tar file at `path`, in member order."""
-    samples = {}  # key -> {extension: (offset, size, member name)}, in order of first member
+    """([((image_offset, image_size, caption_offset, caption_size, caption_kind), image member
+    name)] for every sample with an image in the tar file at `path`, in member order; and a
+    line saying why the scan stopped early, or None)."""
+    samples, problem = {}, None  # key -> {extension: (offset, size, member name)}, in order of first member
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -438,8 +648,8 @@ def _index_shard(path):
                     samples.setdefault(key, {})[extension.lower()] = (
                         member.offset_data, member.size, member.name)
     except (OSError, tarfile.TarError) as error:
-        warnings.warn(f"tar shard {path} is unreadable after {len(samples)} samples ({error}); "
-                      "compressed shards cannot be read in place: store them as plain .tar")
+        problem = (f"tar shard {path} is unreadable after {len(samples)} samples ({error}); "
+                   "compressed shards cannot be read in place: store them as plain .tar")
     indexed = []
     for members in samples.values():
         image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
@@ -448,7 +658,7 @@ def _index_shard(path):
         caption, kind = (members["txt"], _TXT_CAPTION) if "txt" in members else (
             (members["json"], _JSON_CAPTION) if "json" in members else ((-1, 0, ""), _NO_CAPTION))
         indexed.append(((image[0], image[1], caption[0], caption[1], kind), image[2]))
-    return indexed
+    return indexed, problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +911,7 @@ def open_dataset(spec, image_size, seed=0):
     not_tar = [p for p in paths if not p.endswith(".tar")]
     if not_tar:
         raise ValueError(f"bad data spec {spec!r}: {not_tar[0]} is neither a folder nor a .tar shard")
-    return TarShards(paths, image_size)
+    return TarShards(paths, image_size, spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1134,6 +1344,20 @@ def cache(args):
             dist.destroy_process_group()
 
 
+def index(args):
+    """(Re)build the tar index of --spec's shards, replacing one that is there."""
+    paths = resolve_paths(args.spec)
+    not_tar = [p for p in paths if not (p.endswith(".tar") and os.path.isfile(p))]
+    if not_tar:
+        raise ValueError(f"{not_tar[0]} (from {args.spec!r}) is not a .tar file: the index is of tar shards")
+    folder, started = tar_index_folder(paths, args.index), time.perf_counter()
+    info = build_tar_index(paths, folder, args.workers, args.spec, replace=True)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"indexed {info['num_items']} images of {len(paths)} shards in {time.perf_counter() - started:.1f} s "
+          f"into {folder} ({size / max(1, info['num_items']):.0f} bytes an image)"
+          + (f"; train with {TAR_INDEX_ENV}={args.index}" if args.index else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1166,6 +1390,13 @@ def main(argv=None):
     cache_command.add_argument("--workers", type=int, default=4, help="data loader workers")
     cache_command.add_argument("--seed", type=int, default=0, help="seed of the shapes set")
     cache_command.set_defaults(function=cache)
+    index_command = commands.add_parser("index", help="scan tar shards once into the index every "
+                                                      "process memory-maps")
+    index_command.add_argument("spec", help="the tar shards, as training's --data names them")
+    index_command.add_argument("--index", metavar="DIR", help="where to write it (default: the folder "
+                               f"of the first shard); train with {TAR_INDEX_ENV}=DIR then")
+    index_command.add_argument("--workers", type=int, default=os.cpu_count(), help="scanning processes")
+    index_command.set_defaults(function=index)
     args = parser.parse_args(argv)
     try:
         args.function(args)

@@ -3785,3 +3785,85 @@ def test_text_cache_in_bf16_is_within_bf16_rounding_of_fp32(tmp_path):
         assert stored.dtype == torch.bfloat16
         # bf16 keeps 8 significant bits: round to nearest moves x by 2^-8 |x| (2^-134 among subnormals).
         torch.testing.assert_close(stored.float(), reference, rtol=2.0 ** -8, atol=2.0 ** -134)
+# data at scale: the tar index
+####################################################################################################
+
+def write_index_test_shards(folder):
+    """Three shards: .txt and .json captions, a member without image, a shard cut inside h.png."""
+    image = lambda k: encode(noise_image(8, 8, k), "PNG")
+    write_tar(folder / "00.tar", {"a.png": image(0), "a.txt": b" cap a ", "b.cls": b"1", "c.png": image(1)})
+    write_tar(folder / "01.tar", {"d.png": image(2), "d.json": json.dumps({"caption": "cap d"}).encode()})
+    whole = write_tar(folder / "whole", {"f.png": image(3), "g.png": image(4), "h.png": image(5)}).read_bytes()
+    (folder / "02.tar").write_bytes(whole[: whole.index(image(5)) + 10])
+    return [str(folder / f"{k:02d}.tar") for k in range(3)]
+
+
+def test_tar_index_maps_exactly_what_a_scan_finds(tmp_path):
+    paths = write_index_test_shards(tmp_path)
+    with pytest.warns(UserWarning, match="02.tar is unreadable"):
+        dataset = data.TarShards(paths, 8)
+    scans = [data._index_shard(path)[0] for path in paths]  # what TarShards held in memory before
+    expected = np.array([(s,) + row for s, rows in enumerate(scans) for row, _ in rows], data._TAR_RECORD)
+    assert isinstance(dataset.records, np.memmap) and np.array_equal(dataset.records, expected)
+    assert [dataset.member_names[j] for j in range(len(dataset))] == [n for rows in scans for _, n in rows]
+    assert [os.path.basename(dataset.name(j)) for j in range(len(dataset))] == \
+        ["00.tar:a.png", "00.tar:c.png", "01.tar:d.png", "02.tar:f.png", "02.tar:g.png", "02.tar:h.png"]
+    assert [dataset[j]["caption"] for j in range(3)] == ["cap a", "", "cap d"]
+    assert dataset[5]["skipped"] == [f"{paths[2]}:h.png"] and dataset[5]["name"] == f"{paths[0]}:a.png"
+    assert os.path.dirname(dataset.index) == str(tmp_path) and ".lumos_index_" in dataset.index
+
+
+def test_tar_index_is_read_not_rebuilt_and_survives_pickling(tmp_path, monkeypatch):
+    paths = write_index_test_shards(tmp_path)
+    with pytest.warns(UserWarning):
+        first = data.TarShards(paths, 8)
+    monkeypatch.setattr(data, "_index_shard", lambda path: pytest.fail("scanned a shard again"))
+    with pytest.warns(UserWarning, match="02.tar is unreadable"):  # the scan's warning, kept in the index
+        dataset = data.TarShards(paths, 8)
+    assert torch.equal(dataset[3]["image"], first[3]["image"])  # maps the index, opens a shard
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 4000 and pickle.loads(pickled)._maps is None  # the maps are not copied
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[3, 1], num_workers=1,
+                                         multiprocessing_context="spawn")  # pickled into the worker
+    assert [item["name"] for item in loader] == [first.name(3), first.name(1)]
+
+
+def test_changed_shard_is_refused_until_the_index_is_rebuilt(tmp_path, monkeypatch):
+    paths, index_dir = write_index_test_shards(tmp_path), tmp_path / "index"
+    monkeypatch.setenv(data.TAR_INDEX_ENV, str(index_dir))
+    spec = f"{tmp_path}/{{00..02}}.tar"
+    with pytest.warns(UserWarning):
+        assert data.open_dataset(spec, 8).index.startswith(str(index_dir))
+        os.utime(paths[1], ns=(0, 10**18))
+        with pytest.raises(data.StaleTarIndex) as refused:
+            data.open_dataset(spec, 8)[2]
+        data.main(["index", spec, "--index", str(index_dir), "--workers", "2"])
+        assert data.open_dataset(spec, 8)[2]["caption"] == "cap d"
+    assert str(refused.value) == (f"tar shard {paths[1]} changed since its index {data.tar_index_folder(paths)} "
+                                  f"was built (size or mtime): rebuild it with `python data.py index '{spec}' "
+                                  f"--index {index_dir}`")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot write the tar index into .*file/sub .*python data.py index"):
+        data.TarShards(paths, 8, index_dir=str(tmp_path / "file" / "sub"))
+
+
+def test_concurrent_first_use_leaves_one_whole_index(tmp_path):
+    paths = write_index_test_shards(tmp_path)
+    code = ("import os, sys, time, warnings; warnings.simplefilter('ignore'); import data; "
+            "open(sys.argv[1] + '.ready', 'w').close()\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+            "dataset = data.TarShards(sys.argv[3:], 8); print(len(dataset), dataset.info['build'], dataset[4]['name'])")
+    go = tmp_path / "go"
+    # Two nodes' LOCAL_RANK 0 race to build it; a LOCAL_RANK 1 waits for it.
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"rank{k}"), str(go), *paths],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(data.__file__),
+                              env={**os.environ, "LOCAL_RANK": str(local_rank)})
+             for k, local_rank in enumerate([0, 0, 1])]
+    while not all((tmp_path / f"rank{k}.ready").exists() for k in range(3)):
+        time.sleep(0.01)
+    go.touch()
+    outputs = [rank.communicate(timeout=120)[0].split() for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0]
+    build = data.read_tar_index_info(data.tar_index_folder(paths))["build"]
+    assert outputs == [["6", build, f"{paths[2]}:g.png"]] * 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lumos")] == [os.path.basename(data.tar_index_folder(paths))]

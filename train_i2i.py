@@ -161,6 +161,8 @@ def check_args(args, world_size):
     if args.global_batch_size <= 0 or per_rank == 0 or per_rank % args.grad_accum:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by world size "
                          f"{world_size} x --grad-accum {args.grad_accum}")
+    if args.shard_group and (args.shard_group < 1 or world_size % args.shard_group):
+        raise ValueError(f"--shard-group {args.shard_group} must divide the world size {world_size}")
     name = model_size(args)[0]
     if name not in DiT_models:
         raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(DiT_models)}")
@@ -226,11 +228,16 @@ def device_mesh(args, world_size, device):
         return None
     from torch.distributed.device_mesh import init_device_mesh
     shard = args.shard_group or world_size
-    if world_size % shard:
-        raise UsageError(f"--shard-group {shard} must divide the world size {world_size}")
     if shard == world_size:
         return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     return init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def layout(mesh):
+    """How the ranks hold the model, for the start line."""
+    if mesh is None:
+        return ""
+    return f" (HSDP {mesh.size(0)} x {mesh.size(1)})" if mesh.ndim == 2 else " (FSDP)"
 
 
 def parallelize(model, args, mesh, train=True):
@@ -531,7 +538,7 @@ def _train(args, task, rank, world_size, device):
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         print(f"{model_size(args)[0]} ({num_params:,} parameters, {flops_per_image / 3e9:.2f} GFLOPs/image forward) "
-              f"on {task.dataset!r}; world {world_size}, device {device}; "
+              f"on {task.dataset!r}; world {world_size}{layout(mesh)}, device {device}; "
               + (f"resumed from {ckpt} at step {step}" if ckpt else "from scratch"), flush=True)
 
     per_rank = args.global_batch_size // world_size

@@ -6,7 +6,8 @@ frozen DINO CLS feature through cross-attention. One loop for one CPU, one GPU a
     torchrun --nproc_per_node=8 train_i2i.py --model DiT-XL/2 --data /data/images \\
         --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256 \\
         --global-batch-size 256 --lr 1e-4 --precision bf16 --grad-checkpointing --out runs/xl2
-    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py ...
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py \
+        --shard-group 8 --out /shared/runs/xl2 ...   # HSDP: shard in a node, replicate across; --out shared
 
 The offline default conditions on a small ViT of the DINO class with frozen *random* weights
 (`--encoder random-vit`): it shows the pipeline end to end; the prior comes from the real DINO.

@@ -4,6 +4,8 @@
     python bench.py model --model DiT-XL/2 --image-size 256 --batch-size 32 --variants bf16-compiled
     python bench.py encoders                                # T5 .bin loaded encoder-only vs whole
     python bench.py train                                   # the training loop: compile, bf16, cache, FSDP2
+    python bench.py cache-size                              # feature cache bytes per item; target error
+    python bench.py data-index --images 1000000 --baseline OLD_DATA_PY   # tar shards: scan vs index
 
 FLOPs are counted as nanoGPT and the DiT paper do (2 per multiply-add of the matmuls and
 attention, `dit.forward_flops`); a training step is 3x the forward. MFU = achieved FLOP/s over
@@ -12,16 +14,20 @@ the device's peak (`--peak-tflops`, or known for common GPUs).
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import save_file
 
@@ -226,6 +232,7 @@ SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels
                  "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
                  "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * 4,
                  "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 256}
+VAE_SCALE = 0.18215  # SD-VAE's scaling_factor
 DINO_VITB16 = {"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12}
 
 
@@ -328,6 +335,158 @@ def bench_train(args):
         print("fsdp2: left out, it needs two GPUs")
 
 
+def fp16_half_step(x):
+    """Half the spacing of fp16 numbers at |x|: the most round-to-nearest moves x (2^-25 below 2^-14)."""
+    binade = torch.floor(torch.log2(x.abs().double().clamp(min=2.0 ** -14)))
+    return torch.exp2(binade - 11)
+
+
+def compact_target_bound(mean, std, noise, scale):
+    """The most the 16-bit cache (data.py) moves a training target x0 = (mean + std * noise) * scale:
+    the mean's fp16 rounding, plus the std's, exp(0.5 * logvar) with logvar rounded to fp16 after
+    an fp32 log round trip (1e-6 * |logvar| at most), plus fp32 arithmetic (2^-21 of the terms)."""
+    mean, std, noise = (t.double() for t in (mean, std, noise))
+    logvar = 2 * std.log()
+    logvar_error = fp16_half_step(logvar.abs() + 1e-6 * logvar.abs().clamp(min=1)) + 1e-6 * logvar.abs().clamp(min=1)
+    std_error = std * noise.abs() * (torch.expm1(0.5 * logvar_error) + 2.0 ** -22)
+    return scale * (fp16_half_step(mean) + std_error + 2.0 ** -21 * (mean.abs() + std * noise.abs()))
+
+
+def target_errors(mean, std, noise, scale):
+    """Over the elements: max |x0 compact - x0 fp32|, that relative to scale * (|mean| + std |noise|),
+    and its largest share of compact_target_bound."""
+    expanded = data.expand_features(data.compact_features(mean, std, torch.zeros(0)))
+    exact = (mean + std * noise) * scale
+    compact = (expanded["latent_mean"] + expanded["latent_std"] * noise) * scale
+    error = (compact.double() - exact.double()).abs()
+    size = scale * (mean.double().abs() + std.double() * noise.double().abs())
+    return (error.max().item(), (error / size).max().item(),
+            (error / compact_target_bound(mean, std, noise, scale)).max().item())
+
+
+def bench_cache_size(args):
+    """Bytes per item of the feature cache, format 1 (float32) against 2 (16-bit), by the layout and
+    on disk; and the worst change of the training target between them, against its bound."""
+    latent = (4, args.image_size // 8, args.image_size // 8)
+    before, after = (data.cache_item_bytes(latent, args.cond_dim, f) for f in (1, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_vae = {**SD_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
+        tiny_dino = {**DINO_VITB16, "width": args.cond_dim, "depth": 1}
+        vae_dir, dino_dir = write_random_encoders(tmp, tiny_vae, tiny_dino)
+        vae, dino = VAE.from_pretrained(vae_dir), DINOEncoder.from_pretrained(dino_dir)
+        dataset = data.open_dataset(f"shapes:{args.items}", args.image_size)
+        data.write_feature_cache(dataset, f"{tmp}/cache", vae, dino, {"data": f"shapes:{args.items}"},
+                                 shard_size=args.items, batch_size=8, log=lambda line: None)
+        path = data.cache_shard_path(f"{tmp}/cache", 0)
+        with open(path, "rb") as f:
+            header = 8 + int.from_bytes(f.read(8), "little")
+        file_bytes = os.path.getsize(path)
+        images = torch.stack([dataset[i]["image"] for i in range(args.items)])
+        vae_latents = vae.encode(torch.cat([images, images.flip(-1)]))
+    columns = [f"feature cache at {args.image_size} px", "bytes/item", "KiB/item", "TB for 190M items"]
+    sizes = [("format 1: float32, by the layout", before), ("format 2: 16-bit, by the layout", after),
+             (f"format 2: tensors on disk / {args.items} items", (file_bytes - header) / args.items),
+             (f"format 2: whole shard file / {args.items} items", file_bytes / args.items)]
+    print_table([dict(zip(columns, (name, f"{size:.0f}", f"{size / 1024:.1f}", f"{size * 190e6 / 1e12:.1f}")))
+                 for name, size in sizes], columns)
+    generator = torch.Generator().manual_seed(0)
+    n = args.samples
+    uniform = lambda low, high: low + (high - low) * torch.rand(n, generator=generator)
+    wide = {"mean": uniform(-40, 40), "std": torch.exp(0.5 * uniform(-30, 20))}
+    small = {"mean": torch.exp(uniform(-14 * math.log(2), 0)) * torch.randn(n, generator=generator).sign(),
+             "std": torch.exp(0.5 * uniform(-30, 0))}
+    rows, columns = [], ["x0 = (mean + std * noise) * 0.18215", "values", "max |error|", "max relative", "max error / bound"]
+    for name, (mean, std) in [("mean in [-40, 40], logvar in [-30, 20]", (wide["mean"], wide["std"])),
+                              ("|mean| in [2^-14, 1], logvar in [-30, 0]", (small["mean"], small["std"])),
+                              ("tiny random SD-layout VAE's posteriors", vae_latents)]:
+        noise = torch.randn(mean.shape, generator=generator)
+        error, relative, share = target_errors(mean.float(), std.float(), noise, VAE_SCALE)
+        rows.append(dict(zip(columns, (name, mean.numel(), f"{error:.3g}", f"{relative:.3g}", f"{share:.3f}"))))
+    print_table(rows, columns)
+    print("bound per value: 0.18215 * (2^-11 |mean| + 2^-25 + 0.0039 std |noise|), to fp32 arithmetic "
+          "(bench.compact_target_bound); relative: to 0.18215 * (|mean| + std |noise|)")
+# One tar-index variant in a fresh interpreter (VmHWM is that variant's own peak): opens the
+# shards with the data.py at argv[2] (the current one, or an older one given by --baseline),
+# then reads 10,000 random names, as a training run touches the index.
+_TAR_OPEN_IN_CHILD = r"""
+import importlib.util, json, re, sys, time
+import numpy as np
+spec = importlib.util.spec_from_file_location("data_under_test", sys.argv[2])
+data = importlib.util.module_from_spec(spec); spec.loader.exec_module(data)
+variant, index_dir, paths = sys.argv[1], sys.argv[3], sys.argv[4:]
+def resident():
+    with open("/proc/self/status") as status:
+        return {k: int(v) * 1024 for k, v in re.findall(r"(VmHWM|VmRSS|RssFile):\s+(\d+) kB", status.read())}
+before, start = resident(), time.perf_counter()
+if variant == "build":
+    data.build_tar_index(paths, data.tar_index_folder(paths, index_dir), replace=True)
+elif variant != "python":
+    dataset = data.TarShards(paths, 64, **({"index_dir": index_dir} if variant == "open" else {}))
+seconds, after = time.perf_counter() - start, resident()
+if variant in ("open", "scan"):
+    for j in np.random.default_rng(0).integers(0, len(dataset), 10000):
+        dataset.name(int(j))
+used = resident()
+print(json.dumps({"seconds": seconds, "after": after["VmRSS"], "used": used["VmRSS"],
+                  "mapped": used["RssFile"] - before["RssFile"], "peak": used["VmHWM"]}))
+"""
+
+
+def write_tiny_shards(folder, images, per_shard):
+    """images samples (a 1x1 PNG and a .txt caption each) in shards of per_shard -> their paths."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    members = {"png": buffer.getvalue(), "txt": b"a black pixel"}
+    paths = []
+    for shard in range(-(-images // per_shard)):
+        paths.append(str(folder / f"{shard:05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            for key in range(shard * per_shard, min(images, (shard + 1) * per_shard)):
+                for extension, content in members.items():
+                    info = tarfile.TarInfo(f"{key:09d}.{extension}")
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+    return paths
+
+
+def bench_data_index(args):
+    """Opening tar shards: every rank scanning every header (--baseline, the data.py before the
+    index) against the memory-mapped index; time and RSS of each in its own process."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        started = time.perf_counter()
+        paths = write_tiny_shards(Path(tmp), args.images, args.per_shard)
+        tar_bytes = sum(os.path.getsize(p) for p in paths)
+        print(f"{args.images} images in {len(paths)} shards ({tar_bytes / 2**30:.2f} GiB) written in "
+              f"{time.perf_counter() - started:.0f} s; page cache warm for every variant")
+        variants = [("python", "python + torch + data.py, nothing opened", data.__file__)]
+        if args.baseline:
+            variants.append(("scan", "before: TarShards scans every header", args.baseline))
+        variants += [("build", "python data.py index (1 process)", data.__file__),
+                     ("open", "TarShards from the built index", data.__file__)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        rows, base = [], None
+        for variant, label, module in variants:
+            result = subprocess.run([sys.executable, "-c", _TAR_OPEN_IN_CHILD, variant, module, tmp, *paths],
+                                    capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"{variant} failed:\n{result.stderr}")
+            report = json.loads(result.stdout.strip().splitlines()[-1])
+            base = base or report
+            private = report["used"] - report["mapped"] if variant in ("open", "scan") else report["peak"]
+            rows.append({"variant": label, "s": f"{report['seconds']:.3f}",
+                         "RSS after open MiB": f"{report['after'] / 2**20:.0f}",
+                         "peak MiB": f"{report['peak'] / 2**20:.0f}",
+                         "after 10k names MiB": f"{report['used'] / 2**20:.0f}" if variant in ("open", "scan") else "-",
+                         "of it file pages MiB": f"{report['mapped'] / 2**20:.0f}",
+                         "private B/image": f"{(private - base['after']) / args.images:.1f}" if variant != "python" else "-"})
+        index = data.tar_index_folder(paths, tmp)
+        index_bytes = sum(os.path.getsize(os.path.join(index, f)) for f in os.listdir(index))
+    print_table(rows, list(rows[0]))
+    print(f"index on disk: {index_bytes / 2**20:.1f} MiB, {index_bytes / args.images:.1f} bytes an image; "
+          "file pages: the page cache the process mapped, shared by the ranks of a node and dropped under pressure; "
+          "private B/image: RSS less file pages after 10k names (peak RSS for the build) over the first row's RSS")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +516,18 @@ def main():
     train.add_argument("--steps", type=int, help="timed steps; default: 10 on a GPU, 2 on the CPU")
     train.add_argument("--peak-tflops", type=float, default=None)
     train.set_defaults(func=bench_train)
+    cache_size = sub.add_parser("cache-size", help="feature cache bytes per item, float32 vs 16-bit; target error")
+    cache_size.add_argument("--image-size", type=int, default=256)
+    cache_size.add_argument("--cond-dim", type=int, default=768, help="DINO width (ViT-B/16: 768)")
+    cache_size.add_argument("--items", type=int, default=8, help="items of the cache written to measure")
+    cache_size.add_argument("--samples", type=int, default=1_000_000, help="random posteriors per range")
+    cache_size.set_defaults(func=bench_cache_size)
+    tar_index = sub.add_parser("data-index", help="tar shards: every rank scanning them vs the memory-mapped index")
+    tar_index.add_argument("--images", type=int, default=100_000, help="tiny samples to generate")
+    tar_index.add_argument("--per-shard", type=int, default=1000)
+    tar_index.add_argument("--baseline", help="a data.py from before the index (git show REV:data.py > FILE)")
+    tar_index.add_argument("--dir", help="where to write the shards (default: the temp folder)")
+    tar_index.set_defaults(func=bench_data_index)
     args = parser.parse_args()
     args.func(args)
 

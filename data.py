@@ -25,7 +25,10 @@ Sources, chosen by `open_dataset(spec, image_size)`:
     shards/{00000..01023}.tar         tar shards in the webdataset layout (`key.jpg` + optional
     shards/*.tar,extra/a.tar          `key.txt` / `key.json`), as paths, globs, brace ranges or
                                       comma-separated lists of those; read by seeking into the
-                                      uncompressed tar files, never extracted
+                                      uncompressed tar files, never extracted, at the offsets of
+                                      a memory-mapped index (`data.py index`, else built at first
+                                      use: `.lumos_index_*` beside the first shard, or in
+                                      $LUMOS_TAR_INDEX)
     shapes, shapes:N                  N procedural images (default 10000), see `ShapesDataset`
     cache:DIR                         a feature cache (`FeatureCache`): VAE posteriors and DINO
                                       features in place of images, written by `data.py cache`
@@ -38,23 +41,32 @@ source view per training sample), else `ds[i]`.
 Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
 `[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
---image-size S` writes a feature cache of SPEC, split over the ranks.
+--image-size S` writes a feature cache of SPEC, split over the ranks; `python data.py index SPEC
+[--index DIR]` scans tar shards once into the index their readers memory-map.
 """
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import datetime
 import glob
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
+import uuid
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -202,6 +214,13 @@ class _PackedStrings:
         self.offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
         self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
+    @classmethod
+    def from_arrays(cls, offsets, data):
+        """From int64 offsets (n + 1) and uint8 bytes, e.g. memory maps of the tar index."""
+        packed = cls.__new__(cls)
+        packed.offsets, packed.data = offsets, data
+        return packed
+
     def __len__(self):
         return len(self.offsets) - 1
 
@@ -338,6 +357,154 @@ _TAR_RECORD = np.dtype([("shard", np.int32), ("image_offset", np.int64), ("image
                         ("caption_kind", np.int8)])
 _NO_CAPTION, _TXT_CAPTION, _JSON_CAPTION = 0, 1, 2
 
+# The tar index: TarShards' rows, built once (`python data.py index SPEC`, or at first use) and
+# memory-mapped by every process, so that opening 190M images neither reads the headers of 100k
+# shards in every rank nor holds ~57 bytes an image in each rank's memory. A folder of raw arrays
+# (np.memmap; lengths in index.json), renamed into place complete, so concurrent builders cannot
+# leave a partial one:
+#     records.bin        _TAR_RECORD rows in dataset order (exactly the rows a scan yields)
+#     names.bin          the image member names, utf-8, concatenated
+#     name_offsets.bin   int64 (n + 1): name j is names.bin[offsets[j] : offsets[j + 1]]
+#     shards.bin         _SHARD_STAT rows: each shard's size and mtime when it was scanned
+#     index.json         format, hash of the shard list, counts, warnings of unreadable shards
+# It lives in `<folder of the first shard>/.lumos_index_<hash of the shard list>`, or in DIR from
+# `--index DIR` / the environment variable LUMOS_TAR_INDEX when the data folder is read-only.
+TAR_INDEX_ENV = "LUMOS_TAR_INDEX"
+_TAR_INDEX_FORMAT = 1
+_SHARD_STAT = np.dtype([("size", np.int64), ("mtime_ns", np.int64)])
+
+
+class StaleTarIndex(ValueError):
+    """A shard changed after its index was built: indices would no longer name the same samples
+    (and resume elsewhere), so reading stops. Its str() is one line, also from a DataLoader worker."""
+
+    def __str__(self):
+        text = super().__str__()
+        return text.rstrip().rsplit("\n", 1)[-1].split("StaleTarIndex: ", 1)[-1]
+
+
+def tar_index_folder(shard_paths, index_dir=None):
+    """Where the index of these shards (in this order) lives: index_dir, else $LUMOS_TAR_INDEX,
+    else the folder of the first shard; the name holds a hash of the absolute shard paths."""
+    paths = [os.path.abspath(p) for p in shard_paths]
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    parent = index_dir or os.environ.get(TAR_INDEX_ENV) or os.path.dirname(paths[0])
+    return os.path.join(os.path.abspath(parent), f".lumos_index_{digest}")
+
+
+def _index_command(spec, index_dir):
+    quoted = shlex.quote(spec) if spec else "SPEC"  # a glob or {a..b} must reach data.py unexpanded
+    return f"`python data.py index {quoted}" + (f" --index {shlex.quote(index_dir)}`" if index_dir else "`")
+
+
+def build_tar_index(shard_paths, folder, workers=0, spec=None, replace=False):
+    """Scan the shards into an index at `folder`; returns the index.json dict of the one there.
+
+    Written to a private temporary folder beside `folder` and renamed into place, so readers see
+    a whole index. Processes that build the same missing index at once (the ranks at first use)
+    all succeed and keep the first one renamed there; replace=True (`data.py index`) replaces an
+    existing one. workers > 0 scans shards in that many processes."""
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        temporary = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=parent)
+        os.chmod(temporary, 0o755)  # mkdtemp's 0o700 would hide the index from the other users
+    except OSError as error:
+        raise ValueError(f"cannot write the tar index into {parent} ({error.strerror}): build it in a "
+                         f"writable folder with {_index_command(spec, 'DIR')} and train with "
+                         f"{TAR_INDEX_ENV}=DIR") from None
+    try:
+        _write_tar_index(shard_paths, temporary, workers)
+        _rename_folder(temporary, folder, replace)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return read_tar_index_info(folder)
+
+
+def _write_tar_index(shard_paths, folder, workers):
+    """Scan shard after shard, appending to the files (memory stays that of one shard)."""
+    files = {name: open(os.path.join(folder, name + ".bin"), "wb")
+             for name in ("records", "names", "name_offsets", "shards")}
+    count, name_bytes, problems = 0, 0, []
+    files["name_offsets"].write(np.zeros(1, np.int64).tobytes())
+    with contextlib.ExitStack() as stack:
+        for file in files.values():
+            stack.enter_context(file)
+        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers)) if workers > 1 else None
+        scans = pool.map(_scan_shard, shard_paths, chunksize=16) if pool else map(_scan_shard, shard_paths)
+        for shard, (stat, indexed, problem) in enumerate(scans):
+            if problem:
+                warnings.warn(problem)
+                problems.append(problem)
+            records = np.array([(shard,) + record for record, _ in indexed], dtype=_TAR_RECORD)
+            names = [name.encode() for _, name in indexed]
+            offsets = name_bytes + np.cumsum([len(n) for n in names], dtype=np.int64)
+            for key, value in (("records", records.tobytes()), ("names", b"".join(names)),
+                               ("name_offsets", offsets.tobytes()),
+                               ("shards", np.array(stat, _SHARD_STAT).tobytes())):
+                files[key].write(value)
+            count, name_bytes = count + len(indexed), name_bytes + sum(map(len, names))
+    if count == 0:
+        raise FileNotFoundError(f"no images in the {len(shard_paths)} tar shard(s) starting "
+                                f"with {shard_paths[0]}")
+    info = {"format": _TAR_INDEX_FORMAT, "shard_list": os.path.basename(tar_index_folder(shard_paths)),
+            "num_shards": len(shard_paths), "num_items": count, "name_bytes": name_bytes,
+            "problems": problems, "build": uuid.uuid4().hex}
+    _write_json_atomically(os.path.join(folder, "index.json"), info)
+    return info
+
+
+def _scan_shard(path):
+    """(size, mtime_ns) of the shard before the scan, _index_shard's rows, its problem or None."""
+    try:
+        stat = os.stat(path)
+        stat = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        stat = (-1, -1)
+    return (stat,) + _index_shard(path)
+
+
+def _rename_folder(new, folder, replace):
+    """Rename `new` to `folder` unless another process did so first; with replace, an index
+    already there is moved aside first and deleted (processes that mapped it keep their copy)."""
+    old = None
+    if replace and os.path.exists(folder):
+        old = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old", dir=os.path.dirname(folder))
+        try:
+            os.rename(folder, os.path.join(old, "index"))
+        except FileNotFoundError:  # another process moved it first
+            pass
+    try:
+        os.rename(new, folder)
+    except OSError:  # another process renamed its own complete index there first: keep that one
+        if not os.path.isfile(os.path.join(folder, "index.json")):
+            raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_tar_index_info(folder):
+    path = os.path.join(folder, "index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _map_tar_index(folder, info, rebuild):
+    """The index arrays as read-only memory maps (pages are read as they are touched), of the
+    same build as `info` (a DataLoader worker maps them later than its main process read it)."""
+    if (read_tar_index_info(folder) or {}).get("build") != info["build"]:
+        raise StaleTarIndex(f"tar index {folder} was rebuilt or removed while this run used it: "
+                            f"restart the run (with {rebuild} done)")
+    def mapped(name, dtype, count):
+        return np.memmap(os.path.join(folder, name + ".bin"), dtype=dtype, mode="r", shape=(count,))
+    n = info["num_items"]
+    names = _PackedStrings.from_arrays(mapped("name_offsets", np.int64, n + 1),
+                                       mapped("names", np.uint8, info["name_bytes"]))
+    return (mapped("records", _TAR_RECORD, n), names,
+            mapped("shards", _SHARD_STAT, info["num_shards"]))
+
 
 class TarShards(_EncodedImageDataset):
     """Samples of webdataset tar shards, read in place by seeking into the files.
@@ -345,41 +512,73 @@ class TarShards(_EncodedImageDataset):
     A sample is the group of members that share a key (the member name up to the first "." of
     its file name): an image `key.jpg|jpeg|png|webp` and optionally `key.txt` or `key.json`
     (caption under "caption" or "text"); `.txt` wins when both exist. Members without an image
-    are ignored. Opening reads every member header once (tarfile, no data); items are then read
-    with `os.pread` at the recorded offsets. Each process opens its own file handles lazily
-    (pickling drops them, so DataLoader workers start without any) and keeps at most
-    MAX_OPEN_FILES of them. A shard that cannot be indexed, in whole or from some member on,
-    is reported with a warning and the readable part is kept.
+    are ignored. Where every sample lies comes from the tar index (see `tar_index_folder`), built
+    at first use when missing and memory-mapped lazily by each process (pickling drops the maps,
+    so DataLoader workers map it themselves); items are read with `os.pread` at the recorded
+    offsets. Each process opens its own file handles lazily (pickling drops them too) and keeps at
+    most MAX_OPEN_FILES of them; opening one checks that the shard is the one indexed
+    (StaleTarIndex if not). A shard that cannot be indexed, in whole or from some member on, is
+    reported with a warning (at every open) and the readable part is kept.
     """
 
     MAX_OPEN_FILES = 64
 
-    def __init__(self, shard_paths, image_size):
+    def __init__(self, shard_paths, image_size, index_dir=None, spec=None):
         super().__init__(image_size)
         if not shard_paths:
             raise FileNotFoundError("no tar shards given")
         self.shard_paths = [os.path.abspath(p) for p in shard_paths]
-        records, names = [], []
-        for shard, path in enumerate(self.shard_paths):
-            for record, name in _index_shard(path):
-                records.append((shard,) + record)
-                names.append(name)
-        if not records:
-            raise FileNotFoundError(f"no images in the {len(shard_paths)} tar shard(s) starting "
-                                    f"with {shard_paths[0]}")
-        self.records = np.array(records, dtype=_TAR_RECORD)
-        self.member_names = _PackedStrings(names)
+        self.index = tar_index_folder(self.shard_paths, index_dir)
+        self.rebuild = _index_command(spec, index_dir or os.environ.get(TAR_INDEX_ENV))
+        self.info = read_tar_index_info(self.index)
+        if self.info is None:
+            self.info = self._build_at_first_use(spec)
+        else:
+            for problem in self.info["problems"]:
+                warnings.warn(problem)
+        expected = (_TAR_INDEX_FORMAT, os.path.basename(self.index), len(self.shard_paths))
+        if tuple(self.info.get(k) for k in ("format", "shard_list", "num_shards")) != expected:
+            raise ValueError(f"tar index {self.index} is of another format or shard list: "
+                             f"rebuild it with {self.rebuild}")
+        self._maps = None
         self._files = collections.OrderedDict()
 
+    def _build_at_first_use(self, spec):
+        """Under torchrun the node's LOCAL_RANK 0 builds the missing index and its other ranks wait
+        for it (torchrun stops them if that rank fails); nodes that share the folder race harmlessly."""
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            while (info := read_tar_index_info(self.index)) is None:
+                time.sleep(1)
+            for problem in info["problems"]:
+                warnings.warn(problem)
+            return info
+        print(f"building the tar index of {len(self.shard_paths)} shards at first use into {self.index}; "
+              f"{self.rebuild[:-1]} --workers N` builds it ahead, faster", file=sys.stderr)
+        return build_tar_index(self.shard_paths, self.index, spec=spec)
+
+    @property
+    def records(self):
+        return self._mapped()[0]
+
+    @property
+    def member_names(self):
+        return self._mapped()[1]
+
+    def _mapped(self):
+        if self._maps is None:
+            self._maps = _map_tar_index(self.index, self.info, self.rebuild)
+        return self._maps
+
     def __len__(self):
-        return len(self.records)
+        return self.info["num_items"]
 
     def __repr__(self):
         return (f"TarShards({len(self.shard_paths)} shards from {self.shard_paths[0]!r}, "
                 f"{len(self)} images)")
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": collections.OrderedDict()}
+        # Pickling a memory map would copy the whole index into the pickle.
+        return {**self.__dict__, "_files": collections.OrderedDict(), "_maps": None}
 
     def __del__(self):
         for fd in getattr(self, "_files", {}).values():
@@ -419,14 +618,26 @@ class TarShards(_EncodedImageDataset):
         else:
             if len(self._files) >= self.MAX_OPEN_FILES:
                 os.close(self._files.popitem(last=False)[1])
-            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            self._check_unchanged(shard, fd)
+            self._files[shard] = fd
         return self._files[shard]
+
+    def _check_unchanged(self, shard, fd):
+        """Compare the shard with its index when it is opened, not at start-up: a stat of every
+        shard by every rank would be O(shards) metadata calls on the shared filesystem."""
+        stat, indexed = os.fstat(fd), self._mapped()[2][shard]
+        if (stat.st_size, stat.st_mtime_ns) != (indexed["size"], indexed["mtime_ns"]):
+            os.close(fd)
+            raise StaleTarIndex(f"tar shard {self.shard_paths[shard]} changed since its index "
+                                f"{self.index} was built (size or mtime): rebuild it with {self.rebuild}")
 
 
 def _index_shard(path):
-    """[((image_offset, image_size, caption_offset, caption_size, caption_kind), image member name)]
-    for every sample with an image in the tar file at `path`, in member order."""
-    samples = {}  # key -> {extension: (offset, size, member name)}, in order of first member
+    """([((image_offset, image_size, caption_offset, caption_size, caption_kind), image member
+    name)] for every sample with an image in the tar file at `path`, in member order; and a
+    line saying why the scan stopped early, or None)."""
+    samples, problem = {}, None  # key -> {extension: (offset, size, member name)}, in order of first member
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -437,8 +648,8 @@ def _index_shard(path):
                     samples.setdefault(key, {})[extension.lower()] = (
                         member.offset_data, member.size, member.name)
     except (OSError, tarfile.TarError) as error:
-        warnings.warn(f"tar shard {path} is unreadable after {len(samples)} samples ({error}); "
-                      "compressed shards cannot be read in place: store them as plain .tar")
+        problem = (f"tar shard {path} is unreadable after {len(samples)} samples ({error}); "
+                   "compressed shards cannot be read in place: store them as plain .tar")
     indexed = []
     for members in samples.values():
         image = next((members[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in members), None)
@@ -447,7 +658,7 @@ def _index_shard(path):
         caption, kind = (members["txt"], _TXT_CAPTION) if "txt" in members else (
             (members["json"], _JSON_CAPTION) if "json" in members else ((-1, 0, ""), _NO_CAPTION))
         indexed.append(((image[0], image[1], caption[0], caption[1], kind), image[2]))
-    return indexed
+    return indexed, problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +911,7 @@ def open_dataset(spec, image_size, seed=0):
     not_tar = [p for p in paths if not p.endswith(".tar")]
     if not_tar:
         raise ValueError(f"bad data spec {spec!r}: {not_tar[0]} is neither a folder nor a .tar shard")
-    return TarShards(paths, image_size)
+    return TarShards(paths, image_size, spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,10 +1014,10 @@ class WithGlobalIndex(Dataset):
         return {**sample, "global_index": global_index}
 
 
-def collate_samples(items):
+def collate_samples(items, per_sample=None):
     """List of item dicts -> batch dict: tensors stacked ("image": (B, 3, S, S)), ints as int64
     tensors ("index", "global_index"), "skipped" concatenated into one list of names, anything
-    else ("caption", "name", "attrs") as a list."""
+    else ("caption", "name", "attrs") as a list; plus per_sample(batch["global_index"]) if given."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
@@ -818,19 +1029,23 @@ def collate_samples(items):
             batch[key] = torch.tensor(values, dtype=torch.int64)
         else:
             batch[key] = values
+    if per_sample is not None:
+        batch.update(per_sample(batch["global_index"]))
     return batch
 
 
 def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size=1, seed=0,
-                start=0, shuffle=True, num_workers=0):
+                start=0, shuffle=True, num_workers=0, per_sample=None):
     """An endless DataLoader of this rank's micro-batches (dicts from `collate_samples`), from
-    stream position `start`; see GlobalSampler for the layout."""
+    stream position `start`; see GlobalSampler for the layout. `per_sample(global_indices)` ->
+    dict of tensors, if given, is added to each batch in the loader's workers, beside the data
+    (the training loop's per-sample randomness), and pinned with it for the copy to the GPU."""
     sampler = GlobalSampler(len(dataset), global_batch_size, rank, world_size, seed, start, shuffle)
     if micro_batch_size <= 0 or sampler.per_rank % micro_batch_size:
         raise ValueError(f"micro batch size {micro_batch_size} does not divide the per-rank batch "
                          f"{sampler.per_rank} (global {global_batch_size} / world {world_size})")
     return DataLoader(WithGlobalIndex(dataset), batch_size=micro_batch_size, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_samples,
+                      num_workers=num_workers, collate_fn=partial(collate_samples, per_sample=per_sample),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
@@ -838,23 +1053,63 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 # The feature cache: the frozen encoders run once over a dataset, the training loop reads their
 # outputs instead of images (`--data cache:DIR`).
 #
-# DIR/cache.json holds the settings it was made with; DIR/shard_00000.safetensors, ... hold
-# `shard_size` consecutive items each, as tensors
-#     "latent_mean", "latent_std"  (n, 2, C, h, w) float32: the VAE posterior of the image [0]
-#                                  and of its mirror image [1] (the loop flips per sample and the
-#                                  VAE does not commute with flips), in raw latent units
-#     "cond"                       (n, 2, D) float32: the L2-normalised DINO CLS of the same two
-#                                  images, so that the condition is always of the target's image
-#     "index"                      (n,) int64: dataset indices, to extend the cache later (T5)
+# DIR/cache.json holds the settings it was made with and the format; DIR/shard_00000.safetensors,
+# ... hold `shard_size` consecutive items each, as tensors
+#     "latent_mean"    (n, 2, C, h, w) float16: the VAE posterior mean of the image [0] and of its
+#                      mirror image [1] (the loop flips per sample and the VAE does not commute
+#                      with flips), in raw latent units
+#     "latent_logvar"  (n, 2, C, h, w) float16: the posterior's log-variance, 2 log std
+#     "cond"           (n, 2, D) float16: the L2-normalised DINO CLS of the same two images, so that
+#                      the condition is always of the target's image
+#     "index"          (n,) int64: dataset indices, to extend the cache later (T5)
 # and, as JSON lists in the safetensors metadata, "caption", "name" (source file) and "skipped"
-# (bad files passed over). float32, not half: the SD-VAE posterior std goes down to exp(-15)
-# (log-variance clamped at -30), far below fp16's normal range (6e-5), and bf16 rounds a latent
-# by up to 0.4 %, as much as the smallest noise the diffusion adds (std 0.01 at t = 0). At
-# 256 px an item takes 70 KiB.
+# (bad files passed over). FeatureCache hands out float32 (mean, std = exp(logvar / 2), cond).
+#
+# Why these 16-bit formats (format 2; format 1 stored float32, 70 KiB an item at 256 px, now 35):
+# the std itself underflows in fp16: the SD-VAE clamps the log-variance to [-30, 20], so the std
+# goes down to exp(-15) = 3e-7, below fp16's normal range (6e-5); the log-variance, within
+# [-30, 20], fp16 holds to 2^-7 (half its spacing there), which moves the std by at most
+# exp(2^-8) - 1 = 0.39 % (0.2 % for |logvar| < 16). fp16, not bf16, for the mean and cond: raw SD
+# latents are O(10), far inside fp16's range (65504), and fp16 rounds them to 2^-11 relative, bf16
+# to 2^-8 (0.4 %), as much as the smallest noise the diffusion adds (std 0.01 at t = 0). So a training
+# target x0 = (mean + std * noise) * scale moves by at most
+#     scale * (2^-11 |mean| + 2^-25 + 0.0039 std |noise|)
+# (2^-25: fp16 rounding below 6e-5); `python bench.py cache-size` checks it numerically.
+# A mean beyond fp16's range stops the writer rather than being stored as inf.
 
 CACHE_INFO = "cache.json"
-CACHE_TENSORS = ("latent_mean", "latent_std", "cond", "index")
+CACHE_FORMAT = 2  # 16-bit posterior and condition; format 1 (float32) wrote no "format" to cache.json
+CACHE_TENSORS = ("latent_mean", "latent_logvar", "cond", "index")
 CACHE_TEXT = ("caption", "name", "skipped")
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def compact_features(mean, std, cond):
+    """float32 VAE posterior (mean, std) and DINO CLS -> the cache's 16-bit tensors (see above)."""
+    return {"latent_mean": mean.float().half(), "latent_logvar": (2 * std.float().log()).half(),
+            "cond": cond.float().half()}
+
+
+def expand_features(stored):
+    """The cache's 16-bit tensors -> float32 "latent_mean", "latent_std", "cond", as training reads them."""
+    return {"latent_mean": stored["latent_mean"].float(),
+            "latent_std": torch.exp(0.5 * stored["latent_logvar"].float()), "cond": stored["cond"].float()}
+
+
+def cache_item_bytes(latent_shape, cond_dim, cache_format=CACHE_FORMAT):
+    """Tensor bytes one item takes in a cache of `cache_format` (captions and names come on top):
+    two mirror images' posteriors (mean and std or log-variance, each of latent_shape (C, h, w))
+    and CLS features (cond_dim), 4 bytes each in format 1, 2 in format 2; and the int64 index."""
+    value_bytes = {1: 4, 2: 2}[cache_format]
+    return 2 * (2 * math.prod(latent_shape) + cond_dim) * value_bytes + 8
+
+
+def check_cache_format(root, info):
+    """An error naming `root` unless its cache.json says CACHE_FORMAT: older caches must be rebuilt."""
+    found = info.get("format", 1)
+    if found != CACHE_FORMAT:
+        raise ValueError(f"feature cache {root} is in format {found} (made by an older data.py; this one reads "
+                         f"format {CACHE_FORMAT}, 16-bit); write it anew with `python data.py cache` into another folder")
 
 
 def cache_shard_path(root, shard):
@@ -880,9 +1135,14 @@ def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=
     for batch in loader:
         images = batch["image"].to(device)
         both = torch.cat([images, images.flip(-1)])  # the images, then their mirror images
-        mean, std = vae.encode(both)
-        for key, value in (("latent_mean", mean), ("latent_std", std), ("cond", encoder.encode(both))):
-            tensors[key].append(torch.stack(value.float().chunk(2), dim=1).cpu())
+        stored = compact_features(*vae.encode(both), encoder.encode(both))
+        beyond = ~torch.isfinite(stored["latent_mean"]).flatten(1).all(1)
+        if beyond.any():
+            bad = batch["index"][beyond.chunk(2)[0] | beyond.chunk(2)[1]].tolist()
+            raise ValueError(f"dataset items {bad}: a VAE posterior mean beyond fp16's range (+-{FP16_MAX:.0f}), "
+                             f"which the feature cache stores in fp16; check the --vae weights")
+        for key, value in stored.items():
+            tensors[key].append(torch.stack(value.chunk(2), dim=1).cpu())
         tensors["index"].append(batch["index"])
         for key in CACHE_TEXT:
             text[key] += batch[key]
@@ -908,8 +1168,10 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     cache made with other settings is an error. Returns the shards this rank wrote.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    settings = {**settings, "num_items": len(dataset), "shard_size": shard_size}
+    settings = {**settings, "num_items": len(dataset), "shard_size": shard_size, "format": CACHE_FORMAT}
     existing = read_cache_info(root)
+    if existing is not None:
+        check_cache_format(root, existing)
     if existing is not None and existing != settings:
         changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
         raise ValueError(f"{root} holds a feature cache made with other settings ({'; '.join(changed)}); "
@@ -949,8 +1211,9 @@ class FeatureCache(Dataset):
     """A complete feature cache (`python data.py cache`) as a dataset. Item i:
 
         {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
-         "cond": float32 (2, D), [unflipped, flipped] DINO CLS, "caption": str, "index": i,
-         "name": its source file, "skipped": [] (bad files were reported when the cache was written)}
+         "cond": float32 (2, D), [unflipped, flipped] DINO CLS (all stored in 16 bits: see above),
+         "caption": str, "index": i, "name": its source file,
+         "skipped": [] (bad files were reported when the cache was written)}
 
     Rows are read one at a time from the memory-mapped shards: no process holds a whole shard.
     Each process opens the shards lazily (pickling drops the handles, as for TarShards).
@@ -962,6 +1225,7 @@ class FeatureCache(Dataset):
         if self.info is None:
             raise FileNotFoundError(f"no feature cache at {root} (no {CACHE_INFO}); write one with "
                                     f"`python data.py cache --data SPEC --out {root} --vae ... --encoder ...`")
+        check_cache_format(root, self.info)
         num_shards = -(-self.info["num_items"] // self.info["shard_size"])
         missing = [cache_shard_path(root, k) for k in range(num_shards)
                    if not os.path.isfile(cache_shard_path(root, k))]
@@ -971,11 +1235,7 @@ class FeatureCache(Dataset):
                                     "arguments to finish it")
         self._shards = {}
         self.image_size = self.info["image_size"]
-        cond_shape = self._open(0)[0].get_slice("cond").get_shape()
-        if len(cond_shape) != 3:
-            raise ValueError(f"feature cache {root} holds the DINO feature of the unmirrored image only (made by an "
-                             f"older data.py); write it anew with `python data.py cache` into another folder")
-        self.cond_dim = cond_shape[-1]
+        self.cond_dim = self._open(0)[0].get_slice("cond").get_shape()[-1]
 
     def __len__(self):
         return self.info["num_items"]
@@ -999,7 +1259,7 @@ class FeatureCache(Dataset):
             raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
         shard, row = divmod(i, self.info["shard_size"])
         handle, text = self._open(shard)
-        item = {key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_std", "cond")}
+        item = expand_features({key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_logvar", "cond")})
         return {**item, "caption": text["caption"][row], "index": int(i), "name": text["name"][row],
                 "skipped": []}
 
@@ -1084,6 +1344,20 @@ def cache(args):
             dist.destroy_process_group()
 
 
+def index(args):
+    """(Re)build the tar index of --spec's shards, replacing one that is there."""
+    paths = resolve_paths(args.spec)
+    not_tar = [p for p in paths if not (p.endswith(".tar") and os.path.isfile(p))]
+    if not_tar:
+        raise ValueError(f"{not_tar[0]} (from {args.spec!r}) is not a .tar file: the index is of tar shards")
+    folder, started = tar_index_folder(paths, args.index), time.perf_counter()
+    info = build_tar_index(paths, folder, args.workers, args.spec, replace=True)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"indexed {info['num_items']} images of {len(paths)} shards in {time.perf_counter() - started:.1f} s "
+          f"into {folder} ({size / max(1, info['num_items']):.0f} bytes an image)"
+          + (f"; train with {TAR_INDEX_ENV}={args.index}" if args.index else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1116,6 +1390,13 @@ def main(argv=None):
     cache_command.add_argument("--workers", type=int, default=4, help="data loader workers")
     cache_command.add_argument("--seed", type=int, default=0, help="seed of the shapes set")
     cache_command.set_defaults(function=cache)
+    index_command = commands.add_parser("index", help="scan tar shards once into the index every "
+                                                      "process memory-maps")
+    index_command.add_argument("spec", help="the tar shards, as training's --data names them")
+    index_command.add_argument("--index", metavar="DIR", help="where to write it (default: the folder "
+                               f"of the first shard); train with {TAR_INDEX_ENV}=DIR then")
+    index_command.add_argument("--workers", type=int, default=os.cpu_count(), help="scanning processes")
+    index_command.set_defaults(function=index)
     args = parser.parse_args(argv)
     try:
         args.function(args)

@@ -424,7 +424,10 @@ class DINOEncoder(nn.Module):
         pixels = (images.float() + 1) / 2
         pixels = TF.resize(pixels, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         pixels = TF.center_crop(pixels, [size, size])
-        pixels = TF.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+        # TF.normalize's arithmetic, without its check of std on the host (a GPU sync every step):
+        # the constants are filled in on the device, not copied from the host.
+        mean, std = (torch.stack([pixels.new_full((1, 1), v) for v in values]) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        pixels = (pixels - mean) / std
         cls_feature = self(pixels.to(self.pos_embed.dtype))[:, 0]
         return F.normalize(cls_feature.float(), dim=-1)
 

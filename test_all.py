@@ -18,7 +18,9 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import traceback
 import types
 import zlib
 from functools import partial
@@ -48,6 +50,7 @@ from diffusion import GaussianDiffusion, beta_schedule, cosine_betas, guided_mod
 from dit import DiT_models, LumosDiT, build_model, forward_flops, get_2d_sincos_pos_embed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
@@ -72,9 +75,9 @@ def read_metrics(out, kind="loss"):
     return {key: [line.get(key) for line in lines] for key in (lines[0] if lines else {})}
 
 
-def torchrun(*args):
+def torchrun(*args, nproc=2):
     """`torchrun --standalone --nproc_per_node 2 args` on the CPU (gloo)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -1433,12 +1436,12 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     monkeypatch.setattr(GaussianDiffusion, "training_losses", nan_loss)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     monkeypatch.setattr(train_i2i, "update_ema", lambda ema, *args: emas.append(ema) or update(ema, *args))
-    with pytest.raises(RuntimeError, match=r"^2 consecutive steps with a non-finite loss or gradient at step 4: lower --lr"):
+    with pytest.raises(RuntimeError, match=r"^2 consecutive steps with a non-finite loss or gradient by step 5: lower --lr"):
         train_i2i.main(TINY_RUN + ["--steps", "6", "--max-nonfinite", "2", "--out", str(tmp_path)])
     assert read_metrics(tmp_path)["nonfinite_steps"] == [0, 1, 1, 2]  # step 3 reset the consecutive count
     assert not all(torch.equal(a, b) for a, b in zip(before[0], before[1]))  # step 1 updated the model
     assert all(torch.equal(a, b) for a, b in zip(before[1], before[2]))  # step 2 left model and EMA alone
-    assert len(before[1]) == 2 * len(before[0]) and len(emas) == 2  # EMA updates: steps 1 and 3 only
+    assert len(before[1]) == 2 * len(before[0])  # the EMA's weights are among those compared
 
 
 @pytest.mark.parametrize("script, hflip", [(train_i2i, True), (train_t2i, False), (train_nvs, False)])
@@ -1451,7 +1454,7 @@ def test_tasks_mirror_as_documented_and_i2i_conditions_on_the_image_it_denoises(
     extra = {train_i2i: ["--data", "shapes:64"], train_t2i: ["--init", "scratch", "--data", "shapes:64"],
              train_nvs: ["--init", "scratch", "--data", "multiview:2", "--held-out-objects", "1"]}[script]
     script.main([*TINY_SIZE, *TINY_LOOP, *extra, "--steps", "1", "--ckpt-every", "0", "--out", str(tmp_path)])
-    drawn = train_i2i.sample_randomness(torch.arange(8), 0, (3, 16, 16), 1000, 0.1, False)[0]
+    drawn = train_i2i.sample_randomness(torch.arange(8), 0, (3, 16, 16), 1000, 0.1, False)["flip"]
     (_, grid_flips), (batch, flips) = seen["train_i2i"][:2]  # the grids' held-out batch, never mirrored, then step 1's
     assert drawn.any() and not drawn.all() and not grid_flips.any() and torch.equal(flips, drawn & hflip)
     if script is train_i2i:  # the target and DINO's condition are of one image, mirrored where drawn
@@ -1503,9 +1506,9 @@ def test_bad_arguments_fail_with_one_line(tmp_path, capsys, tiny_i2i, latent_ass
 def test_per_sample_randomness_does_not_depend_on_batching():
     whole = train_i2i.sample_randomness(torch.arange(8), 3, (3, 4, 4), 1000, 0.5, latent=True)
     halves = [train_i2i.sample_randomness(torch.arange(4) + 4 * k, 3, (3, 4, 4), 1000, 0.5, latent=True) for k in range(2)]
-    assert all(torch.equal(draw, torch.cat([half[i] for half in halves])) for i, draw in enumerate(whole))
+    assert all(torch.equal(draw, torch.cat([half[key] for half in halves])) for key, draw in whole.items())
     other_seed = train_i2i.sample_randomness(torch.arange(8), 4, (3, 4, 4), 1000, 0.5, latent=False)
-    assert not torch.equal(other_seed[3], whole[3]) and other_seed[4] is None
+    assert not torch.equal(other_seed["noise"], whole["noise"]) and "posterior_noise" not in other_seed
 
 
 # ======================================== scale ==================================================
@@ -1575,8 +1578,8 @@ def test_launch_i2i_bf16_compiled_on_a_two_rank_extracted_cache_resumes_on_one_r
     cache, single = data.FeatureCache(root), data.FeatureCache(latent_assets.root)
     for i in range(16):
         assert cache[i]["index"] == i and cache[i]["caption"] == single[i]["caption"]
-        for key in ("latent_mean", "latent_std", "cond"):
-            assert_close_to_scale(cache[i][key], single[i][key], TOLERANCE)
+        for key in ("latent_mean", "latent_std", "cond"):  # fp16: one step apart at most
+            assert_close_to_scale(cache[i][key], single[i][key], COMPACT_STEP)
     common = [*TINY_RUN, *latent_assets.run, "--model", "DiT-S/2", "--data", f"cache:{root}", "--precision", "bf16",
               "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(out)]
     assert_launched(torchrun("train_i2i.py", *common, "--steps", "3"), out, 3, [2, 3])
@@ -1620,7 +1623,7 @@ def spy(owner, name, record):  # record(args, kwargs, result) of each call in tr
             record(args, kwargs, result)
         return result
     setattr(owner, name, call)
-spy(train_i2i, "sample_randomness", lambda args, kwargs, drawn: seen["drawn"].extend(drawn[1].tolist()))
+spy(train_i2i, "sample_randomness", lambda args, kwargs, drawn: seen["drawn"].extend(drawn["t"].tolist()))
 spy(dit.TimestepEmbedder, "forward", lambda args, kwargs, _: seen["t"].extend(args[1].tolist()))
 spy(dit.LumosDiT, "forward", lambda args, kwargs, _: seen["y"].append(str((kwargs["y"] if "y" in kwargs else args[3]).dtype)))
 spy(dit.LumosBlock, "forward", lambda args, kwargs, _: seen["residual"].append(str(args[1].dtype)))
@@ -1682,25 +1685,27 @@ def test_compiled_training_step_matches_eager_and_keeps_plain_keys(tmp_path):
     assert saved_keys[1] == saved_keys[0] and "model.blocks.0.attn.qkv.weight" in saved_keys[1]
 
 
-def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_shards(tmp_path, latent_assets):
+def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_shards(tmp_path, monkeypatch, latent_assets):
+    round_encoders_like_the_cache(monkeypatch)  # on the fly through the cache's 16-bit format
     cache, images = data.FeatureCache(latent_assets.root), data.open_dataset("shapes:16", 32)
     vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
     space = encoders.ImageSpace(vae)
     batches = [next(iter(data.make_loader(source, 16, 16, seed=3))) for source in (images, cache)]
     assert torch.equal(batches[0]["index"], batches[1]["index"]) and batches[0]["caption"] == batches[1]["caption"]
-    flips, _, _, _, posterior = train_i2i.sample_randomness(batches[0]["global_index"], 0, (4, 4, 4), 1000, 0.1, True)
+    drawn = train_i2i.sample_randomness(batches[0]["global_index"], 0, (4, 4, 4), 1000, 0.1, True)
+    flips, posterior = drawn["flip"], drawn["posterior_noise"]
     assert flips.any() and not flips.all()
     on_the_fly, cached = (train_i2i.mirrored(batch, flips) for batch in batches)
     target = train_i2i.diffusion_targets(on_the_fly, posterior, space)
-    assert_close_to_scale(train_i2i.diffusion_targets(cached, posterior, space), target, TOLERANCE)
+    assert_close_to_scale(train_i2i.diffusion_targets(cached, posterior, space), target, COMPACT_STEP)
     # The condition is of the target's own image, mirrored where the target is, in both paths.
     mirror_images = torch.where(flips[:, None, None, None], batches[0]["image"].flip(-1), batches[0]["image"])
     expected = dino.encode(mirror_images)[:, None]
     assert_close_to_scale(encoders.image_condition(dino)(on_the_fly, space)["y"], expected, TOLERANCE)
-    assert_close_to_scale(encoders.cached_condition(cached, space)["y"], expected, TOLERANCE)
+    assert_close_to_scale(encoders.cached_condition(cached, space)["y"], expected, COMPACT_STEP)
     assert (expected[flips] - dino.encode(batches[0]["image"])[flips][:, None]).abs().max() > 1e-3  # DINO sees the flip
     # The grids' references: decoded cached means, what the VAE makes of the (mirrored) images.
-    assert_close_to_scale(train_i2i.reference_images(cached, space), space.decode(space.encode(mirror_images)), TOLERANCE)
+    assert_close_to_scale(train_i2i.reference_images(cached, space), space.decode(space.encode(mirror_images)), COMPACT_STEP)
     root, settings = tmp_path / "cache", latent_assets.settings  # a copy of the cache, 16 items in shards of 4
     shutil.copytree(latent_assets.root, root)
     before = load_file(data.cache_shard_path(root, 1))
@@ -1711,8 +1716,8 @@ def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_s
     finished = {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2, 3)}
     assert data.write_feature_cache(data.open_dataset("shapes:16", 32), root, vae, dino, settings, 4, log=lambda line: None) == [1]
     assert {shard: os.stat(data.cache_shard_path(root, shard)).st_mtime_ns for shard in (0, 2, 3)} == finished
-    for key, tensor in load_file(data.cache_shard_path(root, 1)).items():
-        assert_close_to_scale(tensor, before[key], TOLERANCE)
+    for key, tensor in load_file(data.cache_shard_path(root, 1)).items():  # fp16: one step apart at most
+        assert_close_to_scale(tensor, before[key], COMPACT_STEP)
     assert len(data.FeatureCache(root)) == 16
     with pytest.raises(ValueError, match="image_size: 32 -> 64"):
         data.write_feature_cache(data.open_dataset("shapes:16", 64), root, vae, dino, {**settings, "image_size": 64}, 4)
@@ -1720,7 +1725,8 @@ def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_s
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders(tmp_path, monkeypatch, precision, latent_assets):
-    # bf16 too: the frozen encoders run in fp32 in both paths (the cache holds fp32), so the inputs are the same.
+    # bf16 too: the frozen encoders run in fp32 in both paths, their outputs rounded as the cache stores them.
+    round_encoders_like_the_cache(monkeypatch)
     run = TINY_RUN + latent_assets.run + ["--global-batch-size", "4", "--steps", "3", "--sample-every", "3",
                                           "--precision", precision]
     train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
@@ -2071,9 +2077,11 @@ def test_i2i_weights_read_from_any_source_carried_widened_and_added_or_rejected(
     model, ema = random_i2i(seed=0), random_i2i(seed=1)  # read from an export, a checkpoint, a run folder, a .pth
     args = types.SimpleNamespace(out=str(tmp_path), keep_last=2)
     common = {"model": "DiT-T/2", "image_size": 8, "vae": None, "encoder": "random-vit"}
-    train_i2i.export_ema(args, ema, 0, {"lumos": {**common, "task": "i2i", "config": ema.config, "prediction": "epsilon"}})
-    train_i2i.save_checkpoint(args, model, ema, torch.optim.AdamW(model.parameters()), torch.tensor([5, 0, 0, 0]), 0,
-                              {**common, "prediction": "v", "model_config": model.config})
+    checkpoints = train_i2i.Checkpointer(args, 0)  # a checkpoint at step 5 and its export
+    checkpoints.save(model, ema, torch.optim.AdamW(model.parameters()), torch.tensor([5, 0, 0, 0]),
+                     {**common, "prediction": "v", "model_config": model.config},
+                     {"lumos": {**common, "task": "i2i", "config": ema.config, "prediction": "epsilon"}})
+    checkpoints.close()
     torch.save({"state_dict": ema.state_dict()}, tmp_path / "Lumos_I2I.pth")
     # The official release is DiT-XL/2; register a tiny size so that its sizes can be read off a small file.
     monkeypatch.setitem(dit.DiT_models, "DiT-T/2", partial(LumosDiT, depth=2, hidden_size=32, num_heads=2, patch_size=2))
@@ -2099,7 +2107,7 @@ def test_i2i_weights_read_from_any_source_carried_widened_and_added_or_rejected(
     torch.save(random_i2i().state_dict(), bad / "odd_size.pth")
     assert_raises(ValueError, "depth 2, width 32, patch 2 is none of dit.DiT_models", lambda: read("odd_size.pth"))
     nvs, _ = nvs_from(random_i2i())
-    train_i2i.export_ema(types.SimpleNamespace(out=str(bad)), nvs, 0, {"lumos": {"task": "nvs", "config": nvs.config}})
+    train_i2i.write_export(str(bad), nvs.state_dict(), {"lumos": {"task": "nvs", "config": nvs.config}})
     args = train_nvs.add_nvs_args(argparse.ArgumentParser()).parse_args(["--init", str(bad / "ema.safetensors")])
     assert_raises(ValueError, "a 'nvs' model; start from an I2I model", lambda: train_nvs.read_init(args))
 
@@ -2554,3 +2562,277 @@ def test_training_samples_pair_a_target_with_every_other_view_from_the_global_in
     assert {source_of(item) for item in items if item["name"].startswith("000000/004.png<-")} == set(range(12)) - {3, 4}
     passed_over = [item for item in items if item["skipped"]]  # drew 3: the next target, 5, with a new draw
     assert passed_over and all(item["name"].startswith("000000/005.png<-") for item in passed_over)
+
+
+# ======================================== data at scale: compact caches =========================
+
+# The feature cache stores fp16 (data.py): round to nearest moves x by at most 2^-11 |x|, or 2^-25 below fp16's normal
+# range; the log-variance L (|L| <= 30) by 2^-7, so std = exp(L / 2) by at most exp(2^-8) - 1 < 0.004 relative. fp32
+# outputs differing by TOLERANCE between batchings may round one fp16 step (2^-10 relative) apart.
+COMPACT_STEP = torch.finfo(torch.float16).eps
+
+
+def compact_bound(value, scale):
+    """The most fp16 rounding moves `value` (a float32 tensor), plus TOLERANCE of `scale`."""
+    return 2.0 ** -11 * value.abs() + 2.0 ** -25 + TOLERANCE * scale
+
+
+def round_encoders_like_the_cache(monkeypatch):
+    """The VAE and DINO then return what a feature cache reads back: their outputs through its format."""
+    vae_encode, dino_encode = encoders.VAE.encode, encoders.DINOEncoder.encode
+    through_cache = lambda mean, std, cond: data.expand_features(data.compact_features(mean, std, cond))  # noqa: E731
+    monkeypatch.setattr(encoders.VAE, "encode", lambda self, images, *args: tuple(
+        through_cache(*vae_encode(self, images, *args), torch.zeros(0)).values())[:2])
+    monkeypatch.setattr(encoders.DINOEncoder, "encode", lambda self, images, *args: through_cache(
+        torch.zeros(0), torch.ones(0), dino_encode(self, images, *args))["cond"])
+
+
+def test_compact_cache_keeps_training_targets_within_the_fp16_bound(latent_assets):
+    cache, images = data.FeatureCache(latent_assets.root), data.open_dataset("shapes:16", 32)
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    space, flips = encoders.ImageSpace(vae), torch.tensor([False, True] * 3)
+    mirror_images = torch.stack([images[i]["image"].flip(-1) if flip else images[i]["image"] for i, flip in enumerate(flips)])
+    cached = train_i2i.mirrored(data.collate_samples([cache[i] for i in range(6)]), flips)
+    mean, std = vae.encode(mirror_images)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    target, exact = train_i2i.diffusion_targets(cached, noise, space), space.from_posterior(mean, std, noise)
+    # x0 = (mean + std * noise) * scale moves by the mean's rounding and < 0.004 of std * noise.
+    size = vae.scaling_factor * (mean.abs() + std * noise.abs())
+    bound = vae.scaling_factor * (compact_bound(mean, 0) + 0.004 * std * noise.abs()) + TOLERANCE * size.max()
+    assert ((target - exact).abs() <= bound).all()
+    cond = dino.encode(mirror_images)
+    assert ((cached["cond"] - cond).abs() <= compact_bound(cond, cond.abs().max())).all()
+    assert cached["latent_std"].dtype == cached["cond"].dtype == torch.float32  # training reads float32
+
+
+def test_feature_cache_bytes_and_an_older_format_refused_in_one_line(tmp_path, capsys, latent_assets):
+    # At 256 px: 2 images x (mean + log-variance of 4 x 32 x 32, and a 768-d CLS) x 2 bytes, + an int64 index.
+    assert data.cache_item_bytes((4, 32, 32), 768) == 2 * (2 * 4096 + 768) * 2 + 8 == 35848  # 35.0 KiB
+    assert data.cache_item_bytes((4, 32, 32), 768, cache_format=1) == 71688  # float32: 70.0 KiB
+    for shard in range(4):  # 16 items in shards of 4, 32 px: latents 4 x 4 x 4, the DINO 64 wide
+        path = data.cache_shard_path(latent_assets.root, shard)
+        with open(path, "rb") as f:
+            header = 8 + struct.unpack("<Q", f.read(8))[0]
+        assert os.path.getsize(path) - header == 4 * data.cache_item_bytes((4, 4, 4), 64)
+    shutil.copytree(latent_assets.root, root := tmp_path / "cache")
+    info = data.read_cache_info(root)
+    (root / data.CACHE_INFO).write_text(json.dumps({k: v for k, v in info.items() if k != "format"}))  # format 1
+    assert_raises(ValueError, r"format 1 .* write it anew with `python data.py cache`", lambda: data.FeatureCache(root))
+    with pytest.raises(SystemExit):
+        train_i2i.main(TINY_RUN + latent_assets.run + ["--data", f"cache:{root}", "--out", str(tmp_path / "run")])
+    assert "format 1" in (message := capsys.readouterr().err.strip()) and "\n" not in message
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    assert_raises(ValueError, "format 1", lambda: data.write_feature_cache(  # nor finished by this data.py
+        data.open_dataset("shapes:16", 32), root, vae, dino, latent_assets.settings, 4))
+
+
+def test_text_cache_in_bf16_is_within_bf16_rounding_of_fp32(tmp_path):
+    run = ["cache-text", "--data", "shapes:8", "--image-size", "16", "--num-samples", "4"]
+    train_t2i.main(run + ["--out", str(tmp_path / "fp32")])
+    train_t2i.main(run + ["--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+    exact, compact = train_t2i.TextFeatureCache(str(tmp_path / "fp32")), train_t2i.TextFeatureCache(str(tmp_path / "bf16"))
+    assert (exact.info["dtype"], compact.info["dtype"]) == ("float32", "bfloat16")  # the CPU's T5 runs in fp32
+    captions = [data.open_dataset("shapes:8", 16)[i]["caption"] for i in range(8)]
+    for stored, reference in zip(compact.token_features(captions), exact.token_features(captions)):
+        assert stored.dtype == torch.bfloat16  # 8 significant bits: x moves by 2^-8 |x| (2^-134 among subnormals)
+        torch.testing.assert_close(stored.float(), reference, rtol=2.0 ** -8, atol=2.0 ** -134)
+
+
+# ======================================== data at scale: the tar index ==========================
+
+
+def write_index_test_shards(folder):
+    """Three shards: .txt and .json captions, a member without image, a shard cut inside h.png."""
+    image = lambda k: encode(noise_image(8, 8, k), "PNG")
+    write_tar(folder / "00.tar", {"a.png": image(0), "a.txt": b" cap a ", "b.cls": b"1", "c.png": image(1)})
+    write_tar(folder / "01.tar", {"d.png": image(2), "d.json": json.dumps({"caption": "cap d"}).encode()})
+    whole = write_tar(folder / "whole", {"f.png": image(3), "g.png": image(4), "h.png": image(5)}).read_bytes()
+    (folder / "02.tar").write_bytes(whole[: whole.index(image(5)) + 10])
+    return [str(folder / f"{k:02d}.tar") for k in range(3)]
+
+
+def test_tar_index_maps_exactly_what_a_scan_finds(tmp_path):
+    paths = write_index_test_shards(tmp_path)
+    with pytest.warns(UserWarning, match="02.tar is unreadable"):
+        dataset = data.TarShards(paths, 8)
+    scans = [data._index_shard(path)[0] for path in paths]  # what TarShards held in memory before
+    expected = np.array([(s,) + row for s, rows in enumerate(scans) for row, _ in rows], data._TAR_RECORD)
+    assert isinstance(dataset.records, np.memmap) and np.array_equal(dataset.records, expected)
+    assert [dataset.member_names[j] for j in range(len(dataset))] == [n for rows in scans for _, n in rows]
+    assert [os.path.basename(dataset.name(j)) for j in range(len(dataset))] == \
+        ["00.tar:a.png", "00.tar:c.png", "01.tar:d.png", "02.tar:f.png", "02.tar:g.png", "02.tar:h.png"]
+    assert [dataset[j]["caption"] for j in range(3)] == ["cap a", "", "cap d"]
+    assert dataset[5]["skipped"] == [f"{paths[2]}:h.png"] and dataset[5]["name"] == f"{paths[0]}:a.png"
+    assert os.path.dirname(dataset.index) == str(tmp_path) and ".lumos_index_" in dataset.index
+
+
+def test_tar_index_is_read_not_rebuilt_and_survives_pickling(tmp_path, monkeypatch):
+    paths = write_index_test_shards(tmp_path)
+    with pytest.warns(UserWarning):
+        first = data.TarShards(paths, 8)
+    monkeypatch.setattr(data, "_index_shard", lambda path: pytest.fail("scanned a shard again"))
+    with pytest.warns(UserWarning, match="02.tar is unreadable"):  # the scan's warning, kept in the index
+        dataset = data.TarShards(paths, 8)
+    assert torch.equal(dataset[3]["image"], first[3]["image"])  # maps the index, opens a shard
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 4000 and pickle.loads(pickled)._maps is None  # the maps are not copied
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[3, 1], num_workers=1,
+                                         multiprocessing_context="spawn")  # pickled into the worker
+    assert [item["name"] for item in loader] == [first.name(3), first.name(1)]
+
+
+def test_changed_shard_is_refused_until_the_index_is_rebuilt(tmp_path, monkeypatch):
+    paths, index_dir = write_index_test_shards(tmp_path), tmp_path / "index"
+    monkeypatch.setenv(data.TAR_INDEX_ENV, str(index_dir))
+    spec = f"{tmp_path}/{{00..02}}.tar"
+    with pytest.warns(UserWarning):
+        assert data.open_dataset(spec, 8).index.startswith(str(index_dir))
+        os.utime(paths[1], ns=(0, 10**18))
+        with pytest.raises(data.StaleTarIndex) as refused:
+            data.open_dataset(spec, 8)[2]
+        data.main(["index", spec, "--index", str(index_dir), "--workers", "2"])
+        assert data.open_dataset(spec, 8)[2]["caption"] == "cap d"
+    assert str(refused.value) == (f"tar shard {paths[1]} changed since its index {data.tar_index_folder(paths)} "
+                                  f"was built (size or mtime): rebuild it with `python data.py index '{spec}' "
+                                  f"--index {index_dir}`")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot write the tar index into .*file/sub .*python data.py index"):
+        data.TarShards(paths, 8, index_dir=str(tmp_path / "file" / "sub"))
+
+
+def test_concurrent_first_use_leaves_one_whole_index(tmp_path):
+    paths = write_index_test_shards(tmp_path)
+    code = ("import os, sys, time, warnings; warnings.simplefilter('ignore'); import data; "
+            "open(sys.argv[1] + '.ready', 'w').close()\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+            "dataset = data.TarShards(sys.argv[3:], 8); print(len(dataset), dataset.info['build'], dataset[4]['name'])")
+    go = tmp_path / "go"
+    # Two nodes' LOCAL_RANK 0 race to build it; a LOCAL_RANK 1 waits for it.
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"rank{k}"), str(go), *paths],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(data.__file__),
+                              env={**os.environ, "LOCAL_RANK": str(local_rank)})
+             for k, local_rank in enumerate([0, 0, 1])]
+    while not all((tmp_path / f"rank{k}.ready").exists() for k in range(3)):
+        time.sleep(0.01)
+    go.touch()
+    outputs = [rank.communicate(timeout=120)[0].split() for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0, 0]
+    build = data.read_tar_index_info(data.tar_index_folder(paths))["build"]
+    assert outputs == [["6", build, f"{paths[2]}:g.png"]] * 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lumos")] == [os.path.basename(data.tar_index_folder(paths))]
+
+
+# ======================================== scale: the step, HSDP, checkpoints ====================
+
+class HostReads(TorchDispatchMode):
+    """Every read of a tensor's value by the host, what waits for a GPU: item(), float(), bool()
+    and int() dispatch _local_scalar_dense; tolist() of a CPU tensor dispatches nothing, so
+    `recording_tolist` wraps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.reads = False, []
+
+    def record(self):
+        if self.armed:
+            self.reads.append("".join(traceback.format_stack(limit=8)[:-2]))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            self.record()
+        return func(*args, **(kwargs or {}))
+
+
+def arm_in_steady_state(monkeypatch, arm):
+    """arm(True) from the end of each step that is followed by a steady-state one (steps 1-2 and
+    4-5 of 7 with --log-every 3 and the grid and checkpoint at 7) to the end of the next, through
+    the loop's once-a-step count_nonfinite; arm(False) otherwise."""
+    count, steps = train_i2i.count_nonfinite, []
+
+    def counted(window, skip, grad_norm):
+        count(window, skip, grad_norm)
+        steps.append(None)
+        arm(len(steps) % 3 != 0 and len(steps) < 7)
+    monkeypatch.setattr(train_i2i, "count_nonfinite", counted)
+    return TINY_RUN + ["--steps", "7", "--log-every", "3", "--sample-every", "7", "--ckpt-every", "7",
+                       "--num-workers", "1"]  # the per-sample randomness is drawn in the worker
+
+
+@pytest.mark.parametrize("data_path", ["pixels", "latent cache"])
+def test_steady_state_steps_read_nothing_on_the_host(tmp_path, monkeypatch, latent_assets, data_path):
+    """On the CPU, the honest stand-in for a GPU's sync check: between log steps the loop reads no
+    tensor value on the host (no loss, norm, flag or index), so a GPU step would never wait."""
+    mode, tolist = HostReads(), torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (mode.record(), tolist(self))[1])
+    run = arm_in_steady_state(monkeypatch, lambda on: setattr(mode, "armed", on))
+    extra = ["--precision", "bf16"] + (latent_assets.run + ["--data", latent_assets.cache] if data_path != "pixels" else [])
+    with mode:
+        train_i2i.main(run + extra + ["--out", str(tmp_path)])
+    assert read_metrics(tmp_path)["step"] == [3, 6, 7] and mode.reads == [], mode.reads[:1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steady_state_cuda_steps_do_not_synchronize(tmp_path, monkeypatch):
+    run = arm_in_steady_state(monkeypatch, lambda on: torch.cuda.set_sync_debug_mode("error" if on else "default"))
+    try:
+        train_i2i.main(run + ["--precision", "bf16", "--out", str(tmp_path)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_checkpoint_is_written_while_the_next_steps_run(tmp_path, monkeypatch):
+    """The write of the step-2 checkpoint waits until step 3 is done: were the save synchronous,
+    step 3 could never run and the wait would time out."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    step_3_done, write, count = threading.Event(), FileSystemWriter.write_data, train_i2i.count_nonfinite
+
+    def slow_write(self, *args, **kwargs):
+        if "step_0000002" in str(self.path):
+            assert step_3_done.wait(timeout=60), "the step waited for the checkpoint"
+        return write(self, *args, **kwargs)
+
+    def counted(window, skip, grad_norm):
+        count(window, skip, grad_norm)
+        if (tmp_path / "checkpoints" / "step_0000002.tmp").exists() and not step_3_done.is_set():
+            assert not (tmp_path / "checkpoints" / "step_0000002").exists()  # committed only once written
+            step_3_done.set()
+    monkeypatch.setattr(FileSystemWriter, "write_data", slow_write)
+    monkeypatch.setattr(train_i2i, "count_nonfinite", counted)
+    train_i2i.main(TINY_RUN + ["--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path)])
+    assert step_3_done.is_set() and dit.latest_checkpoint(tmp_path).endswith("step_0000004")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_0000002", "step_0000004"]
+
+
+@pytest.mark.slow
+def test_hsdp_two_by_two_equals_one_rank(tmp_path):
+    common = TINY_RUN + ["--steps", "3", "--ckpt-every", "3"]
+    train_i2i.main(common + ["--out", str(tmp_path / "one")])
+    result = torchrun("train_i2i.py", *common, "--shard-group", "2", "--out", tmp_path / "hsdp", nproc=4)
+    assert result.returncode == 0 and "HSDP 2 x 2" in result.stdout, result.stderr[-3000:]
+    assert read_metrics(tmp_path / "hsdp")["loss"] == pytest.approx(read_metrics(tmp_path / "one")["loss"], rel=TOLERANCE)
+    for part in ("model", "ema"):
+        assert_same_weights(checkpoint_weights(checkpoint(tmp_path / "hsdp", 3), part),
+                            checkpoint_weights(checkpoint(tmp_path / "one", 3), part))
+
+
+@pytest.mark.slow
+def test_out_must_be_one_folder_that_every_rank_sees(tmp_path):
+    script = tmp_path / "check_out.py"  # rank r checks out/<shared or r>: as if each node mounted its own disk
+    script.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport data, train_i2i\n"
+                      f"rank = data.setup_distributed()[0]\n"
+                      f"train_i2i.check_shared_out(os.path.join({str(tmp_path)!r}, sys.argv[1] or str(rank)), rank)\n")
+    assert torchrun(script, "shared").returncode == 0
+    result = torchrun(script, "")
+    assert result.returncode != 0 and "do not see the files rank 0 writes there" in result.stderr
+
+
+def test_a_real_run_gets_real_run_defaults():
+    parse = lambda *argv: train_i2i.add_train_args(argparse.ArgumentParser()).parse_args(argv)  # noqa: E731
+    for argv, expected in ((("--model", "DiT-XL/2", "--image-size", "256"), (400_000, 0.9999, 5_000, 5_000)),
+                           ((), (500, 0.99, 250, 250))):
+        args = parse(*argv)
+        train_i2i.check_args(args, world_size=1)
+        assert (args.steps, args.ema_decay, args.sample_every, args.ckpt_every) == expected
+        assert args.precision == ("bf16" if torch.cuda.is_available() else "fp32")
+    with pytest.raises(ValueError, match="--shard-group 4 must divide the world size 6"):
+        train_i2i.check_args(parse("--shard-group", "4", "--global-batch-size", "60"), world_size=6)

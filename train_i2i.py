@@ -6,7 +6,8 @@ frozen DINO CLS feature through cross-attention. One loop for one CPU, one GPU a
     torchrun --nproc_per_node=8 train_i2i.py --model DiT-XL/2 --data /data/images \\
         --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256 \\
         --global-batch-size 256 --lr 1e-4 --precision bf16 --grad-checkpointing --out runs/xl2
-    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py ...
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py \
+        --shard-group 8 --out /shared/runs/xl2 ...   # HSDP: shard in a node, replicate across; --out shared
 
 The offline default conditions on a small ViT of the DINO class with frozen *random* weights
 (`--encoder random-vit`): it shows the pipeline end to end; the prior comes from the real DINO.
@@ -47,13 +48,14 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -113,23 +115,24 @@ def add_train_args(parser):
     a("--encoder", default=RANDOM_VIT, help=f"DINO repo/folder/.pth, or {RANDOM_VIT} (small frozen random ViT)")
     a("--prediction", default="epsilon", choices=["epsilon", "v"])
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    a("--steps", type=int, default=500, help="optimizer steps in total")
+    a("--steps", type=int, default=None, help="optimizer steps in total (default: see RUN_DEFAULTS)")
     a("--global-batch-size", type=int, default=64)
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
+    a("--shard-group", type=int, default=None,
+      help="ranks that shard the model between them (HSDP: the GPUs of a node); default: all (FSDP)")
     a("--lr", type=float, default=1e-3)
     a("--warmup-steps", type=int, default=100)
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=1.0)
-    a("--ema-decay", type=float, default=None,
-      help="EMA decay (default: DiT's 0.9999 with --model; 0.99 for the short offline default)")
-    a("--precision", default="fp32", choices=["fp32", "bf16"])
+    a("--ema-decay", type=float, default=None, help="EMA decay (default: see RUN_DEFAULTS)")
+    a("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on the CPU")
     a("--grad-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=None, help="data loader workers (default: 8 on GPU, 0 on CPU)")
     a("--log-every", type=int, default=25)
-    a("--sample-every", type=int, default=250, help="steps between sample grids; 0: never, not even at the end")
-    a("--ckpt-every", type=int, default=250, help="steps between checkpoints; 0: only on a signal (benchmarks)")
+    a("--sample-every", type=int, default=None, help="steps between sample grids; 0: never, not even at the end")
+    a("--ckpt-every", type=int, default=None, help="steps between checkpoints; 0: only on a signal (benchmarks)")
     a("--keep-last", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     a("--num-samples", type=int, default=16, help="held-out conditions in each sample grid")
@@ -141,12 +144,26 @@ def add_train_args(parser):
     return parser
 
 
+# Defaults of a real run (--model given: DiT's 400K steps, its EMA, a checkpoint about every
+# 5-10 minutes on 8 GPUs, each 13 GB at XL/2) and of the offline default (a few minutes on a CPU).
+RUN_DEFAULTS = {"steps": (400_000, 500), "ema_decay": (0.9999, 0.99), "sample_every": (5_000, 250),
+                "ckpt_every": (5_000, 250)}
+
+
 def check_args(args, world_size):
-    """One clear line for every argument problem that would otherwise fail deep inside a run."""
+    """Fill the defaults that depend on the run (RUN_DEFAULTS, --precision), then one clear line
+    for every argument problem that would otherwise fail deep inside a run."""
+    for name, (real_run, offline) in RUN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, real_run if args.model else offline)
+    if args.precision is None:
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     per_rank = args.global_batch_size // world_size if args.global_batch_size % world_size == 0 else 0
     if args.global_batch_size <= 0 or per_rank == 0 or per_rank % args.grad_accum:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by world size "
                          f"{world_size} x --grad-accum {args.grad_accum}")
+    if args.shard_group and (args.shard_group < 1 or world_size % args.shard_group):
+        raise ValueError(f"--shard-group {args.shard_group} must divide the world size {world_size}")
     name = model_size(args)[0]
     if name not in DiT_models:
         raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(DiT_models)}")
@@ -203,7 +220,28 @@ def reference_images(batch, space):
 #                                 Parallelism                                   #
 #################################################################################
 
-def parallelize(model, args, world_size, train=True):
+def device_mesh(args, world_size, device):
+    """The ranks' layout for FSDP2: None on one rank; a 1-D mesh that shards over all ranks (FSDP);
+    or, with --shard-group N < world size, HSDP as torchtitan builds it: a 2-D mesh whose "shard"
+    dimension is N ranks (a node: all-gathers and reduce-scatters stay on its fast links) and
+    whose "replicate" dimension holds world / N such groups, which only all-reduce gradients."""
+    if world_size == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = args.shard_group or world_size
+    if shard == world_size:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def layout(mesh):
+    """How the ranks hold the model, for the start line."""
+    if mesh is None:
+        return ""
+    return f" (HSDP {mesh.size(0)} x {mesh.size(1)})" if mesh.ndim == 2 else " (FSDP)"
+
+
+def parallelize(model, args, mesh, train=True):
     """torchtitan's order: activation checkpointing, then compile each block, then FSDP2 per block
     and at the root. The backward pass recomputes each block by calling it again, compiled graph
     and FSDP all-gather included; compile per block, since the blocks are identical and one graph
@@ -219,18 +257,43 @@ def parallelize(model, args, world_size, train=True):
     if train and args.compile:
         for block in model.blocks:
             block.compile()
-    if world_size > 1:
+    if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         bf16 = train and args.precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
                                       reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         # The guided forward calls self.forward directly, past the hooks that gather the root's
         # parameters: register it as a forward of its own.
         register_fsdp_forward_method(model, "forward_with_cfg")
     return model
+
+
+def check_shared_out(out, rank):
+    """--out must be one folder that every rank sees (checkpoints are written there by all ranks
+    and committed by rank 0): rank 0 writes a fresh token there, and every rank must read it."""
+    os.makedirs(out, exist_ok=True)
+    if not dist.is_initialized():
+        return
+    token = [os.urandom(8).hex()]
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(out, ".shared_by_all_ranks")
+    if rank == 0:
+        write_atomically(path, token[0].encode())
+    barrier()
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, os.uname().nodename))
+    blind = sorted({host for seen_there, host in views if not seen_there})
+    if blind:
+        raise UsageError(f"--out {out}: the ranks on {', '.join(blind)} do not see the files rank 0 writes there; "
+                         f"pass a folder on a filesystem that every node mounts")
 
 
 def reshard(model):
@@ -267,22 +330,24 @@ def device_peak_tflops(device, override=None):
 #################################################################################
 
 def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob, latent):
-    """Every random choice of a training sample, from a generator seeded by (seed, global index).
+    """Every random choice of a training sample, from a generator seeded by (seed, global index),
+    drawn on the CPU in the loader's workers beside the data (data.make_loader's per_sample), so
+    the step neither waits for it nor reads the indices back from the GPU.
 
-    Returns flips (B,) bool, t (B,) int64, drop_cond (B,) bool, noise (B, *x_shape), and the VAE
-    posterior noise (B, *x_shape) or None in pixel space. Drawn in this fixed order on the CPU.
+    Returns {"flip": (B,) bool, "t": (B,) int64, "drop_cond": (B,) bool, "noise": (B, *x_shape)},
+    and in latent space "posterior_noise" (B, *x_shape), the VAE posterior sample's noise; drawn in
+    this fixed order.
     """
-    flips, timesteps, drops, noises, posterior = [], [], [], [], []
+    draws = {"flip": [], "t": [], "drop_cond": [], "noise": [], "posterior_noise": []}
     for g in global_indices.tolist():
         gen = sample_generator(seed, g)
-        flips.append(torch.rand((), generator=gen) < 0.5)
-        timesteps.append(torch.randint(num_timesteps, (), generator=gen))
-        drops.append(torch.rand((), generator=gen) < dropout_prob)
-        noises.append(torch.randn(x_shape, generator=gen))
+        draws["flip"].append(torch.rand((), generator=gen) < 0.5)
+        draws["t"].append(torch.randint(num_timesteps, (), generator=gen))
+        draws["drop_cond"].append(torch.rand((), generator=gen) < dropout_prob)
+        draws["noise"].append(torch.randn(x_shape, generator=gen))
         if latent:
-            posterior.append(torch.randn(x_shape, generator=gen))
-    return (torch.stack(flips), torch.stack(timesteps), torch.stack(drops), torch.stack(noises),
-            torch.stack(posterior) if latent else None)
+            draws["posterior_noise"].append(torch.randn(x_shape, generator=gen))
+    return {key: torch.stack(values) for key, values in draws.items() if values}
 
 
 #################################################################################
@@ -295,28 +360,67 @@ def training_state(model, ema, optimizer, counters):
             "counters": counters, "rng": torch.get_rng_state()}
 
 
-def save_checkpoint(args, model, ema, optimizer, counters, rank, run_config):
-    """Every rank writes its shards into step_N.tmp; rank 0 renames it to step_N (atomic), points
-    `latest` at it (atomic replace) and deletes the oldest beyond --keep-last."""
-    name = f"step_{int(counters[0]):07d}"
-    final = os.path.join(checkpoint_dir(args.out), name)
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    dcp.save(training_state(model, ema, optimizer, counters), checkpoint_id=tmp)
-    if rank == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(run_config, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomically(os.path.join(checkpoint_dir(args.out), "latest"), name.encode())
-        complete = sorted(d for d in os.listdir(checkpoint_dir(args.out)) if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in complete[:-args.keep_last]:
-            shutil.rmtree(os.path.join(checkpoint_dir(args.out), old), ignore_errors=True)
-    barrier()
-    return final
+class Checkpointer:
+    """Checkpoints a step does not wait for. dcp.async_save copies the state to host memory (the
+    only part the step waits for) and every rank writes its shards into step_N.tmp in a background
+    thread; once all have, rank 0 commits it: renames it to step_N (atomic), points `latest` at it
+    (atomic replace) and deletes the oldest beyond --keep-last. A run killed before the commit
+    resumes from the previous checkpoint. Rank 0 writes the EMA export in the background too."""
+
+    def __init__(self, args, rank):
+        self.args, self.rank = args, rank
+        # async_save's collectives run in its thread, on the CPU: a gloo group beside NCCL's.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.export_writer = ThreadPoolExecutor(1)
+        self.in_flight, self.export = None, None  # (future, tmp folder, run config); rank 0's export write
+
+    def save(self, model, ema, optimizer, counters, run_config, metadata):
+        self.commit(wait=True)
+        tmp = os.path.join(checkpoint_dir(self.args.out), f"step_{int(counters[0]):07d}.tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        state = training_state(model, ema, optimizer, counters.clone())
+        self.in_flight = (dcp.async_save(state, checkpoint_id=tmp, process_group=self.group), tmp, run_config)
+        # The export: gathered to rank 0 here (a collective), written in the background.
+        full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.export is not None:
+            self.export.result()
+        if self.rank == 0:
+            self.export = self.export_writer.submit(write_export, self.args.out, full, metadata)
+
+    def commit(self, wait):
+        """Commit the checkpoint in flight once every rank has written it; `wait`: block until then."""
+        if self.in_flight is None:
+            return
+        future, tmp, run_config = self.in_flight
+        if not wait:
+            done = torch.tensor([float(future.done())])
+            if self.group is not None:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            if not done.item():
+                return
+        future.result()
+        barrier()
+        if self.rank == 0:
+            with open(os.path.join(tmp, "run_config.json"), "w") as f:
+                json.dump(run_config, f, indent=1)
+            final = tmp.removesuffix(".tmp")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_atomically(os.path.join(checkpoint_dir(self.args.out), "latest"), os.path.basename(final).encode())
+            complete = sorted(d for d in os.listdir(checkpoint_dir(self.args.out))
+                              if d.startswith("step_") and not d.endswith(".tmp"))
+            for old in complete[:-self.args.keep_last]:
+                shutil.rmtree(os.path.join(checkpoint_dir(self.args.out), old), ignore_errors=True)
+        barrier()
+        self.in_flight = None
+
+    def close(self):
+        self.commit(wait=True)
+        if self.export is not None:
+            self.export.result()
 
 
 def load_checkpoint(path, model, ema, optimizer, run_config):
@@ -336,15 +440,13 @@ def load_checkpoint(path, model, ema, optimizer, run_config):
     return state["counters"]
 
 
-def export_ema(args, ema, rank, metadata):
-    """The EMA weights as one safetensors file with plain LumosDiT keys; its metadata holds all that
-    sample.py needs to rebuild the model and its inputs."""
-    full = get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        path = os.path.join(args.out, "ema.safetensors")
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in full.items()}
-        save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
-        os.replace(path + ".tmp", path)
+def write_export(out, state_dict, metadata):
+    """out/ema.safetensors: the weights, and in its metadata all that sample.py needs to rebuild
+    the model and its inputs (atomic replace)."""
+    path = os.path.join(out, "ema.safetensors")
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(path + ".tmp", path)
 
 
 def write_atomically(path, payload):
@@ -408,6 +510,8 @@ def train(args, task):
 
 def _train(args, task, rank, world_size, device):
     torch.manual_seed(args.seed)
+    if device.type == "cuda":  # TF32 for what runs in fp32 (the frozen encoders, an fp32 run)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     space = ImageSpace(VAE.from_pretrained(args.vae).to(device) if args.vae else None)
     model = task.build_model().to(device)
     ema = task.build_model().to(device).requires_grad_(False)
@@ -415,15 +519,18 @@ def _train(args, task, rank, world_size, device):
     config = model.config
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_image = 3 * forward_flops(model)  # forward + backward (2x), nanoGPT's accounting
-    parallelize(model, args, world_size)
-    parallelize(ema, args, world_size, train=False)
+    mesh = device_mesh(args, world_size, device)
+    parallelize(model, args, mesh)
+    parallelize(ema, args, mesh, train=False)
+    # Fused: one kernel for the update, and it takes the step's found-inf flag on the device.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.999))
+                                  betas=(0.9, 0.999), fused=True)
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=args.prediction)
 
     run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
                                                  "prediction", "data", "seed", "learn_sigma")}
     run_config.update(model_config=config, task_metadata=task.metadata)
+    check_shared_out(args.out, rank)
     counters = torch.zeros(4, dtype=torch.int64)  # step, skipped files, non-finite steps, spare
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if ckpt:
@@ -432,24 +539,23 @@ def _train(args, task, rank, world_size, device):
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         print(f"{model_size(args)[0]} ({num_params:,} parameters, {flops_per_image / 3e9:.2f} GFLOPs/image forward) "
-              f"on {task.dataset!r}; world {world_size}, device {device}; "
+              f"on {task.dataset!r}; world {world_size}{layout(mesh)}, device {device}; "
               + (f"resumed from {ckpt} at step {step}" if ckpt else "from scratch"), flush=True)
 
     per_rank = args.global_batch_size // world_size
     micro = per_rank // args.grad_accum
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == "cuda" else 0)
-    loader = data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
-                              start=step * args.global_batch_size, num_workers=workers)
-    batches = iter(loader)
     x_size = args.image_size // space.downsampling
-    x_shape = (space.channels, x_size, x_size)
-    dropout_prob = config["cond_dropout_prob"]
+    randomness = partial(sample_randomness, seed=args.seed, x_shape=(space.channels, x_size, x_size),
+                         num_timesteps=diffusion.num_timesteps, dropout_prob=config["cond_dropout_prob"],
+                         latent=space.vae is not None)
+    batches = iter(data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
+                                    start=step * args.global_batch_size, num_workers=workers, per_sample=randomness))
     num_eval = len(task.eval_items[: args.num_samples])
     eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
                           torch.zeros(num_eval, dtype=torch.bool, device=device))
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
-    ema_decay = args.ema_decay if args.ema_decay is not None else (0.9999 if args.model else 0.99)
     metadata = {"lumos": {"task": task.metadata.get("task", "i2i"), "model": args.model, "config": config,
                           "space": "latent" if args.vae else "pixel", "vae": args.vae, "image_size": args.image_size,
                           "encoder": args.encoder, "prediction": args.prediction, **task.metadata}}
@@ -462,8 +568,9 @@ def _train(args, task, rank, world_size, device):
         return model(x, t, **kwargs).float()
 
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "samples": 0, "time": time.perf_counter(), "skipped": []}
-    consecutive_nonfinite = 0
+    window = new_window(device)
+    checkpoints = Checkpointer(args, rank)
+    signalled = False
     model.train()
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -472,66 +579,96 @@ def _train(args, task, rank, world_size, device):
         for micro_step in range(args.grad_accum):
             batch = to_device(next(batches), device)
             window["skipped"] += batch.get("skipped", [])
-            flips, t, drop, noise, posterior = sample_randomness(
-                batch["global_index"], args.seed, x_shape, diffusion.num_timesteps, dropout_prob, space.vae is not None)
-            flips, t, drop, noise = flips.to(device), t.to(device), drop.to(device), noise.to(device)
             # The frozen encoders run in fp32 whatever --precision is: the feature cache holds their
             # fp32 outputs, and both paths must train on the same targets and conditions.
             with torch.no_grad():
-                batch = mirrored(batch, flips & task.hflip)
-                x0 = diffusion_targets(batch, posterior, space)
+                batch = mirrored(batch, batch["flip"] & task.hflip)
+                x0 = diffusion_targets(batch, batch.get("posterior_noise"), space)
                 cond = task.condition(batch, space)
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(micro_step == args.grad_accum - 1)
             with autocast():
-                losses = diffusion.training_losses(model_fn, x0.float(), t, {**cond, "drop_cond": drop}, noise=noise)
+                losses = diffusion.training_losses(model_fn, x0.float(), batch["t"],
+                                                   {**cond, "drop_cond": batch["drop_cond"]}, noise=batch["noise"])
             (losses["loss"].sum() / per_rank).backward()
-            window["loss"] += losses["loss"].detach().sum().item()
-            window["mse"] += losses["mse"].detach().sum().item()
-            window["vb"] += losses["vb"].detach().sum().item() if "vb" in losses else 0.0
-            window["samples"] += len(t)
+            window["sums"][:3] += torch.stack([losses[k].detach().sum() if k in losses else losses["mse"].new_zeros(())
+                                               for k in ("loss", "mse", "vb")]).double()
+            window["sums"][3] += len(x0)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = float(local(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm))
-        if math.isfinite(grad_norm):
-            optimizer.step()
-            update_ema(ema, model, ema_decay)
-            consecutive_nonfinite = 0
-        else:
-            counters[2] += 1
-            consecutive_nonfinite += 1
-            if consecutive_nonfinite >= args.max_nonfinite:
-                raise RuntimeError(f"{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                                   f"at step {step}: lower --lr, use --precision fp32, or check the data")
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        skip = ~torch.isfinite(grad_norm)
+        optimizer.found_inf = skip.float()  # the fused AdamW skips the whole update, on the device
+        optimizer.step()
+        update_ema(ema, model, args.ema_decay, skip)
         optimizer.zero_grad(set_to_none=True)
+        count_nonfinite(window, skip, grad_norm)
         step += 1
         counters[0] = step
         progress.update(1)
 
+        checkpoint_now = args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps)
+        # The host reads the device only here, every --log-every steps (and at checkpoints).
         if step % args.log_every == 0 or step == args.steps:
-            log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
+            log_metrics(args, window, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress)
+        elif checkpoint_now:
+            read_nonfinite(args, window, step, counters)
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             path = os.path.join(args.out, "samples", f"step_{step:07d}.png") if rank == 0 else None
             images = sample_grid(ema, task, space, diffusion, eval_batch, args, path)
             if task.evaluate:
                 log_line(args, rank, {"step": step, **task.evaluate(images, eval_batch)})
             model.train()
-        stop_now = all_reduce([float(stop["signal"] is not None)], device, dist.ReduceOp.MAX)[0] > 0
-        if stop_now or args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
+        signalled = step % args.log_every == 0 and all_reduce([float(stop["signal"] is not None)], device,
+                                                              dist.ReduceOp.MAX)[0] > 0
+        if signalled or checkpoint_now:
             count_skipped_files(window, counters, rank)
-            save_checkpoint(args, model, ema, optimizer, counters, rank, run_config)
-            export_ema(args, ema, rank, {**metadata, "step": step})
-        if stop_now:
-            if rank == 0:
-                tqdm.write(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting")
+            checkpoints.save(model, ema, optimizer, counters, run_config, {**metadata, "step": step})
+        elif step % args.log_every == 0:
+            checkpoints.commit(wait=False)
+        if signalled:
             break
+    checkpoints.close()
     progress.close()
+    if signalled and rank == 0:
+        print(f"signal {stop['signal']}: saved the checkpoint at step {step}, exiting", flush=True)
 
 
-def update_ema(ema, model, decay):
-    """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP."""
+def update_ema(ema, model, decay, skip):
+    """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP; unchanged where
+    the step was skipped (`skip`, a bool tensor read on the device, not on the host)."""
     ema_params = [local(p) for p in ema.parameters()]
     model_params = [local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    weight = (~skip).float() * (1.0 - decay)
+    torch._foreach_lerp_(ema_params, model_params, [weight] * len(ema_params))
+
+
+def new_window(device):
+    """What the steps between two log lines leave on the device, read on the host at the next
+    one: a read every step would make the host wait for the GPU, which would then idle while the
+    host queues the next step. "sums": loss, mse, vb and samples; "nonfinite": skipped steps, the
+    current run of them, the longest run; "grad_norm": the last step's."""
+    return {"sums": torch.zeros(4, dtype=torch.float64, device=device),
+            "nonfinite": torch.zeros(3, dtype=torch.int64, device=device),
+            "grad_norm": torch.zeros((), device=device), "time": time.perf_counter(), "skipped": []}
+
+
+def count_nonfinite(window, skip, grad_norm):
+    nonfinite, skipped = window["nonfinite"], skip.long()
+    nonfinite[0] += skipped
+    nonfinite[1] = (nonfinite[1] + 1) * skipped
+    nonfinite[2] = torch.maximum(nonfinite[2], nonfinite[1])
+    window["grad_norm"] = grad_norm.detach()
+
+
+def read_nonfinite(args, window, step, counters):
+    """Fold the window's skipped steps into counters[2]; stop the run once --max-nonfinite steps in
+    a row were non-finite (found here, at the latest --log-every steps after it happened)."""
+    count, run, longest = window["nonfinite"].tolist()  # the same on every rank: the norm is global
+    counters[2] += count
+    if longest >= args.max_nonfinite:
+        raise RuntimeError(f"{longest} consecutive steps with a non-finite loss or gradient by step {step}: "
+                           f"lower --lr, use --precision fp32, or check the data")
+    window["nonfinite"][0], window["nonfinite"][2] = 0, run
 
 
 def count_skipped_files(window, counters, rank):
@@ -559,9 +696,14 @@ def peak_memory_gib(device):
     return int(kib) / 2**20
 
 
-def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress):
+def log_metrics(args, window, lr, step, counters, flops_per_image, peak, world_size, device, rank, progress):
     count_skipped_files(window, counters, rank)
-    loss, mse, vb, samples = all_reduce([window["loss"], window["mse"], window["vb"], window["samples"]], device)
+    read_nonfinite(args, window, step, counters)
+    sums = window["sums"].clone()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, mse, vb, samples = sums.tolist()
+    grad_norm = float(window["grad_norm"])
     elapsed = time.perf_counter() - window["time"]
     images_per_s = samples / elapsed
     tflops = flops_per_image * images_per_s / 1e12
@@ -573,7 +715,8 @@ def log_metrics(args, window, grad_norm, lr, step, counters, flops_per_image, pe
     log_line(args, rank, line)
     progress.set_postfix(loss=f"{line['loss']:.4f}", gnorm=f"{grad_norm:.2f}", img_s=f"{images_per_s:.1f}",
                          mfu="-" if peak is None else f"{100 * line['mfu']:.1f}%")
-    window.update(loss=0.0, mse=0.0, vb=0.0, samples=0, time=time.perf_counter())
+    window["sums"].zero_()
+    window["time"] = time.perf_counter()
 
 
 def log_line(args, rank, line):

@@ -171,9 +171,13 @@ def dataset_captions(dataset, workers=0, show_progress=True):
 # DIR/text_cache.json holds the settings; DIR/text_00000.safetensors, ... hold `shard_size`
 # consecutive captions of the list of distinct captions each:
 #     "tokens"   (T, C) the captions' valid-token features, concatenated, in the encoder's dtype
+#                (bf16 on a GPU, fp32 on the CPU) or, with cache-text --dtype bf16, in bf16
 #     "offsets"  (n + 1,) int64: caption i's tokens are tokens[offsets[i]:offsets[i + 1]]
 #     "keys"     (n,) int64: caption_key of each caption, how training finds a caption's row
 # Nothing is padded: a caption takes its own number of tokens (a shapes caption takes ~13, not 120).
+# So a caption takes 16 + (its tokens, EOS included) x 4096 x 2 bytes for T5-XXL in bf16: 8 KiB a
+# token (16 KiB in fp32). bf16 rounds a feature to 2^-8 relative (round to nearest, 8 significant
+# bits; T5's features are far inside bf16's range); the GPU's bf16 T5 computes in bf16 anyway.
 
 TEXT_CACHE_INFO = "text_cache.json"
 
@@ -212,21 +216,22 @@ def encode_once(encoder, captions, batch_size):
 
 
 def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_size=64, rank=0, world_size=1,
-                     log=print):
+                     log=print, dtype=None):
     """Encode each distinct caption of `captions` once into the shards at `root` (layout above).
 
     Rank r of `world_size` (separate processes, no communication) writes the missing shards k with
     k % world_size == r. Each shard goes to a temporary name and is renamed once complete, so a
     restart skips the finished ones; `settings` (data, t5, ...) and what fixes the shards' content
     go to text_cache.json, and writing into a cache made otherwise is an error. Returns the shards
-    this rank wrote.
+    this rank wrote. `dtype`: that of the stored features, by default the encoder's.
     """
+    dtype = dtype or encoder.dtype
     distinct, keys = distinct_captions(captions)
     if not distinct:
         raise ValueError(f"no captions to encode in {settings.get('data')!r}")
     digest = hashlib.blake2b(np.array(keys, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
     settings = {**settings, "num_captions": len(distinct), "captions_digest": digest, "shard_size": shard_size,
-                "width": encoder.width, "dtype": str(encoder.dtype).removeprefix("torch.")}
+                "width": encoder.width, "dtype": str(dtype).removeprefix("torch.")}
     existing = data.read_cache_info(root, TEXT_CACHE_INFO)
     if existing is not None and existing != settings:
         changed = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in settings.items() if existing.get(k) != v]
@@ -242,7 +247,7 @@ def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_
         rows = slice(shard * shard_size, (shard + 1) * shard_size)
         features = encode_once(encoder, distinct[rows], batch_size)
         lengths = torch.tensor([len(f) for f in features])
-        tensors = {"tokens": torch.cat(features).contiguous(),
+        tensors = {"tokens": torch.cat(features).to(dtype).contiguous(),
                    "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
                    "keys": torch.tensor(keys[rows], dtype=torch.int64)}
         save_file(tensors, path + ".tmp")
@@ -447,6 +452,9 @@ def cache_text(argv):
     a("--shard-size", type=int, default=10000, help="captions per shard")
     a("--batch-size", type=int, default=64)
     a("--workers", type=int, default=0, help="data loader workers reading the captions")
+    a("--dtype", choices=["encoder", "bf16"], default="encoder",
+      help="of the stored features: the encoder's (bf16 on a GPU, fp32 on the CPU), or bf16: half of fp32's "
+           "bytes, rounded to 2^-8 relative")
     args = parser.parse_args(argv)
     # The ranks share no process group: each writes its own shards (write_text_cache).
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -460,8 +468,9 @@ def cache_text(argv):
         encoder = load_text_encoder(args.t5, device, vocabulary=data.shapes_vocabulary())
         settings = {"data": args.data, "seed": args.seed, "num_samples": args.num_samples, "t5": args.t5,
                     "clean_captions": encoder.clean, "max_length": MAX_TEXT_TOKENS}
+        dtype = torch.bfloat16 if args.dtype == "bf16" else None
         written = write_text_cache(captions, args.out, encoder, settings, args.shard_size, args.batch_size,
-                                   rank, world_size)
+                                   rank, world_size, dtype=dtype)
         print(f"rank {rank}: wrote {len(written)} shards" if world_size > 1 else f"{TextFeatureCache(args.out)!r} complete")
     except (ValueError, FileNotFoundError) as error:
         exit_with_usage_error(error, "train_t2i.py cache-text")

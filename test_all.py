@@ -1100,10 +1100,10 @@ def test_folder_listing_tar_grouping_and_shard_specs(tmp_path):
     members = {**{f"{j}.png": noise_png(j, 32) for j in range(3)}, "2.txt": b"a caption long enough to be cut " * 6}
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
     for cut_inside in ("2.png", "2.txt"):  # a sample cut off by a truncated shard is skipped
-        (tmp_path / "cut.tar").write_bytes(whole[: whole.index(members[cut_inside]) + 100])
-        with pytest.warns(UserWarning, match="cut.tar"):
-            dataset = data.open_dataset(str(tmp_path / "cut.tar"), 8)
-        assert len(dataset) == 3 and dataset[2]["skipped"] == [f"{tmp_path / 'cut.tar'}:2.png"]
+        (cut := tmp_path / f"cut_{cut_inside}.tar").write_bytes(whole[: whole.index(members[cut_inside]) + 100])
+        with pytest.warns(UserWarning, match=cut.name):
+            dataset = data.open_dataset(str(cut), 8)
+        assert len(dataset) == 3 and dataset[2]["skipped"] == [f"{cut}:2.png"]
         assert dataset[2]["name"].endswith(":0.png")
     assert data.expand_braces("s/{08..11}.tar") == ["s/08.tar", "s/09.tar", "s/10.tar", "s/11.tar"]
     assert data.expand_braces("{3..1}") == ["3", "2", "1"] and data.expand_braces("plain{x}.tar") == ["plain{x}.tar"]

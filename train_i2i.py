@@ -289,7 +289,9 @@ def check_shared_out(out, rank):
     except OSError:
         seen = False
     views = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (seen, os.uname().nodename))
+    dist.all_gather_object(views, (seen, os.uname().nodename))  # every rank has read the file
+    if rank == 0:
+        os.remove(path)
     blind = sorted({host for seen_there, host in views if not seen_there})
     if blind:
         raise UsageError(f"--out {out}: the ranks on {', '.join(blind)} do not see the files rank 0 writes there; "

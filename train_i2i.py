@@ -371,8 +371,10 @@ class Checkpointer:
 
     def __init__(self, args, rank):
         self.args, self.rank = args, rank
-        # async_save's collectives run in its thread, on the CPU: a gloo group beside NCCL's.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # async_save's collectives run in its thread, on the CPU: a gloo group beside NCCL's, and
+        # another for asking whether all ranks are done (one group must not serve two threads).
+        self.group, self.done_group = ((dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+                                       if dist.is_initialized() else (None, None))
         self.export_writer = ThreadPoolExecutor(1)
         self.in_flight, self.export = None, None  # (future, tmp folder, run config); rank 0's export write
 
@@ -399,8 +401,8 @@ class Checkpointer:
         future, tmp, run_config = self.in_flight
         if not wait:
             done = torch.tensor([float(future.done())])
-            if self.group is not None:
-                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            if self.done_group is not None:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.done_group)
             if not done.item():
                 return
         future.result()

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from encoders import load_into, load_weights_only, open_safetensors
+from encoders import load_weights_only, open_safetensors
 
 
 def modulate(x, shift, scale):
@@ -485,14 +485,6 @@ def export_metadata(path):
     if "lumos" not in raw:
         raise ValueError(f"{path}: no 'lumos' metadata; not an export of train_i2i.py")
     return {k: json.loads(v) for k, v in raw.items()}
-
-
-def load_export(path, device="cpu"):
-    """(EMA model, metadata) from an `ema.safetensors` export of any task, with nothing else needed."""
-    state, info = read_weights(path)
-    model = LumosDiT(**info["config"])
-    load_into(model, state, path)
-    return model.to(device).eval().requires_grad_(False), export_metadata(path)
 
 
 def read_weights(spec, entry="ema"):

@@ -1346,9 +1346,10 @@ def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_i
     assert len(loss) == 30 and sum(loss[-5:]) < 0.7 * sum(loss[:5])
     assert lr == pytest.approx([1.5e-3] + [3e-3] * 29, rel=1e-12)  # lr * min(1, (step + 1) / 2), then constant
     assert os.path.exists(tmp_path / "samples" / "step_0000030.png")
-    (model, metadata), saved = dit.load_export(tmp_path / "ema.safetensors"), load_file(tmp_path / "ema.safetensors")
-    info, config = metadata["lumos"], metadata["lumos"]["config"]
-    assert (info["space"], info["image_size"], info["encoder"], metadata["step"]) == ("pixel", 16, "random-vit", 30)
+    export = str(tmp_path / "ema.safetensors")  # sample.py rebuilds the model from the export alone
+    (model, info), saved = sample.load_generator(export, torch.device("cpu")), load_file(export)
+    config, step = info["config"], dit.export_metadata(export)["step"]
+    assert (info["space"], info["image_size"], info["encoder"], step) == ("pixel", 16, "random-vit", 30)
     assert config["depth"] == 2 and config["in_channels"] == 3
     assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
     y = torch.randn(2, 1, config["cond_dim"])
@@ -1866,8 +1867,8 @@ def test_captions_the_text_cache_and_a_scratch_run_from_it(tmp_path, monkeypatch
     loader = data.make_loader(train_t2i.t2i_task(t2i_args(*run), None, None, torch.device("cpu")).dataset, 8, 8, seed=0)
     skipped = sum(len(batch["skipped"]) for batch in itertools.islice(loader, 2))  # what the loop's 2 batches met
     assert logged["step"] == [1, 2] and logged["skipped_files"][-1] == skipped > 0
-    _, metadata = dit.load_export(str(tmp_path / "t2i" / "ema.safetensors"))
-    assert metadata["lumos"]["init"] == "scratch" and metadata["lumos"]["config"]["cond_dim"] == 64
+    info = dit.export_metadata(str(tmp_path / "t2i" / "ema.safetensors"))["lumos"]
+    assert info["init"] == "scratch" and info["config"]["cond_dim"] == 64
     folder = write_captioned_folder(tmp_path / "uncaptioned", ["a red circle", None, "  \n", "a blue star", None])
     dataset = train_t2i.SkipUncaptioned(data.open_dataset(str(folder), 16))
     first, second, last = dataset[0], dataset[1], dataset[4]
@@ -1921,8 +1922,7 @@ def test_t2i_init_finetune_from_the_i2i_export_then_sample_and_coco_fid30k(tiny_
     train_t2i.main(["--init", str(tiny_i2i / "ema.safetensors"), *TINY_LOOP, "--data", "shapes:64", "--steps", "2",
                     "--out", str(out)])
     assert read_metrics(out)["step"] == [1, 2] and read_metrics(out)["nonfinite_steps"][-1] == 0
-    model, metadata = dit.load_export(str(out / "ema.safetensors"))
-    info = metadata["lumos"]
+    model, info = sample.load_generator(str(out / "ema.safetensors"), torch.device("cpu"))
     assert (info["task"], info["encoder"], info["init"], model.cond_dim, model.cond_tokens) == \
         ("t2i", "random-t5", str(tiny_i2i / "ema.safetensors"), 64, 120)
     prompts = ["a red circle", "a small blue star at the top left on a green background"]
@@ -2167,9 +2167,9 @@ def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_
     assert logged["step"] == [1, 2, 3] and logged["nonfinite_steps"][-1] == 0 and logged["skipped_files"][-1] == skipped > 0
     assert read_metrics(out, "psnr")["step"] == [3] and "ssim" in read_metrics(out, "psnr")  # held-out PSNR, SSIM
     assert (out / "samples" / "step_0000003.png").exists()
-    model, metadata = dit.load_export(str(out / "ema.safetensors"))
-    info = metadata["lumos"]
-    assert (info["task"], info["init"], info["encoder"], metadata["step"]) == ("nvs", i2i_export, "random-vit", 3)
+    info = dit.export_metadata(str(out / "ema.safetensors"))
+    assert (info["lumos"]["task"], info["lumos"]["init"], info["lumos"]["encoder"], info["step"]) == \
+        ("nvs", i2i_export, "random-vit", 3)
     sample.main(["nvs", "--ckpt", str(out / "ema.safetensors"), "--images", str(tiny_i2i / "ref0.png"),
                  "--poses", "0,30,0", "20,90,0.1", "--steps", "2", "--out", str(tmp_path / "views_out")])
     assert sorted(os.listdir(tmp_path / "views_out")) == ["000000.png", "000001.png", "grid.png"]

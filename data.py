@@ -42,7 +42,8 @@ Command line: `python data.py show SPEC --out grid.png` writes a grid of samples
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
 `[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
 --image-size S` writes a feature cache of SPEC, split over the ranks; `python data.py index SPEC
-[--index DIR]` scans tar shards once into the index their readers memory-map.
+[--index DIR]` scans tar shards once into the index their readers memory-map; `python data.py
+shapes-encoder` trains the offline default's condition encoder (assets/shapes_vit.safetensors).
 """
 
 import argparse
@@ -795,6 +796,47 @@ class ShapesDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# The offline default's condition encoder (encoders.SHAPES_VIT), trained here on unlabeled shapes
+
+SHAPES_ENCODER = dict(image_size=32, patch_size=8, width=128, depth=2, heads=2)
+
+
+def train_shapes_encoder(out, steps=2500, batch_size=128, lr=1e-3, seed=0, num_images=20000, log_every=250):
+    """Train a small DINO-class ViT (SHAPES_ENCODER) on the first `num_images` shapes images, the
+    offline default's training set, and save it to `out` (safetensors, DINO's own key layout).
+
+    Self-supervised by reconstruction: a small deconvolution decoder must redraw each image from the
+    encoder's L2-normalised CLS, the feature Lumos conditions on, so that feature keeps what the image
+    shows. DINO's own objective is left out on purpose: its views (colour jitter, crops, flips) teach
+    invariance to the very colour, size and position that I2I must reproduce. No caption or attribute
+    is read, and the decoder is thrown away. Returns the last step's reconstruction MSE."""
+    from encoders import DINOEncoder  # only this command trains an encoder
+
+    torch.manual_seed(seed)
+    encoder = DINOEncoder(**SHAPES_ENCODER).requires_grad_(True).train()
+    width, nn = SHAPES_ENCODER["width"], torch.nn
+    decoder = nn.Sequential(  # the CLS -> 4 x 4 x 64 -> 8 -> 16 -> 32 px
+        nn.Linear(width, 64 * 16), nn.Unflatten(1, (64, 4, 4)), nn.GELU(),
+        nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.GELU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.GELU(),
+        nn.ConvTranspose2d(32, 3, 4, 2, 1))
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=lr)
+    images, draws = ShapesDataset(num_images, SHAPES_ENCODER["image_size"], seed), torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        batch = torch.stack([images[i]["image"] for i in torch.randint(num_images, (batch_size,), generator=draws).tolist()])
+        # x sqrt(width): unit-variance inputs for the decoder; the feature itself stays L2-normalised.
+        loss = torch.nn.functional.mse_loss(decoder(encoder.cls_feature(batch) * width ** 0.5), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0 or step == steps:
+            print(f"step {step}/{steps}: reconstruction mse {loss.item():.4f}", flush=True)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "num_images": num_images}
+    save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, out,
+              metadata={"lumos_shapes_encoder": json.dumps({**SHAPES_ENCODER, **settings})})
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------
 # Relative camera pose (Zero-1-to-3), the NVS condition beside the source view. Camera centres
 # C = -R^T T from the world-to-camera [R|T], in spherical coordinates about the world origin with
 # z up (polar angle from +z, azimuth from +x towards +y, radius); the pose of the target relative
@@ -1397,6 +1439,15 @@ def main(argv=None):
                                f"of the first shard); train with {TAR_INDEX_ENV}=DIR then")
     index_command.add_argument("--workers", type=int, default=os.cpu_count(), help="scanning processes")
     index_command.set_defaults(function=index)
+    encoder_command = commands.add_parser("shapes-encoder", help="train the offline default's condition encoder "
+                                                                 "(encoders.SHAPES_VIT) on unlabeled shapes images")
+    encoder_command.add_argument("--out", default="assets/shapes_vit.safetensors")
+    encoder_command.add_argument("--steps", type=int, default=2500)
+    encoder_command.add_argument("--batch-size", type=int, default=128)
+    encoder_command.add_argument("--lr", type=float, default=1e-3)
+    encoder_command.add_argument("--seed", type=int, default=0, help="seed of the shapes set and of the weights")
+    encoder_command.set_defaults(function=lambda args: train_shapes_encoder(
+        args.out, args.steps, args.batch_size, args.lr, args.seed))
     args = parser.parse_args(argv)
     try:
         args.function(args)

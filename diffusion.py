@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-PREDICTION_TYPES = ("epsilon", "v")
+PREDICTION_TYPES = ("epsilon", "v", "x0")
 SAMPLING_METHODS = ("ddpm", "ddim", "dpm++")
 SKIP_TYPES = ("time_uniform", "logSNR")
 
@@ -144,7 +144,7 @@ class GaussianDiffusion:
         if betas.dim() != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D schedule of at least 2 values in (0, 1]")
         if prediction not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction {prediction!r}; use 'epsilon' or 'v'")
+            raise ValueError(f"unknown prediction {prediction!r}; use one of {', '.join(PREDICTION_TYPES)}")
         self.prediction = prediction
         self.betas = betas
         self.log_betas = torch.log(betas)
@@ -195,12 +195,14 @@ class GaussianDiffusion:
     # ---- the model's reverse step ----------------------------------------------------
 
     def x0_and_eps(self, prediction, x_t, sqrt_abar, sqrt_one_minus_abar):
-        """Turn the model's epsilon or v prediction into (x0, epsilon), each like x_t.
+        """Turn the model's epsilon, v or x0 prediction into (x0, epsilon), each like x_t.
 
         The coefficients are floats or tensors broadcasting against x_t.
         """
         if self.prediction == "epsilon":
             return (x_t - sqrt_one_minus_abar * prediction) / sqrt_abar, prediction
+        if self.prediction == "x0":
+            return prediction, (x_t - sqrt_abar * prediction) / sqrt_one_minus_abar
         x0 = sqrt_abar * x_t - sqrt_one_minus_abar * prediction
         eps = sqrt_one_minus_abar * x_t + sqrt_abar * prediction
         return x0, eps
@@ -235,7 +237,8 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t.float(), **(model_kwargs or {}))
         prediction, var_values = _split_output(output, x0.shape[1])
-        target = noise if self.prediction == "epsilon" else self.v_target(x0, t, noise)
+        target = {"epsilon": noise, "x0": x0}.get(self.prediction)
+        target = self.v_target(x0, t, noise) if target is None else target
         mse = _mean_flat((target - prediction) ** 2)
         if var_values is None:
             return {"loss": mse, "mse": mse}

@@ -7,6 +7,7 @@ Each network is written out here and loads the published checkpoints as they are
 the reference library. transformers/diffusers are never imported at run time.
 """
 
+import hashlib
 import html
 import html.entities
 import json
@@ -40,7 +41,11 @@ from torch import nn
 # that compute them follow), and the space the diffusion runs in.
 # ----------------------------------------------------------------------------------------------
 
-RANDOM_VIT = "random-vit"  # the offline default's image encoder: a small DINO-class ViT, frozen random weights
+# The offline default's image encoder: a small DINO-class ViT trained on unlabeled `shapes` images
+# (`python data.py shapes-encoder`, which wrote the committed file), frozen as DINO is.
+SHAPES_VIT = "shapes-vit"
+SHAPES_VIT_FILE = pathlib.Path(__file__).resolve().parent / "assets" / "shapes_vit.safetensors"
+RANDOM_VIT = "random-vit"  # a small DINO-class ViT with frozen random weights
 RANDOM_T5 = "random-t5"  # the offline default's text encoder: a tiny T5 v1.1, frozen random weights
 RANDOM_T5_SEED = 0
 MAX_TEXT_TOKENS = 120  # Lumos pads / truncates every caption to 120 T5 tokens
@@ -72,14 +77,24 @@ class ImageSpace:
         return images.float().clamp(-1, 1)
 
 
-def load_image_encoder(spec, image_size, device, random_config=None):
-    """The frozen DINO condition encoder: Hub repo / folder / .pth, or a small random ViT of the same
-    class (seeded; `random_config` defaults to random_vit_config, and exports record it, so that
-    sample.py rebuilds the identical one)."""
+def load_image_encoder(spec, image_size, device, config=None):
+    """The frozen DINO condition encoder: Hub repo / folder / .pth; SHAPES_VIT, the offline default;
+    or a small random ViT of the same class (seeded). `config` is what an export recorded
+    (`encoder_config`): the random ViT's sizes (default random_vit_config), or the SHAPES_VIT file's
+    SHA-256, checked so that sample.py never conditions on another encoder than training did."""
     if spec == RANDOM_VIT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            encoder = DINOEncoder(**(random_config or random_vit_config(image_size)))
+            encoder = DINOEncoder(**(config or random_vit_config(image_size)))
+    elif spec == SHAPES_VIT:
+        expected, found = (config or {}).get("sha256"), encoder_config(SHAPES_VIT, image_size)
+        if found is None:
+            raise FileNotFoundError(f"{SHAPES_VIT_FILE} is missing: restore it from git, or make it anew with "
+                                    f"`python data.py shapes-encoder`")
+        if expected and expected != found["sha256"]:
+            raise ValueError(f"{SHAPES_VIT_FILE} (SHA-256 {found['sha256'][:12]}...) is not the {SHAPES_VIT} this "
+                             f"model was trained with ({expected[:12]}...); check out the commit whose file made it")
+        encoder = DINOEncoder.from_pretrained(SHAPES_VIT_FILE)
     else:
         encoder = DINOEncoder.from_pretrained(spec)
     return encoder.to(device)
@@ -87,6 +102,16 @@ def load_image_encoder(spec, image_size, device, random_config=None):
 
 def random_vit_config(image_size):
     return dict(image_size=image_size, patch_size=max(4, image_size // 4), width=128, depth=2, heads=2)
+
+
+def encoder_config(spec, image_size):
+    """What an export records of its image encoder beyond `spec`: the random ViT's sizes, the SHA-256
+    of the SHAPES_VIT file (None when it is missing); None for a Hub repo or a file."""
+    if spec == RANDOM_VIT:
+        return random_vit_config(image_size)
+    if spec == SHAPES_VIT and SHAPES_VIT_FILE.is_file():
+        return {"sha256": hashlib.sha256(SHAPES_VIT_FILE.read_bytes()).hexdigest()}
+    return None
 
 
 def image_condition(encoder):
@@ -420,6 +445,10 @@ class DINOEncoder(nn.Module):
         224 for DINO v1) with antialiased bilinear, center crop to size x size, ImageNet mean/std.
         DINOv2's Hub config says 518 px; FD-DINOv2 conventionally uses size=224.
         """
+        return self.cls_feature(images, size)
+
+    def cls_feature(self, images, size=None):
+        """`encode` with gradients: what data.py's shapes-encoder command trains."""
         size = size or self.image_size
         pixels = (images.float() + 1) / 2
         pixels = TF.resize(pixels, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)

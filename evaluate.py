@@ -10,8 +10,9 @@
     LPIPS          v0.1 (AlexNet or VGG16), from the `lpips` package's linear weights and a torchvision
                    backbone file
     shapes         a deterministic detector of the `shapes` set's attributes: how often generated images
-                   show what their caption asks for (a miniature GenEval), and how far the attribute
-                   distributions of generated and real images are apart
+                   show what their caption asks for (a miniature GenEval), how far the attribute
+                   distributions of generated and real images are apart, and the I2I agreement of
+                   samples with their references; a linear probe of the attributes in a condition
 
 Images go in as uint8 (H, W, 3) arrays: a (N, H, W, 3) array, an `.npz` holding one as `arr_0` (the
 ADM evaluator's format), or a folder (recursive, sorted by path). Reference statistics can also be a
@@ -25,6 +26,7 @@ Command line (one JSON result on stdout):
     python evaluate.py stats --images DIR|NPZ --out STATS.npz [--features inception|dinov2]
     python evaluate.py nvs --pred DIR|NPZ --target DIR|NPZ [--lpips-linear alex.pth --lpips-backbone PATH]
     python evaluate.py shapes --images DIR|NPZ [--captions FILE] [--real DIR|NPZ|shapes:N]
+    python evaluate.py shapes-probe --encoder shapes-vit|random-vit|REPO   # what a condition holds
     torchrun --nproc_per_node 8 evaluate.py coco-fid --annotations captions_val2014.json \\
         --images val2014/ --ckpt runs/t2i/ema.safetensors        # MS-COCO FID-30K, one command
 """
@@ -58,7 +60,7 @@ from data import (
     shape_outline, to_rgb,
 )
 import sample
-from encoders import IMAGENET_MEAN, IMAGENET_STD, DINOEncoder, load_into
+from encoders import IMAGENET_MEAN, IMAGENET_STD, DINOEncoder, load_image_encoder, load_into
 
 
 def default_device():
@@ -910,6 +912,15 @@ def alignment_scores(detected, expected):
     return {name: float(np.mean(correct[name])) for name in order if correct[name]} | {"images": len(detected)}
 
 
+def i2i_agreement(images, references):
+    """I2I agreement: how often a generated image shows what its reference shows. Both are uint8
+    (N, S, S, 3); the attributes of each are read back by detect_shape_attrs, and the reference's
+    are the expected ones (alignment_scores: per attribute, "object" and "all"). 1.0 for the
+    references themselves; chance (1/8 colour, 1/5 shape, ...) for references in another order."""
+    expected = [{name: detect_shape_attrs(reference)[name] for name in SHAPE_ATTRIBUTES} for reference in references]
+    return alignment_scores([detect_shape_attrs(image) for image in images], expected)
+
+
 def attribute_distance(attrs_a, attrs_b):
     """Total variation distance, 0.5 * sum_v |p_a(v) - p_b(v)|, between the value frequencies of each
     attribute in two lists of attribute dicts (a failed detection, None, is a value of its own), and
@@ -921,6 +932,27 @@ def attribute_distance(attrs_a, attrs_b):
         values = set(counts_a) | set(counts_b)
         distances[name] = 0.5 * sum(abs(counts_a[v] / len(attrs_a) - counts_b[v] / len(attrs_b)) for v in values)
     return distances | {"mean": float(np.mean(list(distances.values())))}
+
+
+def shapes_probe(encode, num_train=3000, num_test=1000, image_size=32, seed=0, batch_size=250):
+    """How much of each shapes attribute an image feature holds: a linear probe, least squares from the
+    features (plus a constant) of the first `num_train` shapes images to each attribute's one-hot
+    code, scored by accuracy (argmax) on the next `num_test`. encode: images (B, 3, S, S) in [-1, 1]
+    -> features (B, D). Solved in float64 with an SVD (gelsd), so no machine's rounding decides it."""
+    attrs = [sample_shape_attrs(seed, i) for i in range(num_train + num_test)]
+    features = torch.cat([
+        encode(torch.from_numpy(np.stack([render_shape(a, image_size) for a in attrs[i: i + batch_size]]))
+               .permute(0, 3, 1, 2).float() / 127.5 - 1).double()
+        for i in range(0, len(attrs), batch_size)])
+    features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)
+    scores = {}
+    for name, values in (("background", COLORS), ("color", COLORS), ("shape", SHAPES), ("size", SIZES),
+                         ("position", POSITIONS)):
+        labels = torch.tensor([list(values).index(a[name]) for a in attrs])
+        targets = F.one_hot(labels, len(values)).double()
+        readout = torch.linalg.lstsq(features[:num_train], targets[:num_train], driver="gelsd").solution
+        scores[name] = (features[num_train:] @ readout).argmax(1).eq(labels[num_train:]).double().mean().item()
+    return scores
 
 
 def shapes_reference_images(num_images, image_size, seed=0):
@@ -955,6 +987,12 @@ def _load_unit_images(path):
     if len({images[i].shape for i in range(len(images))}) > 1:
         raise ValueError(f"{path}: images of different sizes; PSNR/SSIM/LPIPS compare images of one size")
     return torch.cat([_unit_tensor(images[i]) for i in range(len(images))])
+
+
+def run_shapes_probe(args):
+    encoder = load_image_encoder(args.encoder, args.image_size, torch.device(args.device))
+    return shapes_probe(lambda images: encoder.encode(images.to(args.device)).cpu(), args.num_train, args.num_test,
+                        args.image_size)
 
 
 def run_fid(args):
@@ -1129,6 +1167,12 @@ def build_parser():
     sub.add_argument("--images", required=True)
     sub.add_argument("--captions", help="text file, the caption of image i on line i")
     sub.add_argument("--real", help="reference images: a folder, an .npz, or shapes:N (the first N, seed 0)")
+    sub = command("shapes-probe", run_shapes_probe, "linear probe of the shapes attributes in an image encoder's "
+                                                     "condition feature (its L2-normalised CLS)")
+    sub.add_argument("--encoder", required=True, help="DINO repo/folder/.pth, shapes-vit or random-vit")
+    sub.add_argument("--image-size", type=int, default=32)
+    sub.add_argument("--num-train", type=int, default=3000)
+    sub.add_argument("--num-test", type=int, default=1000)
     return parser
 
 

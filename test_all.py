@@ -377,7 +377,7 @@ def test_schedules_respacing_q_sample_and_posterior_follow_their_specs_and_bad_a
     noise = torch.zeros(2, 4, 2, 2)  # bad arguments raise clear errors
     assert_raises(ValueError, "'linear' or 'cosine'", lambda: beta_schedule("quadratic"))
     assert_raises(ValueError, "steps=1001", lambda: spaced_timesteps(1000, 1001))
-    assert_raises(ValueError, "prediction", lambda: GaussianDiffusion(linear_betas(), prediction="x0"))
+    assert_raises(ValueError, "prediction 'x'", lambda: GaussianDiffusion(linear_betas(), prediction="x"))
     assert_raises(ValueError, "betas", lambda: GaussianDiffusion(torch.tensor([0.1, 1.5])))
     assert_raises(ValueError, "returned 3 channels; expected 4", lambda: diffusion().training_losses(
         fixed_output(noise[:, :3]), noise, torch.tensor([1, 2])))
@@ -449,6 +449,8 @@ def test_mse_and_v_prediction_losses_and_the_vb_term_trains_only_the_variance():
     v_target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
     torch.testing.assert_close(v_terms["loss"], ((v_target - output) ** 2).mean(dim=(1, 2, 3)))
     assert torch.equal(v_terms["loss"], v_terms["mse"])
+    x0_terms = diffusion("x0").training_losses(fixed_output(output), x0, t, noise=noise)
+    torch.testing.assert_close(x0_terms["loss"], ((x0 - output) ** 2).mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
     output = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)  # 2C channels: mse trains the mean
     x0 = torch.rand(3, 2, 2, 2, dtype=torch.float64) * 2 - 1
     for term, trained in (("vb", slice(2, None)), ("mse", slice(None, 2))):
@@ -502,18 +504,23 @@ def test_solvers_converge_to_the_exact_ode_solution_at_their_order(method, optio
     assert 0.85 * 2 ** order < errors[0] / errors[1] < 1.1 * 2 ** order and errors[1] < max_error
 
 
-def test_v_model_samples_like_the_epsilon_model_and_only_ddpm_uses_the_variance_channels():
+def test_v_and_x0_models_sample_like_the_epsilon_model_and_only_ddpm_uses_the_variance_channels():
+    def gaussian_x0(x, t):  # E[x0 | x_t] = (x_t - sqrt(1 - abar) E[eps | x_t]) / sqrt(abar)
+        abar = abar_at(t).to(x.dtype).view(-1, 1, 1, 1)
+        return (x - (1 - abar).sqrt() * gaussian_eps(x, t)) / abar.sqrt()
+
     def gaussian_v(x, t):  # sqrt(abar) E[eps | x_t] - sqrt(1 - abar) E[x0 | x_t]
-        abar, eps = abar_at(t).to(x.dtype).view(-1, 1, 1, 1), gaussian_eps(x, t)
-        return abar.sqrt() * eps - (1 - abar).sqrt() * (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        abar = abar_at(t).to(x.dtype).view(-1, 1, 1, 1)
+        return abar.sqrt() * gaussian_eps(x, t) - (1 - abar).sqrt() * gaussian_x0(x, t)
 
     noise, samples = seeded_noise(8, 2, 4, 4, dtype=torch.float64), {}
     for method, options in [("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm++", {}), ("ddpm", {})]:
-        eps_samples, v_samples = (diffusion(prediction).sample(model_fn, noise, method, 20, **options,
-                                                               generator=torch.Generator().manual_seed(1))
-                                  for prediction, model_fn in (("epsilon", gaussian_eps), ("v", gaussian_v)))
+        eps_samples, v_samples, x0_samples = (
+            diffusion(prediction).sample(model_fn, noise, method, 20, **options, generator=torch.Generator().manual_seed(1))
+            for prediction, model_fn in (("epsilon", gaussian_eps), ("v", gaussian_v), ("x0", gaussian_x0)))
         # float64 round-off, amplified by the division by sqrt(abar) = 0.006 at the first step
         torch.testing.assert_close(v_samples, eps_samples, rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(x0_samples, eps_samples, rtol=1e-7, atol=1e-7)
         samples[method, options.get("eta")] = eps_samples
     # DDIM with eta = 1 draws the posterior variance around the posterior mean at x0: ddpm's chain (C channels).
     torch.testing.assert_close(samples["ddim", 1.0], samples["ddpm", None], rtol=1e-12, atol=1e-12)
@@ -1339,6 +1346,29 @@ def assert_same_weights(actual, expected, rtol=TOLERANCE):
         torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=1e-7, msg=lambda m: f"{key}: {m}")
 
 
+def test_shapes_encoder_command_trains_a_dino_vit_that_loads_as_dino_and_checks_its_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "shapes_vit.safetensors"
+    data.main(["shapes-encoder", "--out", str(out), "--steps", "2", "--batch-size", "4"])
+    assert "step 2/2: reconstruction mse" in capsys.readouterr().out
+    trained = encoders.DINOEncoder.from_pretrained(out)  # DINO's own key layout, read by DINO's loader
+    torch.manual_seed(0)
+    initial = encoders.DINOEncoder(**data.SHAPES_ENCODER)
+    assert trained.state_dict().keys() == initial.state_dict().keys()
+    assert not torch.equal(trained.blocks[0].attn.qkv.weight, initial.blocks[0].attn.qkv.weight)  # it trained
+    features = trained.encode(torch.rand(3, 3, 32, 32) * 2 - 1)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))
+    monkeypatch.setattr(encoders, "SHAPES_VIT_FILE", out)  # what an export records, and checks on loading
+    config = encoders.encoder_config(encoders.SHAPES_VIT, 32)
+    assert config == {"sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+    loaded = encoders.load_image_encoder(encoders.SHAPES_VIT, 32, torch.device("cpu"), config)
+    assert torch.equal(loaded.encode(torch.zeros(1, 3, 32, 32)), trained.encode(torch.zeros(1, 3, 32, 32)))
+    assert_raises(ValueError, "is not the shapes-vit this model was trained with", lambda: encoders.load_image_encoder(
+        encoders.SHAPES_VIT, 32, torch.device("cpu"), {"sha256": "0" * 64}))
+    monkeypatch.setattr(encoders, "SHAPES_VIT_FILE", tmp_path / "absent.safetensors")
+    assert_raises(FileNotFoundError, "python data.py shapes-encoder",
+                  lambda: encoders.load_image_encoder(encoders.SHAPES_VIT, 32, torch.device("cpu")))
+
+
 def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_its_metadata_alone(tmp_path):
     train_i2i.main(TINY_RUN + ["--steps", "30", "--global-batch-size", "16", "--data", "shapes:256", "--lr", "3e-3",
                                "--max-grad-norm", "1", "--sample-every", "30", "--out", str(tmp_path)])
@@ -1349,7 +1379,9 @@ def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_i
     export = str(tmp_path / "ema.safetensors")  # sample.py rebuilds the model from the export alone
     (model, info), saved = sample.load_generator(export, torch.device("cpu")), load_file(export)
     config, step = info["config"], dit.export_metadata(export)["step"]
-    assert (info["space"], info["image_size"], info["encoder"], step) == ("pixel", 16, "random-vit", 30)
+    assert (info["space"], info["image_size"], info["encoder"], step) == ("pixel", 16, "shapes-vit", 30)
+    agreement = read_metrics(tmp_path, "agreement_all")  # the grid's I2I agreement with its references
+    assert agreement["step"] == [30] and 0 <= agreement["agreement_background"][0] <= 1
     assert config["depth"] == 2 and config["in_channels"] == 3
     assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
     y = torch.randn(2, 1, config["cond_dim"])
@@ -2169,7 +2201,7 @@ def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_
     assert (out / "samples" / "step_0000003.png").exists()
     info = dit.export_metadata(str(out / "ema.safetensors"))
     assert (info["lumos"]["task"], info["lumos"]["init"], info["lumos"]["encoder"], info["step"]) == \
-        ("nvs", i2i_export, "random-vit", 3)
+        ("nvs", i2i_export, "shapes-vit", 3)
     sample.main(["nvs", "--ckpt", str(out / "ema.safetensors"), "--images", str(tiny_i2i / "ref0.png"),
                  "--poses", "0,30,0", "20,90,0.1", "--steps", "2", "--out", str(tmp_path / "views_out")])
     assert sorted(os.listdir(tmp_path / "views_out")) == ["000000.png", "000001.png", "grid.png"]
@@ -2178,7 +2210,7 @@ def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_
     assert train_nvs.read_init(args) == (None, None) and args.init == "scratch"
     assert "make it with `python train_i2i.py`" in capsys.readouterr().out
     assert train_i2i.model_size(args) == train_i2i.OFFLINE_MODEL  # the loop's offline model
-    assert (args.encoder, args.image_size, args.vae, args.data) == ("random-vit", 32, None, "multiview:2000")
+    assert (args.encoder, args.image_size, args.vae, args.data) == ("shapes-vit", 32, None, "multiview:2000")
 
 
 # ======================================== evaluate ===============================================
@@ -2390,6 +2422,32 @@ def test_lpips_matches_the_lpips_package(tmp_path, net, monkeypatch):
     with torch.no_grad():
         assert_close_to_scale(ours(images, targets), reference(2 * images - 1, 2 * targets - 1).flatten(), 1e-5)
     assert ours(targets, targets).abs().max() == 0
+
+
+def test_i2i_agreement_is_one_on_the_references_and_chance_on_shuffled_ones():
+    references = evaluate.shapes_reference_images(400, 32, seed=5)
+    assert evaluate.i2i_agreement(references, references) == {
+        **dict.fromkeys((*evaluate.SHAPE_ATTRIBUTES, "object", "all"), 1.0), "images": 400}
+    shuffled = evaluate.i2i_agreement(np.roll(references, 1, axis=0), references)  # independent pairs
+    # Two independent draws agree with probability sum_v p_v^2: 1/8 for both colours (each is uniform
+    # over 8), 1/5 shape, 1/3 size, 1/9 position. Deterministic here; 4 binomial sigmas of 400 draws.
+    for name, chance in {"background": 1 / 8, "color": 1 / 8, "shape": 1 / 5, "size": 1 / 3, "position": 1 / 9}.items():
+        assert abs(shuffled[name] - chance) < 4 * math.sqrt(chance * (1 - chance) / 400), (name, shuffled[name])
+
+
+def test_shapes_probe_reads_every_attribute_from_a_feature_that_holds_it_and_none_from_noise(capsys):
+    def detected_one_hot(images):  # a feature that holds the five attributes, one-hot each
+        rows = [evaluate.detect_shape_attrs(image) for image in sample.to_uint8(images)]
+        return torch.tensor([[float(row[name] == value) for name, values in (
+            ("background", data.COLORS), ("color", data.COLORS), ("shape", data.SHAPES), ("size", data.SIZES),
+            ("position", data.POSITIONS)) for value in values] for row in rows])
+    assert evaluate.shapes_probe(detected_one_hot, num_train=200, num_test=100) == dict.fromkeys(
+        evaluate.SHAPE_ATTRIBUTES, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    noise = evaluate.shapes_probe(lambda images: torch.randn(len(images), 8, generator=generator), 400, 400)
+    assert noise["position"] < 1 / 9 + 4 * math.sqrt(1 / 9 * 8 / 9 / 400) and noise["shape"] < 0.2 + 0.08
+    evaluate.main(["shapes-probe", "--encoder", "random-vit", "--num-train", "100", "--num-test", "50"])
+    assert json.loads(capsys.readouterr().out).keys() == set(evaluate.SHAPE_ATTRIBUTES)
 
 
 def test_shapes_alignment_and_the_command_line(tmp_path, capsys, monkeypatch):

@@ -9,8 +9,10 @@ frozen DINO CLS feature through cross-attention. One loop for one CPU, one GPU a
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HOST:29500 train_i2i.py \
         --shard-group 8 --out /shared/runs/xl2 ...   # HSDP: shard in a node, replicate across; --out shared
 
-The offline default conditions on a small ViT of the DINO class with frozen *random* weights
-(`--encoder random-vit`): it shows the pipeline end to end; the prior comes from the real DINO.
+The offline default (about 5 minutes on 2 CPU cores) conditions on `shapes-vit`, a small ViT of the
+DINO class trained self-supervised on the unlabeled `shapes` images (`python data.py shapes-encoder`,
+committed in assets/), predicts x0 (RUN_DEFAULTS) and logs the I2I agreement of its held-out grids
+(evaluate.i2i_agreement); the prior itself comes from the real DINO.
 
 Real runs encode each image anew at every step unless the frozen encoders ran once beforehand:
     torchrun --nproc_per_node=8 data.py cache --data /data/images --out /data/cache256 \
@@ -70,11 +72,13 @@ from tqdm import tqdm
 
 import data
 from data import setup_distributed
-from diffusion import GaussianDiffusion, beta_schedule, draw_samples, sample_generator
+from diffusion import PREDICTION_TYPES, GaussianDiffusion, beta_schedule, draw_samples, sample_generator
 from dit import (DiT_models, build_model, checkpoint_dir, forward_flops, latest_checkpoint, read_weights,
                  upgrade_config)
-from encoders import (RANDOM_VIT, VAE, ImageSpace, cached_condition, image_condition, load_image_encoder,
-                      random_vit_config)
+from encoders import (RANDOM_VIT, SHAPES_VIT, VAE, ImageSpace, cached_condition, encoder_config, image_condition,
+                      load_image_encoder)
+from evaluate import i2i_agreement
+from sample import to_uint8
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity), for MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A10": 125.0,
@@ -112,9 +116,10 @@ def add_train_args(parser):
     a("--num-heads", type=int, help="override the model's head count")
     a("--image-size", type=int, default=32)
     a("--vae", default=None, help="SD-VAE repo or folder (latent space); none: pixel space")
-    a("--encoder", default=RANDOM_VIT, help=f"DINO repo/folder/.pth, or {RANDOM_VIT} (small frozen random ViT)")
-    a("--prediction", default="epsilon", choices=["epsilon", "v"])
-    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
+    a("--encoder", default=SHAPES_VIT, help=f"DINO repo/folder/.pth; {SHAPES_VIT} (a small ViT trained on shapes, "
+      f"`data.py shapes-encoder`) or {RANDOM_VIT} (a small frozen random ViT)")
+    a("--prediction", default=None, choices=PREDICTION_TYPES, help="default: see RUN_DEFAULTS")
+    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="default: see RUN_DEFAULTS")
     a("--steps", type=int, default=None, help="optimizer steps in total (default: see RUN_DEFAULTS)")
     a("--global-batch-size", type=int, default=64)
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
@@ -135,7 +140,7 @@ def add_train_args(parser):
     a("--ckpt-every", type=int, default=None, help="steps between checkpoints; 0: only on a signal (benchmarks)")
     a("--keep-last", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    a("--num-samples", type=int, default=16, help="held-out conditions in each sample grid")
+    a("--num-samples", type=int, default=64, help="held-out conditions in each sample grid (and its metrics)")
     a("--sample-method", default="ddim", choices=["ddpm", "ddim", "dpm++"])
     a("--sample-steps", type=int, default=50)
     a("--cfg-scale", type=float, default=1.0)
@@ -144,10 +149,11 @@ def add_train_args(parser):
     return parser
 
 
-# Defaults of a real run (--model given: DiT's 400K steps, its EMA, a checkpoint about every
-# 5-10 minutes on 8 GPUs, each 13 GB at XL/2) and of the offline default (a few minutes on a CPU).
-RUN_DEFAULTS = {"steps": (400_000, 500), "ema_decay": (0.9999, 0.99), "sample_every": (5_000, 250),
-                "ckpt_every": (5_000, 250)}
+# Defaults of a real run (--model given: DiT's 400K steps, its EMA and its epsilon prediction with
+# learned variances, a checkpoint about every 5-10 minutes on 8 GPUs, each 13 GB at XL/2) and of the
+# offline default (a few minutes on a CPU; README says why x0 prediction there).
+RUN_DEFAULTS = {"steps": (400_000, 1000), "ema_decay": (0.9999, 0.99), "sample_every": (5_000, 250),
+                "ckpt_every": (5_000, 250), "prediction": ("epsilon", "x0"), "learn_sigma": (True, False)}
 
 
 def check_args(args, world_size):
@@ -173,12 +179,12 @@ def check_args(args, world_size):
                          f"({'8 (VAE) x ' if args.vae else ''}patch size of {name})")
 
 
-OFFLINE_MODEL = ("DiT-S/4", dict(depth=6, hidden_size=256, num_heads=4))
+OFFLINE_MODEL = ("DiT-S/4", dict(depth=4, hidden_size=128, num_heads=2))
 
 
 def model_size(args):
     """(DiT_models name, size overrides) from --model and --depth/--hidden-size/--num-heads.
-    Without --model: the offline default, DiT-S/4 cut to depth 6 and width 256 for a CPU."""
+    Without --model: the offline default, DiT-S/4 cut to depth 4 and width 128 for a CPU."""
     name, overrides = (args.model, {}) if args.model else OFFLINE_MODEL
     explicit = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)}
     return name, {**overrides, **explicit}
@@ -619,8 +625,10 @@ def _train(args, task, rank, world_size, device):
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             path = os.path.join(args.out, "samples", f"step_{step:07d}.png") if rank == 0 else None
             images = sample_grid(ema, task, space, diffusion, eval_batch, args, path)
-            if task.evaluate:
-                log_line(args, rank, {"step": step, **task.evaluate(images, eval_batch)})
+            if task.evaluate and rank == 0:
+                scores = task.evaluate(images, eval_batch)
+                log_line(args, rank, {"step": step, **scores})
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
             model.train()
         signalled = step % args.log_every == 0 and all_reduce([float(stop["signal"] is not None)], device,
                                                               dist.ReduceOp.MAX)[0] > 0
@@ -845,10 +853,17 @@ def i2i_task(args, device):
     build = lambda: build_model(name, input_size=args.image_size // (8 if args.vae else 1),
                                 in_channels=4 if args.vae else 3, learn_sigma=args.learn_sigma,
                                 cond_dim=cond_dim, cond_tokens=1, **overrides)
-    encoder_config = random_vit_config(args.image_size) if args.encoder == RANDOM_VIT else None
     return Task(build_model=build, condition=condition, dataset=dataset,
                 eval_items=held_out_items(dataset, args.image_size, args.seed, args.num_samples),
-                metadata={"task": "i2i", "encoder_config": encoder_config})
+                evaluate=shapes_agreement if isinstance(dataset, data.ShapesDataset) else None,
+                metadata={"task": "i2i", "encoder_config": encoder_config(args.encoder, args.image_size)})
+
+
+def shapes_agreement(images, batch):
+    """Task.evaluate of I2I on `shapes`: the I2I agreement (evaluate.i2i_agreement) of the grid's
+    samples with their held-out references, per attribute."""
+    scores = i2i_agreement(to_uint8(images), to_uint8(batch["image"]))
+    return {f"agreement_{name}": value for name, value in scores.items() if name != "images"}
 
 
 def check_cache_settings(cache, args):

@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 import data
 from data import POSE_DIM, relative_pose, setup_distributed
 from dit import DiT_models, LumosDiT
-from encoders import RANDOM_VIT, load_image_encoder, nvs_condition, random_vit_config
+from encoders import SHAPES_VIT, encoder_config, load_image_encoder, nvs_condition
 from evaluate import psnr, ssim
 from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, model_size,
                        print_transfer, resolve_init, train, transfer_weights)
@@ -420,7 +420,7 @@ def nvs_task(args, i2i_state, i2i_info, device):
                 metadata={"task": "nvs", "init": args.init,
                           "pose": "[d_polar, sin d_azimuth, cos d_azimuth, d_radius] of the target camera "
                                   "relative to the source (Zero-1-to-3)",
-                          "encoder_config": random_vit_config(encoder_size) if args.encoder == RANDOM_VIT else None},
+                          "encoder_config": encoder_config(args.encoder, encoder_size)},
                 hflip=False)  # a flipped target would belong to a mirrored camera
     task.evaluate = held_out_metrics
     return task
@@ -441,7 +441,7 @@ def held_out_metrics(images, batch):
 INHERITED_ARGS = ("model", "vae", "encoder", "learn_sigma")
 # Defaults of a run from scratch, and of settings the I2I run leaves open (no --model: the loop's
 # offline model, see train_i2i.model_size).
-SCRATCH_DEFAULTS = {"encoder": RANDOM_VIT, "learn_sigma": True, "image_size": 32, "prediction": "epsilon"}
+SCRATCH_DEFAULTS = {"encoder": SHAPES_VIT, "image_size": 32}  # prediction, variances: train_i2i.RUN_DEFAULTS
 
 
 def read_init(args):

@@ -407,7 +407,7 @@ def t2i_task(args, i2i_state, i2i_info, device):
 # Fixed by the I2I weights: taken from --init when not given, an error when given otherwise.
 INHERITED_ARGS = ("model", "vae", "learn_sigma")
 # Defaults of a run from scratch, and of settings the I2I run leaves open.
-SCRATCH_DEFAULTS = {"learn_sigma": True, "image_size": 32, "prediction": "epsilon"}
+SCRATCH_DEFAULTS = {"image_size": 32}  # prediction and variances: train_i2i.RUN_DEFAULTS, by --model
 
 
 def read_init(args):
@@ -448,7 +448,7 @@ def cache_text(argv):
     a("--out", required=True, help="the cache folder (train with --text-cache DIR)")
     a("--image-size", type=int, default=32, help="as in training (a cache:DIR data spec checks it)")
     a("--seed", type=int, default=0, help="as in training (the shapes set and the sample grid depend on it)")
-    a("--num-samples", type=int, default=16, help="as in training: the sample grid's captions are cached too")
+    a("--num-samples", type=int, default=64, help="as in training: the sample grid's captions are cached too")
     a("--shard-size", type=int, default=10000, help="captions per shard")
     a("--batch-size", type=int, default=64)
     a("--workers", type=int, default=0, help="data loader workers reading the captions")

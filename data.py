@@ -822,7 +822,8 @@ def train_shapes_encoder(out, steps=2500, batch_size=128, lr=1e-3, seed=0, num_i
     optimizer = torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=lr)
     images, draws = ShapesDataset(num_images, SHAPES_ENCODER["image_size"], seed), torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
-        batch = torch.stack([images[i]["image"] for i in torch.randint(num_images, (batch_size,), generator=draws).tolist()])
+        indices = torch.randint(num_images, (batch_size,), generator=draws).tolist()
+        batch = torch.stack([images[i]["image"] for i in indices])
         # x sqrt(width): unit-variance inputs for the decoder; the feature itself stays L2-normalised.
         loss = torch.nn.functional.mse_loss(decoder(encoder.cls_feature(batch) * width ** 0.5), batch)
         optimizer.zero_grad(set_to_none=True)

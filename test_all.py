@@ -2095,7 +2095,7 @@ def test_i2i_weights_read_from_any_source_carried_widened_and_added_or_rejected(
     nvs, _ = nvs_from(random_i2i())
     train_i2i.write_export(str(bad), nvs.state_dict(), {"lumos": {"task": "nvs", "config": nvs.config}})
     args = train_nvs.add_nvs_args(argparse.ArgumentParser()).parse_args(["--init", str(bad / "ema.safetensors")])
-    assert_raises(ValueError, "a 'nvs' model; start from an I2I model", lambda: train_nvs.read_init(args))
+    assert_raises(ValueError, "a 'nvs' model; start from an I2I or T2I model", lambda: train_nvs.read_init(args))
 
 
 def write_objects(root, count, image_size=16):
@@ -2184,6 +2184,26 @@ def test_relative_pose_renderer_multiview_items_and_the_zero123_folder_with_bad_
     np.testing.assert_allclose(camera[:, 3], [0, 0, np.linalg.norm(position)], atol=1e-12)  # origin: straight ahead
     assert (rotation @ [0, 0, 1.0])[1] < 0  # world up is image up (camera y points down)
     assert_raises(ValueError, "up axis", lambda: train_nvs.look_at([0, 0, 2.0]))
+
+
+def test_nvs_from_a_t2i_prior_carries_the_blocks_and_makes_the_condition_embedder_new(tiny_i2i, tmp_path, capsys):
+    train_t2i.main(["--init", str(tiny_i2i / "ema.safetensors"), *TINY_LOOP, "--data", "shapes:64", "--steps", "1",
+                    "--out", str(tmp_path / "t2i")])
+    t2i_export, nvs_args = str(tmp_path / "t2i" / "ema.safetensors"), [*TINY_LOOP, "--data", "multiview:4",
+                                                                       "--held-out-objects", "1"]
+    args = train_nvs.add_nvs_args(argparse.ArgumentParser()).parse_args(["--init", t2i_export, *nvs_args])
+    state, info = train_nvs.read_init(args)  # the T2I's encoder is its T5: the image encoder is the default
+    assert (info["task"], args.encoder, args.image_size, args.model) == ("t2i", "shapes-vit", 16, "DiT-S/4")
+    capsys.readouterr()
+    nvs = train_nvs.nvs_task(args, state, info, torch.device("cpu")).build_model()
+    new = capsys.readouterr().out.split("\n  new (")[1]
+    assert all(key in new for key in ("pose_mixer.weight", *train_nvs.CONDITION_KEYS))
+    assert (nvs.cond_dim, nvs.cond_tokens, state["y_embedder.y_embedding"].shape) == (128, 1, (120, 64))
+    carried = [key for key in state if key.startswith(("blocks.", "t_embedder.", "final_layer."))]
+    assert len(carried) > 20 and all(torch.equal(nvs.state_dict()[key], state[key]) for key in carried)
+    train_nvs.main(["--init", t2i_export, *nvs_args, "--steps", "1", "--out", str(tmp_path / "nvs")])
+    assert read_metrics(tmp_path / "nvs")["step"] == [1]
+    assert dit.export_metadata(str(tmp_path / "nvs" / "ema.safetensors"))["lumos"]["encoder"] == "shapes-vit"
 
 
 def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_path, tiny_i2i, monkeypatch, capsys):

@@ -749,15 +749,19 @@ DEFAULT_I2I_EXPORT = os.path.join("runs", "i2i", "ema.safetensors")  # `python t
 
 
 def resolve_init(args, inherited, scratch_defaults):
-    """Read --init (dit.read_weights: an I2I export, checkpoint or run folder, the official .pth; or
-    scratch) and fill into `args` what the weights fix: the `inherited` arguments (taken when not
-    given, refused when given otherwise), the image size and prediction (taken when not given);
-    then `scratch_defaults` for whatever is still unset. -> (state dict or None, info or None)."""
+    """Read --init (dit.read_weights: an export, checkpoint or run folder, the official .pth; or
+    scratch) and fill into `args` what the weights fix. `inherited` maps each task whose weights may
+    start this run ("i2i"; "t2i" too for NVS) to the arguments they fix (taken when not given,
+    refused when given otherwise); the image size and prediction are taken when not given; then
+    `scratch_defaults` for whatever is still unset. -> (state dict or None, info or None)."""
     state = info = None
     if args.init != "scratch":
         state, info = read_weights(args.init, args.init_entry)
-        if info["task"] not in ("i2i", None):  # None: the official file, an I2I model
-            raise ValueError(f"--init {args.init}: a {info['task']!r} model; start from an I2I model")
+        task = info["task"] or "i2i"  # None: the official file, an I2I model
+        if task not in inherited:
+            raise ValueError(f"--init {args.init}: a {task!r} model; start from an "
+                             f"{' or '.join(t.upper() for t in inherited)} model")
+        inherited = inherited[task]
         sizes = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
         if sizes:
             raise ValueError(f"{', '.join(sizes)}: the model's size comes from --init {args.init}; "

@@ -6,6 +6,7 @@ camera, given one view of it and the relative camera pose (Zero-1-to-3's recipe 
     torchrun --nproc_per_node=8 train_nvs.py --init Lumos_I2I.pth --vae stabilityai/sd-vae-ft-ema \\
         --encoder facebook/dino-vitb16 --image-size 256 --data /data/views_release --lr 1e-4 --out runs/nvs
     python train_nvs.py --init scratch --out runs/nvs_scratch   # the no-prior baseline, same model size
+    python train_nvs.py --init runs/t2i/ema.safetensors --out runs/nvs_t2i   # from a T2I prior
 
 The model is the I2I LumosDiT with two additions (`LumosDiT(pose_dim=4)`, see dit.py):
   - input: the source view (its latent, or its pixels in pixel space) concatenated to the noisy
@@ -14,7 +15,8 @@ The model is the I2I LumosDiT with two additions (`LumosDiT(pose_dim=4)`, see di
     back to the condition width by a new linear layer, `pose_mixer`.
 Loaded from I2I weights, the new patch-embedding input channels are zero and `pose_mixer` is the
 identity on the feature and zero on the pose, so at step 0 the model computes exactly the I2I
-function of the target alone; every transformer block carries over.
+function of the target alone; every transformer block carries over. From a T2I prior the condition
+embedder is new too (T5 tokens in, one image-encoder token now; --encoder, default shapes-vit).
 
 Relative pose, as Zero-1-to-3's code: data.relative_pose, [d_polar, sin(d_azimuth),
 cos(d_azimuth), d_radius] of the target camera relative to the source one.
@@ -397,23 +399,34 @@ def open_multiview(spec, image_size, seed=0, held_out_objects=8):
 #                                  The task                                     #
 #################################################################################
 
-def nvs_task(args, i2i_state, i2i_info, device):
-    """The NVS Task for the loop: the NVS LumosDiT from the I2I weights (or scratch), multi-view data, no flips."""
+# New in an NVS model from a T2I prior: the condition embedder, from the T5's width to the image encoder's.
+CONDITION_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
+                  "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
+
+
+def nvs_task(args, prior_state, prior_info, device):
+    """The NVS Task for the loop: the NVS LumosDiT from an I2I or T2I prior (or scratch), multi-view
+    data, no flips. From T2I, the condition embedder is new (the reverse of I2I -> T2I): the T5 tokens
+    give way to one image-encoder token; the blocks and the rest carry over."""
     train_set, held_out_set = open_multiview(args.data, args.image_size, args.seed, args.held_out_objects)
+    from_t2i = prior_info is not None and prior_info["task"] == "t2i"
     # A random-ViT encoder is rebuilt as the I2I run built it, from that run's image size.
-    encoder_size = (i2i_info or {}).get("image_size") or args.image_size
+    encoder_size = (prior_info or {}).get("image_size") or args.image_size
     encoder = load_image_encoder(args.encoder, encoder_size, device)
     input_size = args.image_size // (8 if args.vae else 1)
-    if i2i_state is None:
+    condition = {"cond_dim": encoder.norm.normalized_shape[0], "cond_tokens": 1}
+    if prior_state is None:
         name, overrides = model_size(args)
         i2i_config = {**DiT_models[name].keywords, **overrides, "in_channels": 4 if args.vae else 3,
-                      "learn_sigma": args.learn_sigma, "cond_dim": encoder.norm.normalized_shape[0], "cond_tokens": 1}
+                      "learn_sigma": args.learn_sigma, **condition}
         template = LumosDiT(**nvs_config(i2i_config, input_size))
     else:
-        template = LumosDiT(**nvs_config(i2i_info["config"], input_size))
-        report = transfer_weights(template, i2i_state, new_keys=("pose_mixer.weight", "pose_mixer.bias"),
-                                  widened_keys=("x_embedder.proj.weight",), source=f"--init {args.init}")
-        print_transfer(args.init, report, "identity on the feature, zero on the pose")
+        template = LumosDiT(**nvs_config({**prior_info["config"], **condition}, input_size))
+        new_keys = ("pose_mixer.weight", "pose_mixer.bias") + (CONDITION_KEYS if from_t2i else ())
+        report = transfer_weights(template, prior_state, new_keys=new_keys, widened_keys=("x_embedder.proj.weight",),
+                                  source=f"--init {args.init}")
+        print_transfer(args.init, report, "identity on the feature, zero on the pose"
+                       + ("; the image condition's embedder, initialised as LumosDiT does" if from_t2i else ""))
     count = min(args.num_samples, len(held_out_set))
     task = Task(build_model=lambda: copy.deepcopy(template), condition=nvs_condition(encoder), dataset=train_set,
                 eval_items=[held_out_set[k * len(held_out_set) // count] for k in range(count)],
@@ -437,11 +450,12 @@ def held_out_metrics(images, batch):
 #                               Command line                                    #
 #################################################################################
 
-# Fixed by the I2I weights: taken from --init when not given, an error when given otherwise.
-INHERITED_ARGS = ("model", "vae", "encoder", "learn_sigma")
-# Defaults of a run from scratch, and of settings the I2I run leaves open (no --model: the loop's
-# offline model, see train_i2i.model_size).
-SCRATCH_DEFAULTS = {"encoder": SHAPES_VIT, "image_size": 32}  # prediction, variances: train_i2i.RUN_DEFAULTS
+# Fixed by the prior's weights: taken from --init when not given, an error when given otherwise. A
+# T2I prior's condition encoder is its T5: the image encoder is --encoder (default SHAPES_VIT).
+INHERITED_ARGS = {"i2i": ("model", "vae", "encoder", "learn_sigma"), "t2i": ("model", "vae", "learn_sigma")}
+# Defaults of a run from scratch, and of settings the prior leaves open (no --model: the loop's
+# offline model, see train_i2i.model_size; prediction, variances: train_i2i.RUN_DEFAULTS).
+SCRATCH_DEFAULTS = {"image_size": 32}
 
 
 def read_init(args):
@@ -453,9 +467,11 @@ def read_init(args):
             print(f"no I2I prior at {DEFAULT_I2I_EXPORT}: make it with `python train_i2i.py` (its offline "
                   f"default) or pass --init; training from scratch now", flush=True)
     state, info = resolve_init(args, INHERITED_ARGS, SCRATCH_DEFAULTS)
-    if info is not None and args.encoder is None:
-        raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
-                         f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
+    if args.encoder is None:
+        if info is not None and info["task"] != "t2i":
+            raise ValueError(f"--init {args.init} does not say which DINO it was trained with: pass --encoder "
+                             f"(facebook/dino-vitb16 for the official Lumos_I2I.pth)")
+        args.encoder = SHAPES_VIT  # scratch, or a T2I prior
     return state, info
 
 
@@ -465,7 +481,7 @@ def add_nvs_args(parser):
     # with it, so that the EMA has mostly left the I2I weights by the end.
     parser.set_defaults(out="runs/nvs", data="multiview:2000", steps=200, global_batch_size=32, lr=3e-4,
                         warmup_steps=50, ema_decay=0.99, sample_every=100, ckpt_every=100, model=None,
-                        **{k: None for k in SCRATCH_DEFAULTS})
+                        encoder=None, **{k: None for k in SCRATCH_DEFAULTS})
     a = parser.add_argument
     a("--init", default="auto", help=f"I2I weights: an ema.safetensors export, a checkpoint or run folder, the "
                                      f"official Lumos_I2I.pth, or scratch; auto: {DEFAULT_I2I_EXPORT} if it exists")

@@ -405,7 +405,7 @@ def t2i_task(args, i2i_state, i2i_info, device):
 #################################################################################
 
 # Fixed by the I2I weights: taken from --init when not given, an error when given otherwise.
-INHERITED_ARGS = ("model", "vae", "learn_sigma")
+INHERITED_ARGS = {"i2i": ("model", "vae", "learn_sigma")}
 # Defaults of a run from scratch, and of settings the I2I run leaves open.
 SCRATCH_DEFAULTS = {"image_size": 32}  # prediction and variances: train_i2i.RUN_DEFAULTS, by --model
 

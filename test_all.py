@@ -1952,8 +1952,10 @@ def test_captions_the_text_cache_and_a_scratch_run_from_it(tmp_path, monkeypatch
 def test_t2i_init_finetune_from_the_i2i_export_then_sample_and_coco_fid30k(tiny_i2i, tmp_path, monkeypatch, capsys):
     out = tmp_path / "t2i"
     train_t2i.main(["--init", str(tiny_i2i / "ema.safetensors"), *TINY_LOOP, "--data", "shapes:64", "--steps", "2",
-                    "--out", str(out)])
+                    "--sample-every", "2", "--out", str(out)])
     assert read_metrics(out)["step"] == [1, 2] and read_metrics(out)["nonfinite_steps"][-1] == 0
+    accuracy = read_metrics(out, "caption_all")  # the grid's held-out captions, read back by the detector
+    assert accuracy["step"] == [2] and 0 <= accuracy["caption_color"][0] <= 1 and "attribute_distance" in accuracy
     model, info = sample.load_generator(str(out / "ema.safetensors"), torch.device("cpu"))
     assert (info["task"], info["encoder"], info["init"], model.cond_dim, model.cond_tokens) == \
         ("t2i", "random-t5", str(tiny_i2i / "ema.safetensors"), 64, 120)
@@ -2444,8 +2446,12 @@ def test_lpips_matches_the_lpips_package(tmp_path, net, monkeypatch):
     assert ours(targets, targets).abs().max() == 0
 
 
-def test_i2i_agreement_is_one_on_the_references_and_chance_on_shuffled_ones():
+def test_i2i_agreement_and_caption_accuracy_are_one_on_the_references_and_chance_on_shuffled_ones():
     references = evaluate.shapes_reference_images(400, 32, seed=5)
+    batch = {"image": torch.from_numpy(references[:20]).permute(0, 3, 1, 2).float() / 127.5 - 1,
+             "caption": [data.shapes_caption(data.sample_shape_attrs(5, i)) for i in range(20)]}
+    assert train_t2i.caption_accuracy(batch["image"], batch) == {  # T2I's grid metric, on the references
+        **{f"caption_{name}": 1.0 for name in (*evaluate.SHAPE_ATTRIBUTES, "object", "all")}, "attribute_distance": 0.0}
     assert evaluate.i2i_agreement(references, references) == {
         **dict.fromkeys((*evaluate.SHAPE_ATTRIBUTES, "object", "all"), 1.0), "images": 400}
     shuffled = evaluate.i2i_agreement(np.roll(references, 1, axis=0), references)  # independent pairs

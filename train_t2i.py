@@ -54,6 +54,8 @@ import data
 from data import setup_distributed
 from dit import DiT_models, LumosDiT
 from encoders import MAX_TEXT_TOKENS, RANDOM_T5, load_text_encoder, random_t5_description, text_condition
+from evaluate import alignment_scores, attribute_distance, detect_shape_attrs, parse_shapes_caption
+from sample import to_uint8
 from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, held_out_items,
                        model_size, print_transfer, resolve_init, train, transfer_weights)
 
@@ -397,7 +399,19 @@ def t2i_task(args, i2i_state, i2i_info, device):
                 **(random_t5_description(data.shapes_vocabulary()) if args.t5 == RANDOM_T5 else {})}
     # No flips (as PixArt): captions name left and right, and a mirrored image would contradict its own.
     return Task(build_model=lambda: copy.deepcopy(template), condition=text_condition(encode, device),
-                dataset=train_set, eval_items=eval_items, metadata=metadata, hflip=False)
+                dataset=train_set, eval_items=eval_items, metadata=metadata, hflip=False,
+                evaluate=caption_accuracy if isinstance(base, data.ShapesDataset) else None)
+
+
+def caption_accuracy(images, batch):
+    """Task.evaluate of T2I on `shapes`: per attribute, how often the grid's samples show what their
+    held-out captions state (evaluate.alignment_scores), and the mean total-variation distance of
+    their attributes' distribution to the held-out references' (evaluate.attribute_distance)."""
+    detected = [detect_shape_attrs(image) for image in to_uint8(images)]
+    scores = alignment_scores(detected, [parse_shapes_caption(caption) for caption in batch["caption"]])
+    references = [detect_shape_attrs(image) for image in to_uint8(batch["image"])]
+    return {**{f"caption_{name}": value for name, value in scores.items() if name != "images"},
+            "attribute_distance": attribute_distance(detected, references)["mean"]}
 
 
 #################################################################################

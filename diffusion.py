@@ -1,7 +1,8 @@
 """Gaussian diffusion for Lumos: noise schedules, the training objective, samplers, guidance.
 
 The model is trained as in improved DDPM / DiT: epsilon prediction with a learned-range
-variance and the "hybrid" loss (MSE + variational bound), or v-prediction with plain MSE.
+variance and the "hybrid" loss (MSE + variational bound), or v- or x0-prediction with plain MSE
+(x0: what a pixel-space model with large patches learns fastest, the offline default).
 Samplers: ancestral DDPM with timestep respacing, DDIM, and DPM-Solver++ 2M on the
 discrete VP schedule. Schedule arithmetic is done in float64 and cast to the sample's
 dtype where it meets a tensor.
@@ -134,7 +135,7 @@ class GaussianDiffusion:
     """A discrete Gaussian diffusion over `len(betas)` steps.
 
     betas: (T,) noise schedule. prediction: what the model's first C output channels
-    predict, "epsilon" or "v" (v = sqrt(abar) eps - sqrt(1 - abar) x0). A model with 2C
+    predict, "epsilon", "v" (v = sqrt(abar) eps - sqrt(1 - abar) x0) or "x0". A model with 2C
     output channels also predicts the variance, interpolating in log space between the
     clipped posterior variance (v = -1) and beta_t (v = +1).
     """
@@ -237,8 +238,10 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t.float(), **(model_kwargs or {}))
         prediction, var_values = _split_output(output, x0.shape[1])
-        target = {"epsilon": noise, "x0": x0}.get(self.prediction)
-        target = self.v_target(x0, t, noise) if target is None else target
+        if self.prediction == "epsilon":
+            target = noise
+        else:
+            target = x0 if self.prediction == "x0" else self.v_target(x0, t, noise)
         mse = _mean_flat((target - prediction) ** 2)
         if var_values is None:
             return {"loss": mse, "mse": mse}

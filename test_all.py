@@ -2846,11 +2846,13 @@ def test_out_must_be_one_folder_that_every_rank_sees(tmp_path):
 
 def test_a_real_run_gets_real_run_defaults():
     parse = lambda *argv: train_i2i.add_train_args(argparse.ArgumentParser()).parse_args(argv)  # noqa: E731
-    for argv, expected in ((("--model", "DiT-XL/2", "--image-size", "256"), (400_000, 0.9999, 5_000, 5_000)),
-                           ((), (500, 0.99, 250, 250))):
+    real_run = (400_000, 0.9999, 5_000, 5_000, "epsilon", True)  # DiT's recipe
+    for argv, expected in ((("--model", "DiT-XL/2", "--image-size", "256"), real_run),
+                           ((), (1000, 0.99, 250, 250, "x0", False))):
         args = parse(*argv)
         train_i2i.check_args(args, world_size=1)
-        assert (args.steps, args.ema_decay, args.sample_every, args.ckpt_every) == expected
+        assert expected == (args.steps, args.ema_decay, args.sample_every, args.ckpt_every, args.prediction,
+                            args.learn_sigma)
         assert args.precision == ("bf16" if torch.cuda.is_available() else "fp32")
     with pytest.raises(ValueError, match="--shard-group 4 must divide the world size 6"):
         train_i2i.check_args(parse("--shard-group", "4", "--global-batch-size", "60"), world_size=6)

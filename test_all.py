@@ -516,7 +516,8 @@ def test_v_and_x0_models_sample_like_the_epsilon_model_and_only_ddpm_uses_the_va
     noise, samples = seeded_noise(8, 2, 4, 4, dtype=torch.float64), {}
     for method, options in [("ddim", {}), ("ddim", {"eta": 1.0}), ("dpm++", {}), ("ddpm", {})]:
         eps_samples, v_samples, x0_samples = (
-            diffusion(prediction).sample(model_fn, noise, method, 20, **options, generator=torch.Generator().manual_seed(1))
+            diffusion(prediction).sample(model_fn, noise, method, 20, **options,
+                                         generator=torch.Generator().manual_seed(1))
             for prediction, model_fn in (("epsilon", gaussian_eps), ("v", gaussian_v), ("x0", gaussian_x0)))
         # float64 round-off, amplified by the division by sqrt(abar) = 0.006 at the first step
         torch.testing.assert_close(v_samples, eps_samples, rtol=1e-7, atol=1e-7)

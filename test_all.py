@@ -1372,7 +1372,8 @@ def test_shapes_encoder_command_trains_a_dino_vit_that_loads_as_dino_and_checks_
 
 def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_its_metadata_alone(tmp_path):
     train_i2i.main(TINY_RUN + ["--steps", "30", "--global-batch-size", "16", "--data", "shapes:256", "--lr", "3e-3",
-                               "--max-grad-norm", "1", "--sample-every", "30", "--out", str(tmp_path)])
+                               "--max-grad-norm", "1", "--sample-every", "30", "--out", str(tmp_path),
+                               "--prediction", "x0", "--no-learn-sigma"])  # the offline default's recipe
     loss, lr = read_metrics(tmp_path)["loss"], read_metrics(tmp_path)["lr"]  # last 5 losses: 0.56 of the first 5
     assert len(loss) == 30 and sum(loss[-5:]) < 0.7 * sum(loss[:5])
     assert lr == pytest.approx([1.5e-3] + [3e-3] * 29, rel=1e-12)  # lr * min(1, (step + 1) / 2), then constant
@@ -1380,13 +1381,14 @@ def test_loss_decreases_on_shapes_the_lr_warms_up_and_the_export_rebuilds_from_i
     export = str(tmp_path / "ema.safetensors")  # sample.py rebuilds the model from the export alone
     (model, info), saved = sample.load_generator(export, torch.device("cpu")), load_file(export)
     config, step = info["config"], dit.export_metadata(export)["step"]
-    assert (info["space"], info["image_size"], info["encoder"], step) == ("pixel", 16, "shapes-vit", 30)
+    assert (info["space"], info["image_size"], info["encoder"], info["prediction"], step) == \
+        ("pixel", 16, "shapes-vit", "x0", 30)
     agreement = read_metrics(tmp_path, "agreement_all")  # the grid's I2I agreement with its references
     assert agreement["step"] == [30] and 0 <= agreement["agreement_background"][0] <= 1
     assert config["depth"] == 2 and config["in_channels"] == 3
     assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
     y = torch.randn(2, 1, config["cond_dim"])
-    assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), y).shape == (2, 6, 16, 16)
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0]), y).shape == (2, 3, 16, 16)
 
 
 def test_resume_after_a_kill_during_a_checkpoint_save_is_exact_and_reads_pre_rename_configs(tmp_path, monkeypatch):

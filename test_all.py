@@ -2841,8 +2841,10 @@ def test_out_must_be_one_folder_that_every_rank_sees(tmp_path):
     script = tmp_path / "check_out.py"  # rank r checks out/<shared or r>: as if each node mounted its own disk
     script.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport data, train_i2i\n"
                       f"rank = data.setup_distributed()[0]\n"
-                      f"train_i2i.check_shared_out(os.path.join({str(tmp_path)!r}, sys.argv[1] or str(rank)), rank)\n")
-    assert torchrun(script, "shared").returncode == 0
+                      f"train_i2i.check_shared_out(os.path.join({str(tmp_path)!r}, sys.argv[1] or str(rank)), rank)\n"
+                      f"train_i2i.dist.destroy_process_group()\n")  # as train() does: no teardown race at exit
+    result = torchrun(script, "shared")
+    assert result.returncode == 0, result.stderr[-3000:]
     result = torchrun(script, "")
     assert result.returncode != 0 and "do not see the files rank 0 writes there" in result.stderr
 

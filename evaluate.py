@@ -938,7 +938,7 @@ def shapes_probe(encode, num_train=3000, num_test=1000, image_size=32, seed=0, b
     """How much of each shapes attribute an image feature holds: a linear probe, least squares from the
     features (plus a constant) of the first `num_train` shapes images to each attribute's one-hot
     code, scored by accuracy (argmax) on the next `num_test`. encode: images (B, 3, S, S) in [-1, 1]
-    -> features (B, D). Solved in float64 with an SVD (gelsd), so no machine's rounding decides it."""
+    -> features (B, D). Solved in float64 with an SVD (gelsd), which copes with collinear features."""
     attrs = [sample_shape_attrs(seed, i) for i in range(num_train + num_test)]
     features = torch.cat([
         encode(torch.from_numpy(np.stack([render_shape(a, image_size) for a in attrs[i: i + batch_size]]))

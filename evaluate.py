@@ -767,6 +767,8 @@ class LPIPS(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 SHAPE_ATTRIBUTES = ("shape", "color", "size", "position", "background")
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": tuple(POSITIONS),
+                    "background": tuple(COLORS)}  # the values each attribute takes, in data.py's order
 _PALETTE_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float64)
 
@@ -939,16 +941,13 @@ def shapes_probe(encode, num_train=3000, num_test=1000, image_size=32, seed=0, b
     features (plus a constant) of the first `num_train` shapes images to each attribute's one-hot
     code, scored by accuracy (argmax) on the next `num_test`. encode: images (B, 3, S, S) in [-1, 1]
     -> features (B, D). Solved in float64 with an SVD (gelsd), which copes with collinear features."""
-    attrs = [sample_shape_attrs(seed, i) for i in range(num_train + num_test)]
-    features = torch.cat([
-        encode(torch.from_numpy(np.stack([render_shape(a, image_size) for a in attrs[i: i + batch_size]]))
-               .permute(0, 3, 1, 2).float() / 127.5 - 1).double()
-        for i in range(0, len(attrs), batch_size)])
-    features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)
-    scores = {}
-    for name, values in (("background", COLORS), ("color", COLORS), ("shape", SHAPES), ("size", SIZES),
-                         ("position", POSITIONS)):
-        labels = torch.tensor([list(values).index(a[name]) for a in attrs])
+    count = num_train + num_test
+    images = torch.from_numpy(shapes_reference_images(count, image_size, seed)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    features = torch.cat([encode(batch).double() for batch in images.split(batch_size)])
+    features = torch.cat([features, features.new_ones(count, 1)], dim=1)
+    attrs, scores = [sample_shape_attrs(seed, i) for i in range(count)], {}
+    for name, values in ATTRIBUTE_VALUES.items():
+        labels = torch.tensor([values.index(a[name]) for a in attrs])
         targets = F.one_hot(labels, len(values)).double()
         readout = torch.linalg.lstsq(features[:num_train], targets[:num_train], driver="gelsd").solution
         scores[name] = (features[num_train:] @ readout).argmax(1).eq(labels[num_train:]).double().mean().item()

@@ -1998,9 +1998,10 @@ def test_t2i_init_finetune_from_the_i2i_export_then_sample_and_coco_fid30k(tiny_
     weights = train_t2i.t2i_model(args, state, info, text_width=64).state_dict()
     torch.manual_seed(0)
     fresh = LumosDiT(**{**info["config"], "cond_dim": 64, "cond_tokens": 120}).state_dict()
-    assert sorted(k for k in weights if k not in train_t2i.NEW_KEYS) == sorted(k for k in state if k not in train_t2i.NEW_KEYS)
+    new = train_i2i.CONDITION_KEYS
+    assert sorted(k for k in weights if k not in new) == sorted(k for k in state if k not in new)
     for key in weights:
-        assert torch.equal(weights[key], fresh[key] if key in train_t2i.NEW_KEYS else state[key]), key
+        assert torch.equal(weights[key], fresh[key] if key in new else state[key]), key
     assert weights["y_embedder.y_embedding"].shape == (120, 64) and state["y_embedder.y_embedding"].shape[1] != 64
     # The new condition layers start as a fresh model's: N(0, 0.02) weights, zero biases, N(0, 1/64) tokens.
     assert weights["y_embedder.y_proj.fc1.weight"].std().item() == pytest.approx(0.02, rel=0.1)
@@ -2202,7 +2203,7 @@ def test_nvs_from_a_t2i_prior_carries_the_blocks_and_makes_the_condition_embedde
     capsys.readouterr()
     nvs = train_nvs.nvs_task(args, state, info, torch.device("cpu")).build_model()
     new = capsys.readouterr().out.split("\n  new (")[1]
-    assert all(key in new for key in ("pose_mixer.weight", *train_nvs.CONDITION_KEYS))
+    assert all(key in new for key in ("pose_mixer.weight", *train_i2i.CONDITION_KEYS))
     assert (nvs.cond_dim, nvs.cond_tokens, state["y_embedder.y_embedding"].shape) == (128, 1, (120, 64))
     carried = [key for key in state if key.startswith(("blocks.", "t_embedder.", "final_layer."))]
     assert len(carried) > 20 and all(torch.equal(nvs.state_dict()[key], state[key]) for key in carried)
@@ -2467,9 +2468,8 @@ def test_i2i_agreement_and_caption_accuracy_are_one_on_the_references_and_chance
 def test_shapes_probe_reads_every_attribute_from_a_feature_that_holds_it_and_none_from_noise(capsys):
     def detected_one_hot(images):  # a feature that holds the five attributes, one-hot each
         rows = [evaluate.detect_shape_attrs(image) for image in sample.to_uint8(images)]
-        return torch.tensor([[float(row[name] == value) for name, values in (
-            ("background", data.COLORS), ("color", data.COLORS), ("shape", data.SHAPES), ("size", data.SIZES),
-            ("position", data.POSITIONS)) for value in values] for row in rows])
+        return torch.tensor([[float(row[name] == value) for name, values in evaluate.ATTRIBUTE_VALUES.items()
+                              for value in values] for row in rows])
     assert evaluate.shapes_probe(detected_one_hot, num_train=200, num_test=100) == dict.fromkeys(
         evaluate.SHAPE_ATTRIBUTES, 1.0)
     generator = torch.Generator().manual_seed(0)

@@ -761,18 +761,18 @@ def resolve_init(args, inherited, scratch_defaults):
         if task not in inherited:
             raise ValueError(f"--init {args.init}: a {task!r} model; start from an "
                              f"{' or '.join(t.upper() for t in inherited)} model")
-        inherited = inherited[task]
+        fixed = inherited[task]
         sizes = [f"--{k.replace('_', '-')}" for k in ("depth", "hidden_size", "num_heads") if getattr(args, k)]
         if sizes:
             raise ValueError(f"{', '.join(sizes)}: the model's size comes from --init {args.init}; "
                              f"these apply only with --init scratch")
         saved = {**info, "learn_sigma": info["config"]["learn_sigma"]}
-        for name in inherited:
+        for name in fixed:
             given = getattr(args, name)
             if given is not None and saved.get(name) is not None and given != saved[name]:
                 raise ValueError(f"--{name.replace('_', '-')} {given}: --init {args.init} was trained with "
                                  f"{saved[name]}; drop the flag or use --init scratch")
-        for name in (*inherited, "image_size", "prediction"):
+        for name in (*fixed, "image_size", "prediction"):
             if getattr(args, name) is None:
                 setattr(args, name, saved.get(name))
         channels = info["config"]["in_channels"]
@@ -784,6 +784,12 @@ def resolve_init(args, inherited, scratch_defaults):
         if getattr(args, name) is None:
             setattr(args, name, default)
     return state, info
+
+
+# The weights that depend on the condition's width: new whenever the condition changes (I2I -> T2I,
+# T2I -> NVS).
+CONDITION_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
+                  "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
 
 
 def transfer_weights(model, state_dict, new_keys=(), widened_keys=(), source="checkpoint"):

@@ -55,8 +55,8 @@ from data import POSE_DIM, relative_pose, setup_distributed
 from dit import DiT_models, LumosDiT
 from encoders import SHAPES_VIT, encoder_config, load_image_encoder, nvs_condition
 from evaluate import psnr, ssim
-from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, model_size,
-                       print_transfer, resolve_init, train, transfer_weights)
+from train_i2i import (CONDITION_KEYS, DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error,
+                       model_size, print_transfer, resolve_init, train, transfer_weights)
 
 
 #################################################################################
@@ -398,11 +398,6 @@ def open_multiview(spec, image_size, seed=0, held_out_objects=8):
 #################################################################################
 #                                  The task                                     #
 #################################################################################
-
-# New in an NVS model from a T2I prior: the condition embedder, from the T5's width to the image encoder's.
-CONDITION_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
-                  "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
-
 
 def nvs_task(args, prior_state, prior_info, device):
     """The NVS Task for the loop: the NVS LumosDiT from an I2I or T2I prior (or scratch), multi-view

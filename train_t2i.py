@@ -56,13 +56,8 @@ from dit import DiT_models, LumosDiT
 from encoders import MAX_TEXT_TOKENS, RANDOM_T5, load_text_encoder, random_t5_description, text_condition
 from evaluate import alignment_scores, attribute_distance, detect_shape_attrs, parse_shapes_caption
 from sample import to_uint8
-from train_i2i import (DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error, held_out_items,
-                       model_size, print_transfer, resolve_init, train, transfer_weights)
-
-# The only weights T2I does not take from the I2I model: they depend on the condition's width.
-NEW_KEYS = ("y_embedder.y_proj.fc1.weight", "y_embedder.y_proj.fc1.bias", "y_embedder.y_proj.fc2.weight",
-            "y_embedder.y_proj.fc2.bias", "y_embedder.y_embedding")
-
+from train_i2i import (CONDITION_KEYS, DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error,
+                       held_out_items, model_size, print_transfer, resolve_init, train, transfer_weights)
 
 #################################################################################
 #                               Captioned data                                  #
@@ -359,7 +354,7 @@ def open_text_cache(args, eval_captions):
 
 def t2i_model(args, i2i_state, i2i_info, text_width):
     """The T2I LumosDiT: the I2I model's config (or --model's from scratch) with T5 tokens as the
-    condition; from I2I weights every key but NEW_KEYS carries over (train_nvs.transfer_weights)."""
+    condition; from I2I weights every key but CONDITION_KEYS carries over (train_i2i.transfer_weights)."""
     if i2i_state is None:
         name, overrides = model_size(args)
         config = {**DiT_models[name].keywords, **overrides, "in_channels": 4 if args.vae else 3,
@@ -369,7 +364,7 @@ def t2i_model(args, i2i_state, i2i_info, text_width):
     input_size = args.image_size // (8 if args.vae else 1)
     model = LumosDiT(**{**config, "input_size": input_size, "cond_dim": text_width, "cond_tokens": MAX_TEXT_TOKENS})
     if i2i_state is not None:
-        report = transfer_weights(model, i2i_state, new_keys=NEW_KEYS, source=f"--init {args.init}")
+        report = transfer_weights(model, i2i_state, new_keys=CONDITION_KEYS, source=f"--init {args.init}")
         print_transfer(args.init, report, f"T5 condition of width {text_width}, initialised as LumosDiT does")
     return model
 

@@ -6,6 +6,7 @@
     python bench.py train                                   # the training loop: compile, bf16, cache, FSDP2
     python bench.py cache-size                              # feature cache bytes per item; target error
     python bench.py data-index --images 1000000 --baseline OLD_DATA_PY   # tar shards: scan vs index
+    python bench.py t2i                                     # Lumos_T2I.pth's model: 1024 px forward, 512 px sample
 
 FLOPs are counted as nanoGPT and the DiT paper do (2 per multiply-add of the matmuls and
 attention, `dit.forward_flops`); a training step is 3x the forward. MFU = achieved FLOP/s over
@@ -34,7 +35,8 @@ from safetensors.torch import save_file
 import data
 from dit import build_model, forward_flops
 from encoders import VAE, DINOEncoder, T5Config, T5Encoder, is_t5_encoder_key
-from train_i2i import device_peak_tflops
+from diffusion import GaussianDiffusion, beta_schedule, draw_samples
+from train_i2i import device_peak_tflops, peak_memory_gib
 
 def synchronize(device):
     if device.type == "cuda":
@@ -489,6 +491,79 @@ def bench_data_index(args):
           "private B/image: RSS less file pages after 10k names (peak RSS for the build) over the first row's RSS")
 
 
+def multi_scale_t2i(name, image_size, device):
+    """The release's T2I model at `name`'s size for `image_size` px (SD-VAE latents, T5-XXL's 120 x 4096
+    tokens, lewei_scale as dit.config_from_state gives it), random weights: a forward's time does not
+    depend on their values, and N(0, 0.02) everywhere skips the slow initialisation of 826 M weights."""
+    with torch.device("meta"):
+        model = build_model(name, input_size=image_size // 8, cond_dim=4096, cond_tokens=120, multi_scale=True,
+                            lewei_scale=image_size / 512)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.normal_(0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
+def t2i_inputs(batch, image_size, device):
+    """A caption of 20 real tokens padded to 120 (as the T2I demo pads), the square bucket's sizes."""
+    mask = (torch.arange(120) < 20).expand(batch, -1).to(device)
+    return {"y": torch.randn(batch, 120, 4096, device=device) * mask[..., None], "mask": mask,
+            "img_hw": torch.full((batch, 2), float(image_size), device=device),
+            "aspect_ratio": torch.ones(batch, 1, device=device)}
+
+
+def measure_t2i(args):
+    """One measurement of `bench.py t2i`, in this (fresh) process: prints a JSON line."""
+    device, dtype = torch.device(args.device), {"bf16": torch.bfloat16, "fp32": None}[args.precision]
+    size = args.forward_size if args.one == "forward" else args.sample_size
+    model = multi_scale_t2i(args.model, size, device)
+    cond = t2i_inputs(1, size, device)
+    with torch.no_grad(), torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+        start = time.perf_counter()
+        if args.one == "forward":
+            model(torch.randn(1, 4, size // 8, size // 8, device=device), torch.full((1,), 500.0, device=device), **cond)
+        else:
+            vae_config = {**SD_VAE_CONFIG, "block_out_channels": args.vae_widths,
+                          "norm_num_groups": math.gcd(SD_VAE_CONFIG["norm_num_groups"], *args.vae_widths)}
+            vae_dir, _ = write_random_encoders(args.tmp, vae_config, {**DINO_VITB16, "depth": 1})
+            vae = VAE.from_pretrained(vae_dir).to(device).eval()
+            diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
+            latent = draw_samples(diffusion, model, cond, (4, size // 8, size // 8), [0], 0, "dpm++", args.steps,
+                                  4.5, device, skip_type="time_uniform", clip_denoised=False)
+            vae.decode(latent)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_gib": peak_memory_gib(device)}))
+
+
+def bench_t2i(args):
+    """The multi-scale T2I model of Lumos_T2I.pth (random weights): one 1024 px forward, and one
+    whole 512 px sample (DPM-Solver++, guidance 4.5: two passes a step, then the SD-VAE decode),
+    each in a fresh process: time and peak memory (CPU: peak RSS, interpreter included)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, size in (("forward", args.forward_size), ("sample", args.sample_size)):
+            for precision in args.precisions:
+                command = [sys.executable, os.path.abspath(__file__), "t2i", "--one", kind, "--precision", precision,
+                           "--tmp", tmp, *args.passthrough]
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"bench.py t2i --one {kind} failed:\n{result.stderr}")
+                report = json.loads(result.stdout.strip().splitlines()[-1])
+                with torch.device("meta"):
+                    passes = 1 if kind == "forward" else 2 * args.steps
+                    tflops = passes * forward_flops(multi_scale_t2i(args.model, size, "meta")) / 1e12
+                rows.append({"what": f"{kind} {size} px" + (f", {args.steps} steps + decode" if kind == "sample" else ""),
+                             "precision": precision, "seconds": f"{report['seconds']:.1f}",
+                             "DiT TFLOPs": f"{tflops:.1f}", "DiT TFLOP/s": f"{tflops / report['seconds']:.3f}",
+                             "peak GiB": "-" if report["peak_gib"] is None else f"{report['peak_gib']:.2f}"})
+                print(f"  {rows[-1]}", flush=True)
+    print(f"{args.model}, multi-scale, 120 T5-XXL tokens (20 real), batch 1, device {args.device}, "
+          f"{torch.get_num_threads()} threads; TFLOP/s counts the DiT's matmuls only (the decode is extra time)")
+    print_table(rows, list(rows[0]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -530,7 +605,24 @@ def main():
     tar_index.add_argument("--baseline", help="a data.py from before the index (git show REV:data.py > FILE)")
     tar_index.add_argument("--dir", help="where to write the shards (default: the temp folder)")
     tar_index.set_defaults(func=bench_data_index)
+    t2i = sub.add_parser("t2i", help="Lumos_T2I.pth's model: a 1024 px forward and a 512 px DPM-Solver++ sample")
+    t2i.add_argument("--model", default="DiT-XL/2")
+    t2i.add_argument("--forward-size", type=int, default=1024)
+    t2i.add_argument("--sample-size", type=int, default=512)
+    t2i.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps of the sample")
+    t2i.add_argument("--precisions", nargs="+", default=["bf16"], choices=["bf16", "fp32"])
+    t2i.add_argument("--vae-widths", type=int, nargs=4, default=SD_VAE_CONFIG["block_out_channels"],
+                     help="the random VAE's block_out_channels (default: SD-VAE's)")
+    t2i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t2i.add_argument("--one", choices=["forward", "sample"], help=argparse.SUPPRESS)  # a child's measurement
+    t2i.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    t2i.add_argument("--tmp", help=argparse.SUPPRESS)
+    t2i.set_defaults(func=lambda args: measure_t2i(args) if args.one else bench_t2i(args))
     args = parser.parse_args()
+    if args.command == "t2i":  # what the children need to build the same model
+        args.passthrough = ["--model", args.model, "--forward-size", str(args.forward_size), "--sample-size",
+                            str(args.sample_size), "--steps", str(args.steps), "--device", args.device,
+                            "--vae-widths", *map(str, args.vae_widths)]
     args.func(args)
 
 

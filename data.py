@@ -172,6 +172,42 @@ def center_crop_arr(pil_image, image_size):
     return pixels[top : top + image_size, left : left + image_size]
 
 
+# PixArt-alpha's aspect-ratio buckets, as the Lumos release's utils/resolution.py lists them at
+# 1024 px: height / width as its key (a string, rounded) -> [height, width] in pixels. Its 512 px
+# and 256 px tables are exactly this one scaled by 1/2 and 1/4; its *_TEST tables (what the
+# demos snap a requested size to) leave out the seven keys of TEST_LEFT_OUT.
+ASPECT_RATIO_1024 = {
+    "0.25": [512.0, 2048.0], "0.26": [512.0, 1984.0], "0.27": [512.0, 1920.0], "0.28": [512.0, 1856.0],
+    "0.32": [576.0, 1792.0], "0.33": [576.0, 1728.0], "0.35": [576.0, 1664.0], "0.4": [640.0, 1600.0],
+    "0.42": [640.0, 1536.0], "0.48": [704.0, 1472.0], "0.5": [704.0, 1408.0], "0.52": [704.0, 1344.0],
+    "0.57": [768.0, 1344.0], "0.6": [768.0, 1280.0], "0.68": [832.0, 1216.0], "0.72": [832.0, 1152.0],
+    "0.78": [896.0, 1152.0], "0.82": [896.0, 1088.0], "0.88": [960.0, 1088.0], "0.94": [960.0, 1024.0],
+    "1.0": [1024.0, 1024.0], "1.07": [1024.0, 960.0], "1.13": [1088.0, 960.0], "1.21": [1088.0, 896.0],
+    "1.29": [1152.0, 896.0], "1.38": [1152.0, 832.0], "1.46": [1216.0, 832.0], "1.67": [1280.0, 768.0],
+    "1.75": [1344.0, 768.0], "2.0": [1408.0, 704.0], "2.09": [1472.0, 704.0], "2.4": [1536.0, 640.0],
+    "2.5": [1600.0, 640.0], "2.89": [1664.0, 576.0], "3.0": [1728.0, 576.0], "3.11": [1792.0, 576.0],
+    "3.62": [1856.0, 512.0], "3.75": [1920.0, 512.0], "3.88": [1984.0, 512.0], "4.0": [2048.0, 512.0],
+}
+TEST_LEFT_OUT = ("0.26", "0.27", "2.89", "3.11", "3.62", "3.75", "3.88")
+
+
+def aspect_ratio_buckets(image_size, test=False):
+    """{key: (height, width)} at `image_size` px: the 1024 px table scaled (the release's 512 and
+    256 px tables for those sizes); `test`: without TEST_LEFT_OUT (the release's *_TEST tables).
+    Every side is a multiple of 64 at 1024 px, so a size divisible by 16 keeps them whole."""
+    if image_size <= 0 or image_size % 16:
+        raise ValueError(f"aspect-ratio buckets at {image_size} px: the size must be a positive multiple of 16")
+    return {key: (int(height * image_size // 1024), int(width * image_size // 1024))
+            for key, (height, width) in ASPECT_RATIO_1024.items() if not (test and key in TEST_LEFT_OUT)}
+
+
+def closest_bucket(height, width, buckets):
+    """(key, (height, width)) of the bucket whose key is nearest height / width (the first of a tie,
+    in table order: the release's get_closest_ratio)."""
+    key = min(buckets, key=lambda ratio: abs(float(ratio) - height / width))
+    return key, buckets[key]
+
+
 def pixels_to_tensor(pixels):
     """uint8 (H, W, 3) array -> float32 tensor (3, H, W) in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -4,12 +4,16 @@ Exact to the official Lumos checkpoints (key names, shapes, computation): see SP
 The timestep drives adaLN; the condition (one DINO CLS token for I2I, up to 120 T5 tokens for T2I)
 enters only through cross-attention, so the same blocks serve every condition. Novel view synthesis
 is an option of the same model (`pose_dim=4`): the source view joins the noisy target on channels
-and the relative camera pose is mixed into the condition token.
+and the relative camera pose is mixed into the condition token. So is the release's multi-scale T2I
+model (`multi_scale=True`, SPEC section 2b): image size and aspect ratio join the timestep embedding,
+and latents may be non-square.
 
     model = DiT_models["DiT-XL/2"]()                       # I2I, 822,006,176 parameters
     out = model(latent, t, cond_tokens, mask)              # (B, 2*4, 32, 32): epsilon, then v
     nvs = LumosDiT(in_channels=8, out_channels=4, pose_dim=4)
     out = nvs(target, t, cond_tokens, source=source_latent, pose=pose)
+    t2i = LumosDiT(input_size=128, cond_dim=4096, cond_tokens=120, multi_scale=True, lewei_scale=2.0)
+    out = t2i(latent_144x112, t, t5_tokens, mask, img_hw=hw, aspect_ratio=ratio)   # (B, 8, 144, 112)
 """
 import json
 import math
@@ -24,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from encoders import load_weights_only, open_safetensors
+from encoders import load_weights_only, locate, open_safetensors
 
 
 def modulate(x, shift, scale):
@@ -69,6 +73,16 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """The multi-scale model's micro-conditions (PixArt-alpha): each scalar of s (B, k) through its
+    own sinusoidal features and the shared MLP of width `hidden_size`, concatenated -> (B, k * hidden_size).
+    img_hw (height, width in pixels) gives k = 2, the aspect ratio k = 1."""
+
+    def forward(self, s):
+        batch, scalars = s.shape
+        return super().forward(s.reshape(-1)).reshape(batch, scalars * self.mlp[2].out_features)
 
 
 class Mlp(nn.Module):
@@ -233,14 +247,14 @@ class LumosDiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, cond_dim=768, cond_tokens=1, learn_sigma=True,
                  cond_dropout_prob=0.1, lewei_scale=1.0, out_channels=None, pose_dim=0,
-                 grad_checkpointing=False):
+                 multi_scale=False, grad_checkpointing=False):
         super().__init__()
         # Everything needed to rebuild this model (saved in checkpoints and exports).
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            cond_dim=cond_dim, cond_tokens=cond_tokens, learn_sigma=learn_sigma,
                            cond_dropout_prob=cond_dropout_prob, lewei_scale=lewei_scale,
-                           out_channels=out_channels or in_channels, pose_dim=pose_dim)
+                           out_channels=out_channels or in_channels, pose_dim=pose_dim, multi_scale=multi_scale)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -249,12 +263,15 @@ class LumosDiT(nn.Module):
             raise ValueError(f"LumosDiT with pose_dim={pose_dim} (NVS) takes the target and the source view: "
                              f"in_channels must be 2 x out_channels, "
                              f"got {in_channels} and {out_channels or in_channels}")
+        if multi_scale and (hidden_size % 3 or pose_dim):
+            raise ValueError(f"a multi-scale LumosDiT adds three size embeddings of width hidden_size / 3 and has no "
+                             f"pose: hidden_size must be divisible by 3 and pose_dim 0, got {hidden_size}, {pose_dim}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.lewei_scale = hidden_size, lewei_scale
         self.cond_dim, self.cond_tokens, self.learn_sigma = cond_dim, cond_tokens, learn_sigma
         self.out_channels = out_channels or in_channels
         self.pred_channels = self.out_channels * 2 if learn_sigma else self.out_channels
-        self.pose_dim = pose_dim
+        self.pose_dim, self.multi_scale = pose_dim, multi_scale
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -271,6 +288,15 @@ class LumosDiT(nn.Module):
             # seeded run draws the same random numbers as before.
             self.pose_mixer = nn.Linear(cond_dim + pose_dim, cond_dim)
             self.initialize_pose_mixer()
+        if multi_scale:
+            # Size (height, width) and aspect-ratio embedders, D/3 wide per scalar: together D, added
+            # to the timestep embedding, so every block's adaLN and the final layer see the sum.
+            self.csize_embedder = SizeEmbedder(hidden_size // 3)
+            self.ar_embedder = SizeEmbedder(hidden_size // 3)
+            for embedder in (self.csize_embedder, self.ar_embedder):  # as t_embedder (the release's init)
+                for linear in (embedder.mlp[0], embedder.mlp[2]):
+                    nn.init.normal_(linear.weight, std=0.02)
+                    nn.init.zeros_(linear.bias)
 
     def initialize_weights(self):
         def xavier_linear(module):
@@ -311,39 +337,54 @@ class LumosDiT(nn.Module):
             state_dict[prefix + "pos_embed"] = self.pos_embed.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def unpatchify(self, x):
-        """(B, N, p*p*C) -> (B, C, H, W)."""
-        p, c = self.patch_size, self.pred_channels
-        h = w = int(x.shape[1] ** 0.5)
+    def unpatchify(self, x, grid_hw):
+        """(B, h*w, p*p*C), grid_hw (h, w) -> (B, C, h*p, w*p)."""
+        (h, w), p, c = grid_hw, self.patch_size, self.pred_channels
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None, source=None, pose=None):
+    def position_embedding(self, grid_hw, device, dtype):
+        """(1, h*w, D): the buffer; in a multi-scale model computed for the latent's own grid at every
+        call, in float64 and then cast, as the release does, with the model's base_size and lewei_scale."""
+        if not self.multi_scale:
+            return self.pos_embed.to(dtype)
+        base = self.input_size // self.patch_size
+        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_hw, self.lewei_scale, base_size=base)
+        return torch.from_numpy(pos_embed).to(device, dtype)[None]
+
+    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None, source=None, pose=None,
+                img_hw=None, aspect_ratio=None):
         """
         x: (B, in_channels, H, W) noisy input; with pose_dim, (B, out_channels, H, W) the noisy
-        target; t: (B,) float timesteps in [0, 1000); y: (B, L, cond_dim) condition tokens;
+        target; H = W = input_size, except in a multi-scale model (any multiples of the patch);
+        t: (B,) float timesteps in [0, 1000); y: (B, L, cond_dim) condition tokens;
         mask: (B, L) bool/0-1, True for real tokens, or None;
         drop_cond: (B,) bool, True forces the null condition (CFG); None in training draws it with
         cond_dropout_prob, from `generator` if given;
         source: (B, out_channels, H, W) the source view, pose: (B, pose_dim) the relative camera
-        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose.
+        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose;
+        img_hw: (B, 2) image height and width in pixels, aspect_ratio: (B, 1) height / width: both
+        given iff multi_scale (PixArt-alpha's micro-conditions, as the release's `data_info`).
         Returns (B, pred_channels, H, W).
         """
-        self._check_inputs(x, y, mask, source, pose)
+        self._check_inputs(x, y, mask, source, pose, img_hw, aspect_ratio)
         if mask is not None:
             mask = mask.bool()
         y, dropped = self.y_embedder.token_drop(y, drop_cond, generator)
         if self.pose_dim:
             x, y = self.add_view(x, y, source, pose, dropped)
-        latent_tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        grid_hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        latent_tokens = self.x_embedder(x) + self.position_embedding(grid_hw, x.device, x.dtype)
         adaln_input = self.t_embedder(t)
+        if self.multi_scale:
+            adaln_input = adaln_input + torch.cat([self.csize_embedder(img_hw), self.ar_embedder(aspect_ratio)], dim=1)
         cond_tokens = self.y_embedder(y)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 latent_tokens = checkpoint(block, latent_tokens, adaln_input, cond_tokens, mask, use_reentrant=False)
             else:
                 latent_tokens = block(latent_tokens, adaln_input, cond_tokens, mask)
-        return self.unpatchify(self.final_layer(latent_tokens, adaln_input))
+        return self.unpatchify(self.final_layer(latent_tokens, adaln_input), grid_hw)
 
     def add_view(self, x, y, source, pose, dropped):
         """NVS: x (B, C, H, W), y (B, L, cond_dim), source (B, C, H, W), pose (B, pose_dim), dropped
@@ -358,29 +399,40 @@ class LumosDiT(nn.Module):
         y = self.pose_mixer(torch.cat([y, pose_tokens], dim=-1))
         return torch.cat([x, source.to(x.dtype)], dim=1), y
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None, **views):
+    def forward_with_cfg(self, x, t, y, cfg_scale, mask=None, **inputs):
         """Classifier-free guidance in one batch: eps_u + s * (eps_c - eps_u) on the epsilon
-        channels only; the variance channels come from the conditional half. `views`: source and
-        pose for NVS. Shapes as forward."""
+        channels only; the variance channels come from the conditional half. `inputs`: source and
+        pose for NVS, img_hw and aspect_ratio for the multi-scale model. Shapes as forward."""
         batch = x.shape[0]
         drop_cond = torch.arange(2 * batch, device=x.device) >= batch
         doubled = lambda a: None if a is None else torch.cat([a, a])
-        views = {name: doubled(value) for name, value in views.items()}
-        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond, **views)
+        inputs = {name: doubled(value) for name, value in inputs.items()}
+        out = self.forward(doubled(x), doubled(t), doubled(y), doubled(mask), drop_cond=drop_cond, **inputs)
         eps, rest = out[:, : self.out_channels], out[:, self.out_channels:]
         eps_cond, eps_uncond = eps.chunk(2)
         guided = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
         return torch.cat([guided, rest[:batch]], dim=1)
 
-    def _check_inputs(self, x, y, mask, source, pose):
-        C, S = self.out_channels if self.pose_dim else self.in_channels, self.input_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (C, S, S):
+    def _check_inputs(self, x, y, mask, source, pose, img_hw, aspect_ratio):
+        C, S, p = self.out_channels if self.pose_dim else self.in_channels, self.input_size, self.patch_size
+        if self.multi_scale:
+            if x.ndim != 4 or x.shape[1] != C or x.shape[2] % p or x.shape[3] % p:
+                raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {C}, H, W) with H and W "
+                                 f"multiples of the patch size {p}")
+        elif x.ndim != 4 or tuple(x.shape[1:]) != (C, S, S):
             raise ValueError(f"LumosDiT input x has shape {tuple(x.shape)}, expected (B, {C}, {S}, {S})")
         if y.ndim != 3 or y.shape[-1] != self.cond_dim or y.shape[1] > self.cond_tokens:
             raise ValueError(f"LumosDiT condition y has shape {tuple(y.shape)}, "
                              f"expected (B, L<={self.cond_tokens}, {self.cond_dim})")
         if mask is not None and tuple(mask.shape) != tuple(y.shape[:2]):
             raise ValueError(f"LumosDiT mask has shape {tuple(mask.shape)}, expected {tuple(y.shape[:2])}")
+        if not self.multi_scale and (img_hw is not None or aspect_ratio is not None):
+            raise ValueError("LumosDiT: img_hw and aspect_ratio are inputs of a multi-scale model; this one is not")
+        if self.multi_scale and (img_hw is None or aspect_ratio is None or tuple(img_hw.shape) != (len(x), 2)
+                                 or tuple(aspect_ratio.shape) != (len(x), 1)):
+            raise ValueError(f"a multi-scale LumosDiT needs img_hw ({len(x)}, 2) and aspect_ratio ({len(x)}, 1), got "
+                             f"{None if img_hw is None else tuple(img_hw.shape)} and "
+                             f"{None if aspect_ratio is None else tuple(aspect_ratio.shape)}")
         if not self.pose_dim:
             if source is not None or pose is not None:
                 raise ValueError("LumosDiT: source and pose are inputs of a model with pose_dim > 0 (NVS); "
@@ -398,9 +450,13 @@ class LumosDiT(nn.Module):
 #################################################################################
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, lewei_scale=1.0, base_size=16):
-    """-> (grid_size**2, embed_dim): first half encodes the column (x), second half the row (y)."""
-    coords = np.arange(grid_size, dtype=np.float32) / (grid_size / base_size) / lewei_scale
-    col, row = np.meshgrid(coords, coords)
+    """grid_size h (= w) or (h, w) -> (h*w, embed_dim), token by token row after row: the first half
+    encodes the column (x), the second half the row (y). An axis of n tokens is at
+    arange(n) / (n / base_size) / lewei_scale: any grid spans the base grid's range, scaled."""
+    h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    rows = np.arange(h, dtype=np.float32) / (h / base_size) / lewei_scale
+    cols = np.arange(w, dtype=np.float32) / (w / base_size) / lewei_scale
+    col, row = np.meshgrid(cols, rows)
     return np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, col),
                            get_1d_sincos_pos_embed(embed_dim // 2, row)], axis=1)
 
@@ -439,8 +495,9 @@ def upgrade_config(config):
     """A LumosDiT config saved by an earlier version -> a new dict in today's form (a current
     config comes back equal). Earlier versions called the condition dropout `class_dropout_prob`,
     and built NVS models (in_channels = 2 * out_channels) as a subclass with no `pose_dim` key
-    and a 4-d pose."""
+    and a 4-d pose; none was multi-scale before `multi_scale` was saved."""
     config = dict(config)
+    config.setdefault("multi_scale", False)
     if "class_dropout_prob" in config:
         config["cond_dropout_prob"] = config.pop("class_dropout_prob")
     if "pose_dim" not in config:
@@ -487,27 +544,48 @@ def export_metadata(path):
     return {k: json.loads(v) for k, v in raw.items()}
 
 
+WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 def read_weights(spec, entry="ema"):
     """(state dict, info) of a trained LumosDiT. `spec`:
       *.safetensors   a training script's export (EMA weights; its metadata gives the run's settings)
       a folder        a training checkpoint (DCP, `checkpoints/step_N`) or a run folder (its latest
                       checkpoint); `entry` picks its "ema" or "model" weights
-      *.pth/.pt/.bin  the official `Lumos_I2I.pth`: a state dict, possibly nested under
-                      "state_dict", "model" or "ema"; the sizes are read off the tensors
+      *.pth/.pt/.bin  the official `Lumos_I2I.pth` or `Lumos_T2I.pth` (multi-scale): a state dict,
+                      possibly nested under "state_dict", "model" or "ema"; the sizes are read off the
+                      tensors
+      OWNER/REPO/FILE one of those files in a Hub repo (e.g. Xiaomabufei/lumos/Lumos_T2I.pth), when
+                      no local path has that name: downloaded and cached by huggingface_hub
     info: "config" (LumosDiT config, in today's form), "task", and the settings of the run: "model",
     "vae", "encoder", "image_size", "prediction" and the task's own (None where the file does not
-    say: the official file says only what its tensors show)."""
-    spec = str(spec)
+    say: an official file, marked "release", says only what its tensors show)."""
+    spec = hub_file(str(spec))
     if spec.endswith(".safetensors"):
         state, info = _read_export(spec)
     elif os.path.isdir(spec):
         state, info = _read_checkpoint(spec, entry)
-    elif spec.endswith((".pth", ".pt", ".bin")):
+    elif spec.endswith(WEIGHT_FILES[1:]):
         state, info = _read_official(spec)
     else:
         raise ValueError(f"{spec}: expected an ema.safetensors export, a checkpoint or run folder, "
                          f"or a .pth state dict")
     return state, {**info, "config": upgrade_config(info["config"])}
+
+
+def hub_file(spec):
+    """The local path of `spec`: itself when it exists or is not OWNER/REPO/FILE, else the Hub file."""
+    parts = spec.split("/")
+    if os.path.exists(spec) or spec.startswith((".", "/")) or len(parts) < 3 or not spec.endswith(WEIGHT_FILES):
+        return spec
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        path = locate(repo, filename)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{spec}: no such local file, nor a file of the Hub repo {repo} ({error})") from None
+    if path is None:
+        raise FileNotFoundError(f"{spec}: no such local file, and the Hub repo {repo} has no {filename}")
+    return str(path)
 
 
 def _read_export(path):
@@ -539,21 +617,20 @@ def _read_official(path):
     for key in ("state_dict", "model", "ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    multi_scale = sorted(k for k in state if k.startswith(("csize_embedder", "ar_embedder")))
-    if multi_scale:
-        raise ValueError(f"{path}: a multi-scale model with {', '.join(multi_scale[:2])} (PixArt-alpha's 1024 px "
-                         f"size and aspect-ratio embedders), which this project does not implement")
     if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
         raise ValueError(f"{path}: not a LumosDiT state dict (no x_embedder.proj.weight)")
     config, name = config_from_state(state, path)
     # Its training size: a 4-channel model works on SD-VAE latents, 8x smaller than the image.
     image_size = config["input_size"] * (8 if config["in_channels"] == 4 else 1)
-    return state, {"config": config, "task": None, "model": name, "vae": None, "encoder": None,
-                   "image_size": image_size, "prediction": None}
+    # Weights only ("release"): the I2I model, or the multi-scale one, the release's T2I model.
+    return state, {"config": config, "task": "t2i" if config["multi_scale"] else "i2i", "release": True, "model": name,
+                   "vae": None, "encoder": None, "image_size": image_size, "prediction": None}
 
 
 def config_from_state(state, source):
-    """(LumosDiT config, DiT_models name) of an I2I state dict with the official LumosDiT keys."""
+    """(LumosDiT config, DiT_models name) of a state dict with the official keys: `Lumos_I2I.pth`,
+    or the multi-scale `Lumos_T2I.pth` (it has csize_embedder.*), whose lewei_scale is PixArt-alpha's
+    rule, 1 at 512 px and 2 at 1024 px (the release builds its 1024 px model with 2.0)."""
     width, channels, patch = state["x_embedder.proj.weight"].shape[:3]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     sizes = {name: make.keywords for name, make in DiT_models.items()}
@@ -565,10 +642,14 @@ def config_from_state(state, source):
     null_condition = state["y_embedder.y_embedding"]
     grid = math.isqrt(state["pos_embed"].shape[1]) if "pos_embed" in state else 32 // patch
     predicted = state["final_layer.linear.weight"].shape[0] // patch ** 2
+    multi_scale = "csize_embedder.mlp.0.weight" in state
+    image_size = grid * patch * (8 if channels == 4 else 1)
     config = dict(input_size=grid * patch, patch_size=patch, in_channels=channels, hidden_size=width, depth=depth,
                   num_heads=sizes[name]["num_heads"], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
                   cond_dim=null_condition.shape[1], cond_tokens=null_condition.shape[0],
-                  learn_sigma=predicted == 2 * channels, cond_dropout_prob=0.1, lewei_scale=1.0, out_channels=channels)
+                  learn_sigma=predicted == 2 * channels, cond_dropout_prob=0.1,
+                  lewei_scale=image_size / 512 if multi_scale else 1.0, out_channels=channels, pose_dim=0,
+                  multi_scale=multi_scale)
     return config, name
 
 
@@ -586,6 +667,8 @@ def forward_flops(model, batch_size=1, cond_len=None):
     embed = T * patch_in * D + (256 * D + D * D) + L * (model.cond_dim * D + D * D)
     if model.pose_dim:
         embed += L * (model.cond_dim + model.pose_dim) * model.cond_dim  # pose mixer
+    if model.multi_scale:
+        embed += 3 * (256 * (D // 3) + (D // 3) ** 2)  # the size and aspect-ratio embedders, a scalar each
     per_block = (D * 6 * D                     # adaLN modulation
                  + T * D * 3 * D + T * D * D   # self-attention qkv, proj
                  + 2 * T * T * D               # self-attention scores and values

@@ -211,22 +211,27 @@ def load_text_encoder(spec, device, max_length=MAX_TEXT_TOKENS, clean=True, voca
     return TextEncoder(T5Tokenizer.from_pretrained(spec), t5, max_length, clean)
 
 
-def text_condition_from_metadata(info, device):
-    """prompts -> the model's condition {"y": (B, L, C), "mask": (B, L)}, from the text encoder a
-    train_t2i.py export was trained with; `info` is that export's metadata["lumos"]."""
+def text_encoder_from_metadata(info, device):
+    """The text encoder a T2I model was trained with; `info` is its export's metadata["lumos"] (or
+    the release's set-up for Lumos_T2I.pth, see sample.py)."""
     if info.get("task") != "t2i":
-        raise ValueError(f"text prompts need a train_t2i.py export (ema.safetensors); this is a "
+        raise ValueError(f"text prompts need a T2I model (a train_t2i.py export or Lumos_T2I.pth); this is a "
                          f"{info.get('task', 'i2i')!r} model")
     clean = info.get("clean_captions", False)  # exports made before the cleaning was added: as trained
     if info["encoder"] == RANDOM_T5:
-        encoder = random_text_encoder(info, device, clean)
-    else:
-        encoder = load_text_encoder(info["encoder"], device, info["max_text_tokens"], clean)
+        return random_text_encoder(info, device, clean)
+    return load_text_encoder(info["encoder"], device, info["max_text_tokens"], clean)
 
-    def condition(prompts):
-        y, mask = encoder(prompts)
-        return {"y": y, "mask": mask}
-    return condition
+
+def pad_token_features(features):
+    """[(n_i, C)] -> (B, max n_i, C) float32 with zero padding, and its mask (B, max n_i) bool."""
+    length = max(len(f) for f in features)
+    padded = torch.zeros(len(features), length, features[0].shape[1])
+    mask = torch.zeros(len(features), length, dtype=torch.bool)
+    for row, feature in enumerate(features):
+        padded[row, :len(feature)] = feature.float()
+        mask[row, :len(feature)] = True
+    return padded, mask
 
 
 # ----------------------------------------------------------------------------------------------

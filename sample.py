@@ -5,14 +5,23 @@
     python sample.py t2i --ckpt runs/t2i/ema.safetensors --prompts "a red circle" "a blue star"
     python sample.py nvs --ckpt runs/nvs/ema.safetensors --images view.png --poses 0,30,0 0,60,0
     python sample.py i2i --ckpt Lumos_I2I.pth --images a.png        # official: XL/2, 256 px, SD-VAE, DINO
+    python sample.py t2i --ckpt Xiaomabufei/lumos/Lumos_T2I.pth --prompts "a chair" --height 1024 --width 768 \
+        --per-image 1 --precision bf16                            # official: 1024 px multi-scale, T5-XXL
     torchrun --nproc_per_node 8 sample.py t2i --ckpt runs/t2i/ema.safetensors \\
         --prompt-file captions.txt --num-samples 30000 --out samples/coco  # many, for FID: -> samples/coco.npz
 
 All of a sample's noise (initial and, for ddpm, ancestral) comes from a generator seeded by
 (--seed, its global index), so a result does not depend on batch size or world size, and
 `--num-samples` runs resume: files that exist are skipped.
+
+--ckpt OWNER/REPO/FILE (e.g. Xiaomabufei/lumos/Lumos_I2I.pth) is a file of a Hub repo, downloaded and
+cached by huggingface_hub. A multi-scale model (Lumos_T2I.pth) draws --height x --width snapped to the
+closest aspect-ratio bucket of the release's test table at its size, as the release's T2I demo does.
+T2I encodes every prompt first and frees the text encoder before sampling: T5-XXL alone is 19 GB in
+fp32 (9.5 GB in bf16, as it runs on a GPU), so the 1024 px model samples on a 24 GB machine.
 """
 import argparse
+import gc
 import os
 import sys
 
@@ -25,11 +34,17 @@ from torchvision.utils import save_image
 import data
 from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, draw_samples
 from dit import LumosDiT, read_weights
-from encoders import (VAE, ImageSpace, load_image_encoder, load_into, nvs_condition,
-                      text_condition_from_metadata)
+from encoders import (VAE, ImageSpace, load_image_encoder, load_into, nvs_condition, pad_token_features,
+                      text_encoder_from_metadata)
 
-# The official release gives weights only: the rest of its set-up (SPEC sections 2 and 4).
-OFFICIAL_SETUP = {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "facebook/dino-vitb16", "prediction": "epsilon"}
+# The official release gives weights only: the rest of its set-up per task (SPEC sections 2, 2b
+# and 4; the T2I demo's defaults: sd-vae-ft-mse, T5 v1.1 XXL, 120 tokens, cleaned prompts).
+OFFICIAL_SETUP = {
+    "i2i": {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "facebook/dino-vitb16", "prediction": "epsilon"},
+    "t2i": {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "DeepFloyd/t5-v1_1-xxl", "prediction": "epsilon",
+            "max_text_tokens": 120, "clean_captions": True},
+}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
@@ -38,14 +53,14 @@ OFFICIAL_SETUP = {"vae": "stabilityai/sd-vae-ft-mse", "encoder": "facebook/dino-
 
 def load_generator(ckpt, device):
     """(model, info) from an export (ema.safetensors of any task), a training run or checkpoint
-    folder, or the official `Lumos_I2I.pth` (dit.read_weights). info: task, space, vae, encoder,
-    image_size, prediction, and the task's own fields (text encoder, pose, ...)."""
+    folder, or the official `Lumos_I2I.pth` / `Lumos_T2I.pth` (dit.read_weights). info: task, space,
+    vae, encoder, image_size, prediction, and the task's own fields (text encoder, pose, ...)."""
     state, info = read_weights(ckpt)
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = LumosDiT(**info["config"])
     load_into(model, state, ckpt, assign=True)
-    if info["task"] is None:  # the official file: weights only
-        info.update({k: v for k, v in OFFICIAL_SETUP.items() if info.get(k) is None}, task="i2i")
+    if info.get("release"):  # the official files: weights only
+        info.update({k: v for k, v in OFFICIAL_SETUP[info["task"]].items() if info.get(k) is None})
     info.update(space="latent" if info["vae"] else "pixel")
     return model.to(device).eval().requires_grad_(False), info
 
@@ -89,8 +104,9 @@ def interpolation_conditions(args, info, space, device):
 
 
 def t2i_conditions(args, info, space, device):
-    """Prompts (--prompts, or --prompt-file: one a line), each repeated --per-image times, encoded a
-    batch at a time by the export's text encoder. The prompts stand where reference images would."""
+    """Prompts (--prompts, or --prompt-file: one a line), each repeated --per-image times. The
+    export's text encoder encodes every distinct prompt now and is freed before any sampling; each
+    batch then pads its prompts' tokens. The prompts stand where reference images would."""
     prompts = list(args.prompts)
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
@@ -100,8 +116,19 @@ def t2i_conditions(args, info, space, device):
     if not prompts:
         raise ValueError("t2i needs --prompts or --prompt-file")
     prompts = [prompt for prompt in prompts for _ in range(args.per_image)]
-    encode = text_condition_from_metadata(info, device)
-    return prompts, lambda rows: encode([prompts[r] for r in rows])
+    encoder, distinct, tokens = text_encoder_from_metadata(info, device), list(dict.fromkeys(prompts)), {}
+    for start in range(0, len(distinct), args.batch_size):
+        batch = distinct[start:start + args.batch_size]
+        tokens.update(zip(batch, encoder.token_features(batch)))  # each prompt's valid tokens, on the CPU
+    del encoder
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def condition(rows):
+        y, mask = pad_token_features([tokens[prompts[r]] for r in rows])
+        return {"y": y.to(device), "mask": mask.to(device)}
+    return prompts, condition
 
 
 def nvs_conditions(args, info, space, device):
@@ -128,6 +155,24 @@ CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t
               "nvs": nvs_conditions}
 
 
+def output_size(args, info, model):
+    """(height, width) of the images to draw and the model's size inputs for one image. A multi-scale
+    model snaps --height x --width (default: its own size) to the closest bucket of the release's
+    test table at its size: img_hw is the bucket's size, aspect_ratio its key, as the T2I demo passes
+    them. Any other model draws its own square size."""
+    size = info["image_size"]
+    if not model.multi_scale:
+        if (args.height or size, args.width or size) != (size, size):
+            raise ValueError(f"--height/--width: this model draws {size} x {size} images only (a multi-scale "
+                             f"model, such as Lumos_T2I.pth, takes other sizes)")
+        return (size, size), {}
+    key, (height, width) = data.closest_bucket(args.height or size, args.width or size,
+                                               data.aspect_ratio_buckets(size, test=True))
+    print(f"{args.height or size} x {args.width or size} px: the bucket {key}, {height} x {width} px", flush=True)
+    return (height, width), {"img_hw": torch.tensor([[float(height), float(width)]]),
+                             "aspect_ratio": torch.tensor([[float(key)]])}
+
+
 #################################################################################
 #                                 Sampling                                      #
 #################################################################################
@@ -138,11 +183,12 @@ def generate(model, info, space, cond_fn, indices, rows, args, device):
     Image i is diffusion.draw_samples' image i of --seed, as in the training grids; interpolate's
     frames of one interpolation share all their noise (index i // frames), as in the demo, so that
     only the condition moves."""
-    size = info["image_size"] // space.downsampling
+    height, width = (side // space.downsampling for side in info["output_size"])
     noise_indices = [i // args.frames for i in indices] if args.mode == "interpolate" else indices
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000), prediction=info.get("prediction", "epsilon"))
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        x0 = draw_samples(diffusion, model, cond_fn(rows), (space.channels, size, size), noise_indices, args.seed,
+    dtype = PRECISIONS[args.precision]
+    with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+        x0 = draw_samples(diffusion, model, cond_fn(rows), (space.channels, height, width), noise_indices, args.seed,
                           args.method, args.steps, args.cfg_scale, device, skip_type=args.skip_type,
                           clip_denoised=space.vae is None)
         return space.decode(x0)
@@ -213,7 +259,10 @@ def main(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=4.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="autocast of the DiT and the VAE decoder (the T2I demo runs the DiT in fp16)")
+    parser.add_argument("--height", type=int, help="t2i with a multi-scale model: image height in pixels")
+    parser.add_argument("--width", type=int, help="t2i with a multi-scale model: image width in pixels")
     parser.add_argument("--num-samples", type=int, default=0, help="many samples for FID (0: one per condition)")
     parser.add_argument("--grid-columns", type=int, default=0)
     parser.add_argument("--out", default="samples")
@@ -224,12 +273,18 @@ def main(argv=None):
     try:
         model, info = load_generator(args.ckpt, device)
         info.update({k: getattr(args, k) for k in ("vae", "encoder") if getattr(args, k)})
+        info["output_size"], size_inputs = output_size(args, info, model)
         space = ImageSpace(VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
-        references, cond_fn = CONDITIONS[args.mode](args, info, space, device)
+        # On the CPU the DiT's weights are still on disk (memory-mapped, read as sampling first
+        # touches them): T2I's text encoder, freed by t2i_conditions, never shares memory with them.
+        references, conditions = CONDITIONS[args.mode](args, info, space, device)
     except (ValueError, FileNotFoundError) as error:
         if rank == 0:
             print(f"sample.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    def cond_fn(rows):  # a multi-scale model's size inputs, the same for every image
+        return {**conditions(rows), **{k: v.expand(len(rows), -1).to(device) for k, v in size_inputs.items()}}
+
     # Interpolation's condition rows are its frames; its references are only the two images.
     num_rows = args.frames if args.mode == "interpolate" else len(references)
     if args.num_samples:

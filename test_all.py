@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import types
+import weakref
 import zlib
 from functools import partial
 from types import SimpleNamespace
@@ -121,8 +122,9 @@ def tiny_inputs(model, batch=3, seed=1):
     return x, t, y, mask, views
 
 
-def reference_forward(model, x, t, y, mask):
-    """SPEC section 2 restated with plain ops on the state dict, one sample at a time (attending to its real tokens)."""
+def reference_forward(model, x, t, y, mask, img_hw=None, aspect_ratio=None):
+    """SPEC sections 2 and 2b restated with plain ops on the state dict, one sample at a time (attending
+    to its real tokens); a multi-scale model takes img_hw and aspect_ratio, and x of any patch multiples."""
     sd = model.state_dict()
     D, H, p = model.hidden_size, model.blocks[0].attn.num_heads, model.patch_size
     lin = lambda v, name: v @ sd[name + ".weight"].T + sd[name + ".bias"]
@@ -134,14 +136,30 @@ def reference_forward(model, x, t, y, mask):
         w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // H), dim=-1)
         return (w @ v).transpose(0, 1).reshape(-1, D)
 
-    # The sinusoid of t is float32 by design (as in the release): the model's ops on the whole batch, so bitwise its.
-    args = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
-    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
+    def sinusoid(s):  # float32 by design (as in the release): the model's ops on the whole batch, so bitwise its
+        args = s.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
+
+    def embed(s, name):  # the timestep-style MLP of each scalar
+        return lin(F.silu(lin(sinusoid(s), name + ".mlp.0")), name + ".mlp.2")
+
+    gh, gw = x.shape[-2] // p, x.shape[-1] // p
+    pos_embed = sd["pos_embed"][0]
+    if model.multi_scale:  # SPEC 2b: the grid's own (h, w), with the model's base size and lewei_scale
+        base, omega = model.input_size // p, 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D / 4))
+        axis = lambda n: (torch.arange(n, dtype=torch.float32) / (n / base) / model.lewei_scale).double()  # float32: the release's
+        row, col = torch.meshgrid(axis(gh), axis(gw), indexing="ij")
+        halves = [a.reshape(-1, 1) * omega for a in (col, row)]  # the column first, then the row
+        pos_embed = torch.cat([f(a) for a in halves for f in (torch.sin, torch.cos)], dim=1).to(x.dtype)
+    c_all = embed(t, "t_embedder")
+    if model.multi_scale:
+        sizes = [embed(img_hw[:, k], "csize_embedder") for k in (0, 1)]
+        c_all = c_all + torch.cat([*sizes, embed(aspect_ratio[:, 0], "ar_embedder")], dim=1)
     outs = []
     for i in range(x.shape[0]):
         tokens = F.conv2d(x[i:i + 1], sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
-        tokens = tokens.flatten(2)[0].T + sd["pos_embed"][0]
-        c = lin(F.silu(lin(t_freq[i], "t_embedder.mlp.0")), "t_embedder.mlp.2")
+        tokens = tokens.flatten(2)[0].T + pos_embed
+        c = c_all[i]
         cond = lin(gelu(lin(y[i][mask[i]], "y_embedder.y_proj.fc1")), "y_embedder.y_proj.fc2")
         for b in range(len(model.blocks)):
             pre = f"blocks.{b}."
@@ -153,8 +171,8 @@ def reference_forward(model, x, t, y, mask):
             tokens = tokens + g2 * lin(gelu(lin(ln(tokens) * (1 + sc2) + s2, pre + "mlp.fc1")), pre + "mlp.fc2")
         shift, scale = (sd["final_layer.scale_shift_table"] + c).chunk(2)
         out = lin(ln(tokens) * (1 + scale) + shift, "final_layer.linear")
-        g, C = model.input_size // p, model.pred_channels  # token (h, w) holds its patch as (p, q, c): to (c, h*p, w*p)
-        outs.append(out.view(g, g, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, g * p, g * p))
+        C = model.pred_channels  # token (h, w) holds its patch as (p, q, c): to (c, h*p, w*p)
+        outs.append(out.view(gh, gw, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, gh * p, gw * p))
     return torch.stack(outs)
 
 
@@ -221,6 +239,73 @@ def test_forward_and_gradient_match_reference_with_padding_empty_and_null_condit
         model(x, t, y, mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert max_rel_err(grads[1], grads[0]) < EXACT
+
+
+MULTI_SCALE = dict(hidden_size=48, multi_scale=True, lewei_scale=2.0)  # width: 3 size embeddings of 16
+
+
+def size_conditions(batch, dtype=torch.float64):
+    """img_hw (B, 2) in pixels and aspect_ratio (B, 1) = height / width, as the release's data_info."""
+    img_hw = torch.tensor([[48.0, 96.0], [1152.0, 896.0], [64.0, 64.0]] * batch, dtype=dtype)[:batch]
+    return img_hw, (img_hw[:, :1] / img_hw[:, 1:]).round(decimals=2)
+
+
+def test_multi_scale_model_matches_spec_2b_on_non_square_latents_with_masked_captions():
+    model = tiny_model(**MULTI_SCALE)
+    extra = {"csize_embedder.mlp.0.weight", "csize_embedder.mlp.0.bias", "csize_embedder.mlp.2.weight",
+             "csize_embedder.mlp.2.bias", *(f"ar_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias"))}
+    assert set(model.state_dict()) - set(tiny_model(hidden_size=48).state_dict()) == extra
+    assert model.csize_embedder.mlp[2].weight.shape == (16, 16)
+    x, t, y, mask, _ = tiny_inputs(model)
+    img_hw, aspect_ratio = size_conditions(3)
+    drop = torch.tensor([False, True, False])
+    null = torch.where(drop[:, None, None], model.y_embedder.y_embedding.expand_as(y), y)
+    with torch.no_grad():
+        for latent in (x, torch.randn(3, 4, 6, 12, dtype=torch.float64), torch.randn(3, 4, 10, 4, dtype=torch.float64)):
+            out = model(latent, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio)  # 8 x 8 is the base grid
+            assert out.shape == (3, 8, *latent.shape[2:])
+            assert max_rel_err(out, reference_forward(model, latent, t, y, mask, img_hw, aspect_ratio)) < EXACT
+        out = model(x[:, :, :6], t, y, mask, drop_cond=drop, img_hw=img_hw, aspect_ratio=aspect_ratio)
+        assert max_rel_err(out, reference_forward(model, x[:, :, :6], t, null, mask, img_hw, aspect_ratio)) < EXACT
+        other_size = model(x, t, y, mask, img_hw=img_hw.flip(0), aspect_ratio=aspect_ratio)
+        assert max_rel_err(other_size, model(x, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio)) > DIFFERENT
+        cond, uncond = (model(x, t, y, mask, drop_cond=torch.full((3,), d), img_hw=img_hw, aspect_ratio=aspect_ratio)
+                        for d in (False, True))
+        guided = model.forward_with_cfg(x, t, y, 4.5, mask, img_hw=img_hw, aspect_ratio=aspect_ratio)
+        assert max_rel_err(guided[:, :4], uncond[:, :4] + 4.5 * (cond[:, :4] - uncond[:, :4])) < EXACT
+    assert_raises(ValueError, r"needs img_hw \(3, 2\) and aspect_ratio \(3, 1\), got None", lambda: model(x, t, y, mask))
+    assert_raises(ValueError, "multiples of the patch size 2",
+                  lambda: model(x[:, :, :5], t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio))
+    assert_raises(ValueError, "inputs of a multi-scale model",
+                  lambda: tiny_model()(x, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio))
+    assert_raises(ValueError, "divisible by 3", lambda: LumosDiT(**{**TINY, "multi_scale": True}))
+    with torch.device("meta"):  # the release's T2I model: XL/2 at 1024 px (128 x 128 latents), 120 T5 tokens
+        release = DiT_models["DiT-XL/2"](input_size=128, cond_dim=4096, cond_tokens=120, multi_scale=True, lewei_scale=2.0)
+    assert sum(p.numel() for p in release.parameters()) == 826_333_088 and release.pos_embed.shape == (1, 4096, 1152)
+
+
+def test_the_official_t2i_file_loads_strictly_as_the_1024_px_multi_scale_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(dit.DiT_models, "DiT-T/2", partial(LumosDiT, depth=2, hidden_size=48, num_heads=4, patch_size=2))
+    torch.manual_seed(0)  # as the release saves it: a plain state dict; 1024 px is a 64 x 64 token grid
+    released = LumosDiT(input_size=128, depth=2, num_heads=4, cond_dim=12, cond_tokens=120, **MULTI_SCALE)
+    state = {key: 0.3 * torch.randn_like(value) if key != "pos_embed" else value
+             for key, value in released.state_dict().items()}
+    torch.save(state, tmp_path / "Lumos_T2I.pth")
+    weights, info = dit.read_weights(str(tmp_path / "Lumos_T2I.pth"))
+    assert (info["task"], info["image_size"], info["model"]) == ("t2i", 1024, "DiT-T/2")
+    assert info["config"] == {**released.config, "num_heads": 4}
+    model = LumosDiT(**info["config"])
+    encoders.load_into(model, weights, "Lumos_T2I.pth")
+    model.double().eval()
+    x, t, y, mask, _ = tiny_inputs(tiny_model(cond_tokens=120))
+    img_hw, aspect_ratio = size_conditions(3)
+    with torch.no_grad():
+        latent = torch.randn(3, 4, 6, 10, dtype=torch.float64)
+        out = model(latent, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio)
+        assert max_rel_err(out, reference_forward(model, latent, t, y, mask, img_hw, aspect_ratio)) < EXACT
+    torch.save({**state, "ema_decay": torch.tensor(0.9999)}, tmp_path / "extra.pth")  # strict: named, not dropped
+    assert_raises(ValueError, r"1 unexpected \(ema_decay\)",
+                  lambda: encoders.load_into(LumosDiT(**info["config"]), dit.read_weights(str(tmp_path / "extra.pth"))[0], "x"))
 
 
 @pytest.mark.parametrize("pose", [{}, POSE], ids=["i2i", "nvs"])
@@ -1535,7 +1620,8 @@ LAUNCH_NVS = ["train_nvs.py", "--init", "scratch", *TINY_SIZE, *TINY_LOOP, "--da
 def assert_launched(result, out, steps, grids):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (logged := read_metrics(out))["step"] == list(range(1, steps + 1)) and logged["nonfinite_steps"][-1] == 0
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"step_{step:07d}.png" for step in grids]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [  # each grid, and its views as arrays
+        f"step_{step:07d}{kind}" for step in grids for kind in (".png", ".references.npz", ".samples.npz")]
 
 
 @pytest.mark.slow
@@ -1831,9 +1917,67 @@ def test_many_samples_under_torchrun_no_overlap_no_gaps_restart_safe(tmp_path, t
     assert np.abs(single.astype(int) - first.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
+def test_sample_the_official_t2i_file_from_the_hub_cache_snapped_to_a_bucket(tmp_path, monkeypatch, capsys):
+    """sample.py t2i --ckpt OWNER/REPO/Lumos_T2I.pth as documented (bf16, guidance, a requested size),
+    on a tiny multi-scale model at 256 px in the Hub cache's layout, a tiny T5 folder and a tiny VAE."""
+    monkeypatch.setitem(dit.DiT_models, "DiT-T/2", partial(LumosDiT, depth=1, hidden_size=48, num_heads=4, patch_size=2))
+    torch.manual_seed(0)
+    released = LumosDiT(input_size=32, depth=1, num_heads=4, cond_dim=32, cond_tokens=120, **MULTI_SCALE)
+    snapshot = tmp_path / "hub" / "models--Xiaomabufei--lumos" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    torch.save({key: 0.05 * torch.randn_like(value) for key, value in released.state_dict().items()},
+               snapshot / "Lumos_T2I.pth")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    t5 = tmp_path / "t5"
+    transformers.T5EncoderModel(transformers.T5Config(  # the tokenizer's 300 pieces and 100 extra ids
+        vocab_size=400, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=1, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.0)).save_pretrained(t5)
+    _train_sentencepiece(t5)
+    vae, _ = bench.write_random_encoders(tmp_path, {**bench.SD_VAE_CONFIG, "block_out_channels": [8] * 4,
+                                                    "layers_per_block": 1, "norm_num_groups": 4},
+                                         {**bench.DINO_VITB16, "image_size": 32, "depth": 1})
+    encoders_made, conditions, draw = [], [], sample.draw_samples
+    make_encoder = sample.text_encoder_from_metadata
+    monkeypatch.setattr(sample, "text_encoder_from_metadata",
+                        lambda *args: encoders_made.append(weakref.ref(encoder := make_encoder(*args))) or encoder)
+    monkeypatch.setattr(sample, "draw_samples", lambda *args, **kw: conditions.append((args[2], args[3])) or
+                        encoders_made[0]() is None and draw(*args, **kw))  # the text encoder is gone by now
+    argv = ["t2i", "--ckpt", "Xiaomabufei/lumos/Lumos_T2I.pth", "--prompts", "a red chair", "ka to",
+            "--per-image", "1", "--height", "256", "--width", "192", "--steps", "2", "--precision", "bf16",
+            "--vae", vae, "--encoder", str(t5), "--batch-size", "2", "--out", str(tmp_path / "out")]
+    sample.main(argv)
+    assert "256 x 192 px: the bucket 1.29, 288 x 224 px" in capsys.readouterr().out
+    (cond, shape), = conditions
+    assert shape == (4, 36, 28) and cond["img_hw"].tolist() == [[288.0, 224.0]] * 2
+    assert cond["aspect_ratio"].tolist() == [[1.2899999618530273]] * 2 and cond["y"].shape[::2] == (2, 32)
+    assert pngs(tmp_path / "out", 2).shape == (2, 288, 224, 3)
+    model, info = sample.load_generator("Xiaomabufei/lumos/Lumos_T2I.pth", torch.device("cpu"))
+    assert (info["task"], info["encoder"], info["vae"], info["image_size"], model.lewei_scale) == \
+        ("t2i", "DeepFloyd/t5-v1_1-xxl", "stabilityai/sd-vae-ft-mse", 256, 0.5)
+    with pytest.raises(SystemExit):  # not in the cache, offline: one line naming the repo and the file
+        sample.main([*argv[:2], "Xiaomabufei/lumos/Lumos_I2I.pth", *argv[3:]])
+    assert "Xiaomabufei/lumos/Lumos_I2I.pth: no such local file, nor a file of the Hub repo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_t2i_measures_the_forward_and_the_sample_in_fresh_processes(tmp_path):
+    command = [sys.executable, os.path.join(REPO, "bench.py"), "t2i", "--model", "DiT-S/8", "--forward-size", "128",
+               "--sample-size", "64", "--steps", "2", "--vae-widths", "8", "8", "8", "8", "--precisions", "bf16", "fp32"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()[-4:]
+    assert [line.split()[:4] for line in table] == [["forward", "128", "px", "bf16"], ["forward", "128", "px", "fp32"],
+                                                   ["sample", "64", "px,", "2"], ["sample", "64", "px,", "2"]]
+    assert all(0 < float(line.split()[-1]) < 8 for line in table)  # peak RSS, GiB
+
+
 # A bad checkpoint or image file is one line and exit status 2; train_t2i.py --init reads checkpoints alike.
 BAD_FILES = {"truncated.safetensors": "not a readable safetensors file", "not_a_zip.pth": "not a torch.save checkpoint",
-             "payload.pth": "GLOBAL posix.system", "t2i_1024.pth": "a multi-scale model with csize_embedder",
+             "payload.pth": "GLOBAL posix.system", "not_a_dit.pth": "not a LumosDiT state dict (no x_embedder.proj.weight)",
              "corrupt.png": "not an image PIL can read", "not_an_image.jpg": "not an image PIL can read"}
 
 
@@ -1844,7 +1988,7 @@ def test_a_bad_checkpoint_or_image_is_one_line_and_exit_status_2(tmp_path, tiny_
     payload = type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})()  # runs if unpickled
     contents = {"truncated.safetensors": blob[: len(blob) // 2], "not_a_zip.pth": b"not a torch.save zip file\n" * 20,
                 "payload.pth": {"x_embedder.proj.weight": torch.zeros(1), "hook": payload},
-                "t2i_1024.pth": {"csize_embedder.mlp.0.weight": torch.zeros(2, 2)},  # PixArt-alpha's 1024 px model
+                "not_a_dit.pth": {"csize_embedder.mlp.0.weight": torch.zeros(2, 2)},
                 "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "not_an_image.jpg": b"plain text\n"}
     path.write_bytes(contents[kind]) if isinstance(contents[kind], bytes) else torch.save(contents[kind], path)
     ckpt, image = (path, tiny_i2i / "ref0.png") if kind.endswith(("pth", "safetensors")) else (tiny_i2i / "ema.safetensors", path)
@@ -1963,9 +2107,9 @@ def test_t2i_init_finetune_from_the_i2i_export_then_sample_and_coco_fid30k(tiny_
     assert (info["task"], info["encoder"], info["init"], model.cond_dim, model.cond_tokens) == \
         ("t2i", "random-t5", str(tiny_i2i / "ema.safetensors"), 64, 120)
     prompts = ["a red circle", "a small blue star at the top left on a green background"]
-    condition = encoders.text_condition_from_metadata(info, torch.device("cpu"))(prompts)
+    condition = encoders.text_encoder_from_metadata(info, torch.device("cpu"))(prompts)
     y, mask = encoders.load_text_encoder("random-t5", torch.device("cpu"), vocabulary=data.shapes_vocabulary())(prompts)
-    assert torch.equal(condition["mask"], mask) and torch.equal(condition["y"], y)
+    assert torch.equal(condition[1], mask) and torch.equal(condition[0], y)
     sample.main(["t2i", "--ckpt", str(out / "ema.safetensors"), "--prompts", *prompts, "--per-image", "2",
                  "--steps", "2", "--cfg-scale", "3", "--out", str(tmp_path / "samples")])
     assert sorted(os.listdir(tmp_path / "samples")) == [f"{i:06d}.png" for i in range(4)] + ["grid.png"]
@@ -2210,6 +2354,42 @@ def test_nvs_from_a_t2i_prior_carries_the_blocks_and_makes_the_condition_embedde
     train_nvs.main(["--init", t2i_export, *nvs_args, "--steps", "1", "--out", str(tmp_path / "nvs")])
     assert read_metrics(tmp_path / "nvs")["step"] == [1]
     assert dit.export_metadata(str(tmp_path / "nvs" / "ema.safetensors"))["lumos"]["encoder"] == "shapes-vit"
+
+
+@pytest.mark.slow
+def test_experiments_tables_train_each_run_once_and_report_the_seeds(tmp_path, capsys):
+    """README's two tables at tiny size, as documented: nvs-priors first (it trains the I2I prior and
+    the T2I baseline it starts from), then t2i-data with two seeds, which reads those back."""
+    import experiments
+    out, tiny = str(tmp_path / "xp"), [*TINY_SIZE, *TINY_LOOP, "--steps", "2", "--sample-every", "2"]
+    experiments.main(["nvs-priors", "--seeds", "0", "--captions", "640", "--out", out, "--", *tiny])
+    results = experiments.read_results(out)
+    assert set(results) == {"i2i", "t2i_scratch_all_seed0", "nvs_none_seed0", "nvs_t2i_seed0", "nvs_i2i_seed0"}
+    init = lambda run: results[run]["command"][results[run]["command"].index("--init") + 1]
+    assert init("nvs_t2i_seed0") == os.path.join(out, "t2i_scratch_all_seed0", "ema.safetensors")
+    assert init("nvs_i2i_seed0") == os.path.join(out, "i2i", "ema.safetensors") and init("nvs_none_seed0") == "scratch"
+    assert all(results[run]["step"] == 2 and 0 < results[run]["ssim"] < 1 for run in results if run.startswith("nvs"))
+    grid = tmp_path / "xp" / "nvs_i2i_seed0" / "samples" / "step_0000002"  # its views, for LPIPS elsewhere
+    scores = evaluate.main(["nvs", "--pred", f"{grid}.samples.npz", "--target", f"{grid}.references.npz"])
+    assert abs(scores["psnr"] - results["nvs_i2i_seed0"]["psnr"]) < 0.1  # the same views, rounded to uint8
+    capsys.readouterr()
+    experiments.main(["t2i-data", "--seeds", "0", "1", "--captions", "640", "--out", out, "--", *tiny])
+    trained = re.findall(r"^== (\S+):", capsys.readouterr().out, re.M)
+    assert trained == ["t2i_prior_tenth_seed0", "t2i_prior_tenth_seed1", "t2i_scratch_all_seed1"]  # the rest read back
+    results = experiments.read_results(out)
+    prior = results["t2i_prior_tenth_seed1"]["command"]
+    assert prior[prior.index("--n-captions") + 1] == "64" and "--n-captions" not in results["t2i_scratch_all_seed1"]["command"]
+    table = (tmp_path / "xp" / "t2i-data.md").read_text().splitlines()
+    assert table[0] == "| arm | seeds | " + " | ".join(experiments.CAPTION_METRICS) + " |" and len(table) == 4
+    for row, arm in zip(table[2:], ("t2i_prior_tenth", "t2i_scratch_all")):
+        values = [results[f"{arm}_seed{seed}"]["attribute_distance"] for seed in (0, 1)]
+        assert row.split(" | ")[1] == "2"
+        assert row.split(" | ")[-1] == f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} |"
+    experiments.main(["t2i-data", "--seeds", "0", "1", "--captions", "640", "--out", out, "--", *tiny])
+    assert "==" not in capsys.readouterr().out  # all done: nothing retrained
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main(["t2i-data", "--out", out, "--", "--seed", "3"])
+    assert exit_info.value.code == 2 and "--seed after -- is set by the table" in capsys.readouterr().err
 
 
 def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_path, tiny_i2i, monkeypatch, capsys):

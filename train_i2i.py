@@ -60,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -480,7 +481,8 @@ def barrier():
 def sample_grid(ema, task, space, diffusion, eval_batch, args, path):
     """EMA samples of the held-out conditions, image i drawn as sample.py draws image i
     (diffusion.draw_samples, seeded by (--seed, i)), written under their references when `path`
-    is given. -> (B, 3, S, S) in [-1, 1]."""
+    (.png) is given, and each set as uint8 arrays beside it (PATH.samples.npz, PATH.references.npz,
+    `arr_0` as evaluate.py reads them). -> (B, 3, S, S) in [-1, 1]."""
     ema.eval()
     size = args.image_size // space.downsampling
     x0 = draw_samples(diffusion, ema, task.condition(eval_batch, space), (space.channels, size, size),
@@ -492,6 +494,8 @@ def sample_grid(ema, task, space, diffusion, eval_batch, args, path):
         references = reference_images(eval_batch, space)
         rows = [t for pair in zip(references.split(8), images.split(8)) for t in pair]
         save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=8, padding=1)
+        for name, batch in (("samples", images), ("references", references)):
+            np.savez_compressed(path.removesuffix(".png") + f".{name}.npz", arr_0=to_uint8(batch))
     return images
 
 
@@ -757,7 +761,7 @@ def resolve_init(args, inherited, scratch_defaults):
     state = info = None
     if args.init != "scratch":
         state, info = read_weights(args.init, args.init_entry)
-        task = info["task"] or "i2i"  # None: the official file, an I2I model
+        task = info["task"]
         if task not in inherited:
             raise ValueError(f"--init {args.init}: a {task!r} model; start from an "
                              f"{' or '.join(t.upper() for t in inherited)} model")

@@ -53,7 +53,8 @@ from tqdm import tqdm
 import data
 from data import setup_distributed
 from dit import DiT_models, LumosDiT
-from encoders import MAX_TEXT_TOKENS, RANDOM_T5, load_text_encoder, random_t5_description, text_condition
+from encoders import (MAX_TEXT_TOKENS, RANDOM_T5, load_text_encoder, pad_token_features, random_t5_description,
+                      text_condition)
 from evaluate import alignment_scores, attribute_distance, detect_shape_attrs, parse_shapes_caption
 from sample import to_uint8
 from train_i2i import (CONDITION_KEYS, DEFAULT_I2I_EXPORT, Task, add_train_args, check_args, exit_with_usage_error,
@@ -316,17 +317,6 @@ class TextFeatureCache:
 
     def __call__(self, captions):
         return pad_token_features(self.token_features(captions))
-
-
-def pad_token_features(features):
-    """[(n_i, C)] -> (B, max n_i, C) float32 with zero padding, and its mask (B, max n_i) bool."""
-    length = max(len(f) for f in features)
-    padded = torch.zeros(len(features), length, features[0].shape[1])
-    mask = torch.zeros(len(features), length, dtype=torch.bool)
-    for row, feature in enumerate(features):
-        padded[row, :len(feature)] = feature.float()
-        mask[row, :len(feature)] = True
-    return padded, mask
 
 
 def open_text_cache(args, eval_captions):

@@ -155,21 +155,24 @@ def _trim_to_aspect(image, max_ratio):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's centre crop: a uint8 array (image_size, image_size, 3) from a PIL image of any mode.
+    """ADM's centre crop: a uint8 array (height, width, 3) from a PIL image of any mode; image_size
+    is the side of a square, or (height, width) (an aspect-ratio bucket).
 
-    Halve the image with a BOX filter while its short side is at least 2 * image_size (cheap
-    and alias-free), resize with BICUBIC so that the short side is image_size, then cut the
-    centre square. Extremely elongated images are trimmed to MAX_ASPECT_RATIO first.
+    Halve the image with a BOX filter while it is at least twice the target both ways (cheap and
+    alias-free), resize with BICUBIC so that it just covers the target, then cut the centre.
+    Extremely elongated images are trimmed to MAX_ASPECT_RATIO first.
     """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     image = _trim_to_aspect(to_rgb(pil_image), MAX_ASPECT_RATIO)
-    while min(image.size) >= 2 * image_size:
+    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = image_size / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    scale = max(width / image.size[0], height / image.size[1])
+    image = image.resize(tuple(max(target, round(side * scale)) for side, target in zip(image.size, (width, height))),
+                         resample=Image.BICUBIC)
     pixels = np.array(image)
-    top = (pixels.shape[0] - image_size) // 2
-    left = (pixels.shape[1] - image_size) // 2
-    return pixels[top : top + image_size, left : left + image_size]
+    top = (pixels.shape[0] - height) // 2
+    left = (pixels.shape[1] - width) // 2
+    return pixels[top : top + height, left : left + width]
 
 
 # PixArt-alpha's aspect-ratio buckets, as the Lumos release's utils/resolution.py lists them at
@@ -1032,13 +1035,17 @@ class GlobalSampler(Sampler):
     items, in rank order, is exactly the global batch a single rank would see; the loop seeds
     per-sample randomness with g, which makes the result independent of W and accumulation.
 
+    With `buckets` (an aspect-ratio bucket id per item), every global batch holds one bucket's
+    items (bucket_batches): an epoch is then its whole batches, batches_per_epoch x G samples of
+    the stream, and the stream position, the slices and the resume stay as above.
+
     It runs in the main process; DataLoader workers get whole micro-batches from it, so each
     worker reads a disjoint part. The DataLoader prefetches: the position to checkpoint is what
     the loop consumed (steps x G), not how far this iterator has run.
     """
 
     def __init__(self, num_items, global_batch_size, rank=0, world_size=1, seed=0, start=0,
-                 shuffle=True):
+                 shuffle=True, buckets=None):
         if num_items <= 0:
             raise ValueError(f"GlobalSampler needs a non-empty dataset, got {num_items} items")
         if not 0 <= rank < world_size:
@@ -1053,16 +1060,44 @@ class GlobalSampler(Sampler):
         self.shuffle = shuffle
         self.per_rank = global_batch_size // world_size
         self._cached_epoch, self._cached_order = None, None
+        self.buckets = None if buckets is None else np.asarray(buckets)
+        if self.buckets is not None:
+            if self.buckets.shape != (num_items,):
+                raise ValueError(f"buckets: one per item expected, got shape {self.buckets.shape} for {num_items} items")
+            _, sizes = np.unique(self.buckets, return_counts=True)
+            self.batches_per_epoch = int((sizes // global_batch_size).sum())
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"no aspect-ratio bucket holds a global batch of {global_batch_size} images "
+                                 f"(the largest holds {sizes.max()}): lower the batch size or add images")
+
+    def epoch_order(self, epoch):
+        """The dataset indices of epoch `epoch` in stream order (cached: one epoch at a time)."""
+        if epoch != self._cached_epoch:
+            self._cached_epoch = epoch
+            order = epoch_permutation(self.num_items, self.seed, epoch) if self.shuffle else np.arange(self.num_items)
+            self._cached_order = order if self.buckets is None else self.bucket_batches(order).reshape(-1)
+        return self._cached_order
+
+    def bucket_batches(self, order):
+        """(batches_per_epoch, G) dataset indices: walking `order`, each bucket fills global batches
+        of its own items, and a batch takes its place in the stream when its last item is met
+        (PixArt-alpha's aspect-ratio batches); a bucket's last partial batch waits for no one and is
+        left out of the epoch."""
+        G, batches, completed = self.global_batch_size, [], []
+        for bucket in np.unique(self.buckets):
+            positions = np.flatnonzero(self.buckets[order] == bucket)
+            full = len(positions) // G * G
+            batches.append(order[positions[:full]].reshape(-1, G))
+            completed.append(positions[G - 1:full:G])
+        return np.concatenate(batches)[np.argsort(np.concatenate(completed), kind="stable")]
 
     def dataset_index(self, global_index):
         """The dataset item at position global_index of the stream."""
-        epoch, offset = divmod(global_index, self.num_items)
-        if not self.shuffle:
+        per_epoch = self.num_items if self.buckets is None else self.batches_per_epoch * self.global_batch_size
+        epoch, offset = divmod(global_index, per_epoch)
+        if not self.shuffle and self.buckets is None:
             return offset
-        if epoch != self._cached_epoch:
-            self._cached_epoch = epoch
-            self._cached_order = epoch_permutation(self.num_items, self.seed, epoch)
-        return int(self._cached_order[offset])
+        return int(self.epoch_order(epoch)[offset])
 
     def __iter__(self):
         batch_start = self.start
@@ -1114,12 +1149,13 @@ def collate_samples(items, per_sample=None):
 
 
 def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size=1, seed=0,
-                start=0, shuffle=True, num_workers=0, per_sample=None):
+                start=0, shuffle=True, num_workers=0, per_sample=None, buckets=None):
     """An endless DataLoader of this rank's micro-batches (dicts from `collate_samples`), from
     stream position `start`; see GlobalSampler for the layout. `per_sample(global_indices)` ->
     dict of tensors, if given, is added to each batch in the loader's workers, beside the data
-    (the training loop's per-sample randomness), and pinned with it for the copy to the GPU."""
-    sampler = GlobalSampler(len(dataset), global_batch_size, rank, world_size, seed, start, shuffle)
+    (the training loop's per-sample randomness), and pinned with it for the copy to the GPU.
+    `buckets`: an aspect-ratio bucket id per item, for batches of one bucket each (GlobalSampler)."""
+    sampler = GlobalSampler(len(dataset), global_batch_size, rank, world_size, seed, start, shuffle, buckets)
     if micro_batch_size <= 0 or sampler.per_rank % micro_batch_size:
         raise ValueError(f"micro batch size {micro_batch_size} does not divide the per-rank batch "
                          f"{sampler.per_rank} (global {global_batch_size} / world {world_size})")

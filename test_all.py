@@ -1303,6 +1303,10 @@ def test_exif_orientation_and_center_crop_by_box_halving_bicubic_and_strip_trimm
     resized = np.array(image.resize((65, 35), Image.BOX).resize((round(65 * 32 / 35), 32), Image.BICUBIC))
     left = (resized.shape[1] - 32) // 2
     np.testing.assert_array_equal(data.center_crop_arr(image, 32), resized[:, left : left + 32])
+    scale = max(40 / 65, 24 / 35)  # an aspect-ratio bucket, 24 x 40: the same halving, then just cover it
+    resized = np.array(image.resize((65, 35), Image.BOX).resize((round(65 * scale), 24), Image.BICUBIC))
+    left = (resized.shape[1] - 40) // 2
+    np.testing.assert_array_equal(data.center_crop_arr(image, (24, 40)), resized[:, left : left + 40])
     strip = np.zeros((100_000, 1, 3), np.uint8)  # upscaled whole: 32 x 3.2M pixels; trimmed to 1:4, 32 x 128
     strip[49_998:50_002] = 255  # the central 4 pixels: what the trim keeps
     resized_to, original_resize = [], Image.Image.resize
@@ -1310,6 +1314,42 @@ def test_exif_orientation_and_center_crop_by_box_halving_bicubic_and_strip_trimm
                         original_resize(image, size, *a, **k))
     crop = data.center_crop_arr(Image.fromarray(strip), 32)
     assert crop.shape == (32, 32, 3) and crop.min() == 255 and resized_to == [(32, 128)]
+
+
+def test_aspect_ratio_buckets_are_the_release_tables_and_sizes_snap_as_its_demo():
+    full, test = data.aspect_ratio_buckets(1024), data.aspect_ratio_buckets(1024, test=True)
+    assert len(full) == 40 and len(test) == 33 and set(full) - set(test) == set(data.TEST_LEFT_OUT)
+    assert full["1.29"] == (1152, 896) and full["0.25"] == (512, 2048) and full["4.0"] == (2048, 512)
+    assert all(all(side % 64 == 0 for side in hw) for hw in full.values())
+    half, quarter = data.aspect_ratio_buckets(512), data.aspect_ratio_buckets(256)  # the release's 512 and 256 tables
+    assert half["0.26"] == (256, 992) and quarter["0.26"] == (128, 496) and quarter["3.11"] == (448, 144)
+    assert all(half[key] == (h // 2, w // 2) and quarter[key] == (h // 4, w // 4) for key, (h, w) in full.items())
+    assert data.closest_bucket(1024, 768, test) == ("1.29", (1152, 896))  # 4:3 portrait, as the T2I demo snaps it
+    assert data.closest_bucket(665, 2000, test) == ("0.33", (576, 1728))
+    assert data.closest_bucket(1000, 1000, data.aspect_ratio_buckets(256, test=True)) == ("1.0", (256, 256))
+    assert data.closest_bucket(3610, 1000, full) == ("3.62", (1856, 512)) and data.closest_bucket(3610, 1000, test)[0] == "4.0"
+    assert_raises(ValueError, "multiple of 16", lambda: data.aspect_ratio_buckets(1000))
+
+
+def test_bucketed_batches_hold_one_bucket_and_resume_and_split_over_ranks_like_the_plain_stream():
+    buckets, G = np.random.default_rng(0).integers(0, 3, size=50), 4  # 19, 17, 14 items: 11 batches an epoch
+    take = lambda sampler, n: list(itertools.islice(iter(sampler), n))
+    one = data.GlobalSampler(50, G, seed=3, buckets=buckets)
+    stream = take(one, 3 * one.batches_per_epoch * G)
+    assert one.batches_per_epoch == 4 + 4 + 3 and [g for g, _ in stream] == list(range(len(stream)))
+    batches = np.array([item for _, item in stream]).reshape(-1, G)
+    assert all(len(set(buckets[batch])) == 1 for batch in batches)  # each global batch: one bucket
+    for epoch in range(3):  # an epoch: each item at most once, all but each bucket's last partial batch
+        seen = batches[epoch * 11:(epoch + 1) * 11].reshape(-1)
+        assert len(set(seen)) == len(seen) == 44 and np.bincount(buckets[seen]).tolist() == [16, 16, 12]
+    assert not np.array_equal(batches[:11], batches[11:22])  # reshuffled every epoch
+    assert take(data.GlobalSampler(50, G, seed=3, start=7 * G, buckets=buckets), 5 * G) == stream[7 * G:12 * G]
+    ranks = [take(data.GlobalSampler(50, G, rank, 2, seed=3, buckets=buckets), 6 * G // 2) for rank in (0, 1)]
+    assert [x for k in range(6) for rank in ranks for x in rank[k * 2:(k + 1) * 2]] == stream[:6 * G]
+    ordered = np.array([item for _, item in take(data.GlobalSampler(50, G, shuffle=False, buckets=buckets), 11 * G)])
+    assert all((np.diff(ordered[buckets[ordered] == bucket]) > 0).all() for bucket in range(3))  # in index order
+    assert_raises(ValueError, "no aspect-ratio bucket holds a global batch of 64",
+                  lambda: data.GlobalSampler(50, 64, buckets=buckets))
 
 
 def test_shapes_is_deterministic_its_captions_show_the_attributes_and_specs_set_count_and_seed():

@@ -217,7 +217,8 @@ def pixels_to_tensor(pixels):
 
 
 def decode_image(data, image_size):
-    """Encoded image bytes -> float32 tensor (3, image_size, image_size) in [-1, 1].
+    """Encoded image bytes -> float32 tensor (3, image_size, image_size) in [-1, 1] (image_size
+    (h, w): (3, h, w), centre-cropped to that shape).
 
     Raises BadSampleError for anything that is not a readable image of sane size.
     """
@@ -236,6 +237,18 @@ def decode_image(data, image_size):
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
         raise BadSampleError(f"{type(error).__name__}: {message}") from error
     return pixels_to_tensor(pixels)
+
+
+def image_hw(data):
+    """(height, width) of encoded image bytes as decode_image turns them (EXIF orientation applied),
+    read from the header alone; BadSampleError for what PIL cannot open."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # stored turned by 90 degrees
+    except Exception as error:
+        raise BadSampleError(f"{type(error).__name__}: {error}") from error
+    return (width, height) if turned else (height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,13 +297,21 @@ class _EncodedImageDataset(Dataset):
         self._reads = collections.deque(maxlen=BAD_FILE_WINDOW)
         self._bad_reads = 0
 
-    def load(self, j):
-        """Image tensor (3, S, S) and caption of sample j; raises BadSampleError."""
+    def load(self, j, size=None):
+        """Image tensor (3, S, S), or (3, h, w) for size (h, w), and caption of sample j; raises
+        BadSampleError."""
         try:
             data, caption = self.read(j)
         except OSError as error:
             raise BadSampleError(f"{type(error).__name__}: {error}") from error
-        return decode_image(data, self.image_size), caption
+        return decode_image(data, size or self.image_size), caption
+
+    def image_hw(self, j):
+        """(height, width) of sample j's image, from its header; (0, 0) for a bad file."""
+        try:
+            return image_hw(self.read(j)[0])
+        except (OSError, BadSampleError):
+            return 0, 0
 
     def __getitem__(self, i):
         if not 0 <= i < len(self):
@@ -835,6 +856,61 @@ class ShapesDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: PixArt-alpha's multi-scale training (train_t2i.py --multi-scale)
+
+
+class AspectRatioBuckets(Dataset):
+    """`dataset` (file-backed, or `shapes`) with each image centre-cropped to the size of its bucket,
+    the closest in aspect ratio of aspect_ratio_buckets(image_size) (PixArt-alpha's training table).
+    Items gain "img_hw" (2,), the image's own height and width in pixels, and "aspect_ratio" (1,),
+    its bucket's key: PixArt-alpha's micro-conditions. `buckets[i]` is item i's bucket, for
+    make_loader(buckets=...): a global batch then holds one bucket, so its images share a size.
+    The sizes come from the image headers, read once here; a bad file is replaced by the next good
+    item of the same bucket (and counted, as the source counts it)."""
+
+    def __init__(self, dataset, image_size):
+        self.dataset, self.table = dataset, aspect_ratio_buckets(image_size)
+        self.keys = list(self.table)
+        if isinstance(dataset, ShapesDataset):  # drawn square at its own size
+            self.sizes = np.full((len(dataset), 2), dataset.image_size, dtype=np.int64)
+        else:
+            self.sizes = np.array([dataset.image_hw(j) for j in range(len(dataset))], dtype=np.int64).reshape(-1, 2)
+        square = self.keys.index("1.0")  # where an unreadable file waits to be replaced
+        self.buckets = np.array([self.keys.index(closest_bucket(h, w, self.table)[0]) if h and w else square
+                                 for h, w in self.sizes.tolist()], dtype=np.int64)
+        self._members = {b: np.flatnonzero(self.buckets == b) for b in np.unique(self.buckets).tolist()}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __repr__(self):
+        used = np.bincount(self.buckets, minlength=len(self.keys))
+        return f"{self.dataset!r} in {np.count_nonzero(used)} aspect-ratio buckets"
+
+    def __getitem__(self, i):
+        key = self.keys[self.buckets[i]]
+        members, skipped = self._members[int(self.buckets[i])], []
+        first = int(np.searchsorted(members, i))
+        for step in range(len(members)):
+            j = int(members[(first + step) % len(members)])
+            if isinstance(self.dataset, ShapesDataset):
+                item = self.dataset[j]
+            else:
+                try:
+                    image, caption = self.dataset.load(j, self.table[key])
+                except BadSampleError as error:
+                    skipped.append(self.dataset.name(j))
+                    self.dataset._count_read(f"{self.dataset.name(j)}: {error}")
+                    continue
+                self.dataset._count_read(None)
+                item = {"image": image, "caption": caption, "name": self.dataset.name(j)}
+            return {**item, "index": int(i), "skipped": skipped,
+                    "img_hw": torch.tensor(self.sizes[j], dtype=torch.float32),
+                    "aspect_ratio": torch.tensor([float(key)])}
+        raise TooManyBadFiles(f"no readable image in the bucket {key} of {self!r}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The offline default's condition encoder (encoders.SHAPES_VIT), trained here on unlabeled shapes
 
 SHAPES_ENCODER = dict(image_size=32, patch_size=8, width=128, depth=2, heads=2)
@@ -1131,7 +1207,7 @@ class WithGlobalIndex(Dataset):
 def collate_samples(items, per_sample=None):
     """List of item dicts -> batch dict: tensors stacked ("image": (B, 3, S, S)), ints as int64
     tensors ("index", "global_index"), "skipped" concatenated into one list of names, anything
-    else ("caption", "name", "attrs") as a list; plus per_sample(batch["global_index"]) if given."""
+    else ("caption", "name", "attrs") as a list; plus per_sample(batch) if given."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
@@ -1144,14 +1220,14 @@ def collate_samples(items, per_sample=None):
         else:
             batch[key] = values
     if per_sample is not None:
-        batch.update(per_sample(batch["global_index"]))
+        batch.update(per_sample(batch))
     return batch
 
 
 def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size=1, seed=0,
                 start=0, shuffle=True, num_workers=0, per_sample=None, buckets=None):
     """An endless DataLoader of this rank's micro-batches (dicts from `collate_samples`), from
-    stream position `start`; see GlobalSampler for the layout. `per_sample(global_indices)` ->
+    stream position `start`; see GlobalSampler for the layout. `per_sample(batch)` ->
     dict of tensors, if given, is added to each batch in the loader's workers, beside the data
     (the training loop's per-sample randomness), and pinned with it for the copy to the GPU.
     `buckets`: an aspect-ratio bucket id per item, for batches of one bucket each (GlobalSampler)."""

@@ -263,9 +263,8 @@ class LumosDiT(nn.Module):
             raise ValueError(f"LumosDiT with pose_dim={pose_dim} (NVS) takes the target and the source view: "
                              f"in_channels must be 2 x out_channels, "
                              f"got {in_channels} and {out_channels or in_channels}")
-        if multi_scale and (hidden_size % 3 or pose_dim):
-            raise ValueError(f"a multi-scale LumosDiT adds three size embeddings of width hidden_size / 3 and has no "
-                             f"pose: hidden_size must be divisible by 3 and pose_dim 0, got {hidden_size}, {pose_dim}")
+        if multi_scale and pose_dim:
+            raise ValueError(f"a multi-scale LumosDiT has no pose input: pose_dim must be 0, got {pose_dim}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.lewei_scale = hidden_size, lewei_scale
         self.cond_dim, self.cond_tokens, self.learn_sigma = cond_dim, cond_tokens, learn_sigma
@@ -289,10 +288,11 @@ class LumosDiT(nn.Module):
             self.pose_mixer = nn.Linear(cond_dim + pose_dim, cond_dim)
             self.initialize_pose_mixer()
         if multi_scale:
-            # Size (height, width) and aspect-ratio embedders, D/3 wide per scalar: together D, added
-            # to the timestep embedding, so every block's adaLN and the final layer see the sum.
+            # Size (height, width) and aspect-ratio embedders, D/3 wide per scalar (the release's; a
+            # width not divisible by 3 gives the ratio the rest): together D, added to the timestep
+            # embedding, so every block's adaLN and the final layer see the sum.
             self.csize_embedder = SizeEmbedder(hidden_size // 3)
-            self.ar_embedder = SizeEmbedder(hidden_size // 3)
+            self.ar_embedder = SizeEmbedder(hidden_size - 2 * (hidden_size // 3))
             for embedder in (self.csize_embedder, self.ar_embedder):  # as t_embedder (the release's init)
                 for linear in (embedder.mlp[0], embedder.mlp[2]):
                     nn.init.normal_(linear.weight, std=0.02)
@@ -667,8 +667,8 @@ def forward_flops(model, batch_size=1, cond_len=None):
     embed = T * patch_in * D + (256 * D + D * D) + L * (model.cond_dim * D + D * D)
     if model.pose_dim:
         embed += L * (model.cond_dim + model.pose_dim) * model.cond_dim  # pose mixer
-    if model.multi_scale:
-        embed += 3 * (256 * (D // 3) + (D // 3) ** 2)  # the size and aspect-ratio embedders, a scalar each
+    if model.multi_scale:  # the size and aspect-ratio embedders, a scalar each
+        embed += sum(256 * width + width ** 2 for width in (D // 3, D // 3, D - 2 * (D // 3)))
     per_block = (D * 6 * D                     # adaLN modulation
                  + T * D * 3 * D + T * D * D   # self-attention qkv, proj
                  + 2 * T * T * D               # self-attention scores and values

@@ -278,7 +278,10 @@ def test_multi_scale_model_matches_spec_2b_on_non_square_latents_with_masked_cap
                   lambda: model(x[:, :, :5], t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio))
     assert_raises(ValueError, "inputs of a multi-scale model",
                   lambda: tiny_model()(x, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio))
-    assert_raises(ValueError, "divisible by 3", lambda: LumosDiT(**{**TINY, "multi_scale": True}))
+    odd = LumosDiT(**{**TINY, "multi_scale": True})  # width 32: 10 for each size, the rest, 12, for the ratio
+    assert (odd.csize_embedder.mlp[2].out_features, odd.ar_embedder.mlp[2].out_features) == (10, 12)
+    assert odd(x.float()[:, :, :6], t, y.float(), mask, img_hw=img_hw.float(), aspect_ratio=aspect_ratio.float()).shape == (3, 8, 6, 8)
+    assert_raises(ValueError, "no pose input", lambda: LumosDiT(**{**TINY, **POSE, "multi_scale": True}))
     with torch.device("meta"):  # the release's T2I model: XL/2 at 1024 px (128 x 128 latents), 120 T5 tokens
         release = DiT_models["DiT-XL/2"](input_size=128, cond_dim=4096, cond_tokens=120, multi_scale=True, lewei_scale=2.0)
     assert sum(p.numel() for p in release.parameters()) == 826_333_088 and release.pos_embed.shape == (1, 4096, 1152)
@@ -1726,6 +1729,71 @@ def test_launch_t2i_fp32_eager_caches_equal_one_rank(tmp_path, latent_assets):
     train_t2i.main(common + ["--out", str(one)])
     assert read_metrics(two)["loss"] == pytest.approx(read_metrics(one)["loss"], rel=TOLERANCE)
     assert_same_weights(load_file(two / "ema.safetensors"), load_file(one / "ema.safetensors"))
+
+
+def write_mixed_aspect_pairs(folder, count=24):
+    """Captioned images of three aspect ratios in turn (1:1, 1:2 and 2:1, height to width: the buckets
+    1.0, 0.5 and 2.0); the first is a JPEG whose EXIF turns it by 90 degrees (stored 2:1, shown 1:2)."""
+    sizes, exif = [(64, 64), (96, 48), (48, 96)], Image.Exif()
+    exif[0x0112] = 6
+    files = {f"{i:03d}.png": encode(noise_image(*sizes[i % 3], i), "PNG") for i in range(1, count)}
+    files["000.jpg"] = encode(noise_image(48, 96, 0), "JPEG", exif=exif)  # 1:1 by its turn, stored 2:1, shown 1:2
+    return write_files(folder, files | {f"{i:03d}.txt": f"caption {i % 5}".encode() for i in range(count)})
+
+
+def test_multi_scale_t2i_from_a_single_scale_prior_starts_as_the_single_scale_model(tmp_path, capsys):
+    train_i2i.main([*TINY_SIZE, *TINY_LOOP, "--hidden-size", "48", "--data", "shapes:64", "--steps", "2",
+                    "--out", str(tmp_path / "i2i")])
+    prior, info = dit.read_weights(str(tmp_path / "i2i" / "ema.safetensors"))
+    models = []
+    for flags in ([], ["--multi-scale"]):
+        args = t2i_args("--init", tmp_path / "i2i" / "ema.safetensors", *flags)
+        train_t2i.read_init(args)
+        torch.manual_seed(0)
+        models.append(train_t2i.t2i_model(args, prior, info, 64).eval())
+    single, multi = models
+    assert "the size embedders, their last layers zero" in capsys.readouterr().out and multi.lewei_scale == 1.0
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])
+    y, mask = torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool)
+    img_hw, aspect_ratio = torch.tensor([[16.0, 16.0], [512.0, 2048.0]]), torch.tensor([[1.0], [0.25]])
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio), single(x, t, y, mask),
+                                   rtol=0, atol=0)
+    bigger = t2i_args("--init", tmp_path / "i2i" / "ema.safetensors", "--multi-scale", "--image-size", "64")
+    train_t2i.read_init(bigger)  # 4x the grid: 4x lewei_scale keeps the prior's range of positions
+    assert train_t2i.t2i_model(bigger, prior, info, 64).lewei_scale == 4.0
+
+
+@pytest.mark.slow
+def test_launch_t2i_multi_scale_buckets_equal_one_rank_and_resume_exactly(tmp_path, capsys):
+    folder = write_mixed_aspect_pairs(tmp_path / "pairs")
+    train_i2i.main([*TINY_SIZE, *TINY_LOOP, "--hidden-size", "48", "--data", "shapes:64", "--steps", "2",
+                    "--out", str(tmp_path / "i2i")])
+    buckets = data.AspectRatioBuckets(data.open_dataset(str(folder), 64), 64)
+    assert [buckets.keys[b] for b in buckets.buckets[:4]] == ["0.5", "0.5", "2.0", "1.0"]  # 000.jpg: turned by EXIF
+    assert buckets.sizes[:4].tolist() == [[48, 96], [48, 96], [96, 48], [64, 64]]  # (height, width) as shown
+    item = buckets[1]
+    assert item["image"].shape == (3, 44, 88) and item["img_hw"].tolist() == [48, 96] and item["aspect_ratio"].item() == 0.5
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    common = ["--init", tmp_path / "i2i" / "ema.safetensors", "--multi-scale", *TINY_LOOP, "--image-size", "64",
+              "--data", folder, "--ckpt-every", "2", "--sample-every", "4", "--cfg-scale", "2"]
+    assert_launched(torchrun("train_t2i.py", *common, "--steps", "4", "--out", two), two, 4, [4])
+    train_t2i.main([str(arg) for arg in common + ["--steps", "4", "--out", one]])
+    assert read_metrics(two)["loss"] == pytest.approx(read_metrics(one)["loss"], rel=TOLERANCE)
+    assert_same_weights(load_file(two / "ema.safetensors"), load_file(one / "ema.safetensors"))
+    for steps in ("2", "4"):  # stopped after a bucketed epoch's first two batches, then resumed
+        train_t2i.main([str(arg) for arg in common + ["--steps", steps, "--out", resumed, "--resume"]])
+    assert read_metrics(resumed)["loss"] == read_metrics(one)["loss"]
+    assert_same_weights(load_file(resumed / "ema.safetensors"), load_file(one / "ema.safetensors"), rtol=0)
+    capsys.readouterr()  # a multi-scale T2I export fine-tunes on as it is (as Lumos_T2I.pth would): nothing new
+    train_t2i.main([str(arg) for arg in ["--init", one / "ema.safetensors", *TINY_LOOP, "--image-size", "64",
+                                         "--data", folder, "--steps", "2", "--precision", "bf16", "--sample-every", "2",
+                                         "--out", tmp_path / "again"]])
+    assert "\n  new (none): none" in capsys.readouterr().out
+    assert dit.export_metadata(str(tmp_path / "again" / "ema.safetensors"))["lumos"]["config"]["multi_scale"]
+    with pytest.raises(SystemExit):
+        train_nvs.main(["--init", str(one / "ema.safetensors"), "--out", str(tmp_path / "nvs")])
+    assert "a multi-scale T2I model; NVS starts from a single-scale" in capsys.readouterr().err
 
 
 # Runs a training script, writing to out/seen_<rank>.json the drawn t, t at the embedder, y's and residuals' dtypes.

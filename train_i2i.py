@@ -359,6 +359,16 @@ def sample_randomness(global_indices, seed, x_shape, num_timesteps, dropout_prob
     return {key: torch.stack(values) for key, values in draws.items() if values}
 
 
+def batch_randomness(batch, seed, channels, downsampling, num_timesteps, dropout_prob, latent):
+    """sample_randomness for a collated batch (data.make_loader's per_sample): x0's shape is the
+    batch's own, which aspect-ratio buckets vary from batch to batch."""
+    if "latent_mean" in batch:
+        x_shape = tuple(batch["latent_mean"].shape[-3:])
+    else:
+        x_shape = (channels, *(side // downsampling for side in batch["image"].shape[-2:]))
+    return sample_randomness(batch["global_index"], seed, x_shape, num_timesteps, dropout_prob, latent)
+
+
 #################################################################################
 #                                Checkpoints                                    #
 #################################################################################
@@ -439,6 +449,7 @@ def load_checkpoint(path, model, ema, optimizer, run_config):
     with open(os.path.join(path, "run_config.json")) as f:
         saved = json.load(f)
     saved["model_config"] = upgrade_config(saved["model_config"])  # saved by an earlier version
+    run_config = json.loads(json.dumps(run_config))  # as saved: tuples are lists there (the random T5's pieces)
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run_config.items() if saved.get(k) != v]
     if changed:
         raise UsageError(f"--resume: {path} was made with another configuration ({'; '.join(changed)}); "
@@ -559,12 +570,12 @@ def _train(args, task, rank, world_size, device):
     per_rank = args.global_batch_size // world_size
     micro = per_rank // args.grad_accum
     workers = args.num_workers if args.num_workers is not None else (8 if device.type == "cuda" else 0)
-    x_size = args.image_size // space.downsampling
-    randomness = partial(sample_randomness, seed=args.seed, x_shape=(space.channels, x_size, x_size),
+    randomness = partial(batch_randomness, seed=args.seed, channels=space.channels, downsampling=space.downsampling,
                          num_timesteps=diffusion.num_timesteps, dropout_prob=config["cond_dropout_prob"],
                          latent=space.vae is not None)
     batches = iter(data.make_loader(task.dataset, args.global_batch_size, micro, rank, world_size, args.seed,
-                                    start=step * args.global_batch_size, num_workers=workers, per_sample=randomness))
+                                    start=step * args.global_batch_size, num_workers=workers, per_sample=randomness,
+                                    buckets=getattr(task.dataset, "buckets", None)))
     num_eval = len(task.eval_items[: args.num_samples])
     eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
                           torch.zeros(num_eval, dtype=torch.bool, device=device))

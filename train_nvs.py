@@ -403,6 +403,8 @@ def nvs_task(args, prior_state, prior_info, device):
     """The NVS Task for the loop: the NVS LumosDiT from an I2I or T2I prior (or scratch), multi-view
     data, no flips. From T2I, the condition embedder is new (the reverse of I2I -> T2I): the T5 tokens
     give way to one image-encoder token; the blocks and the rest carry over."""
+    if prior_info is not None and prior_info["config"].get("multi_scale"):
+        raise ValueError(f"--init {args.init}: a multi-scale T2I model; NVS starts from a single-scale I2I or T2I model")
     train_set, held_out_set = open_multiview(args.data, args.image_size, args.seed, args.held_out_objects)
     from_t2i = prior_info is not None and prior_info["task"] == "t2i"
     # A random-ViT encoder is rebuilt as the I2I run built it, from that run's image size.

@@ -4,10 +4,26 @@ token features through the same cross-attention.
     python train_t2i.py                    # offline default: runs/i2i/ema.safetensors on `shapes` captions, CPU
     python train_t2i.py --n-captions 200   # fine-tune on the first 200 captioned images only
     python train_t2i.py --init scratch --n-captions 2000 --out runs/t2i_scratch   # the no-prior baseline
+    python train_t2i.py --multi-scale --image-size 64 --data my_pairs/    # mixed aspect ratios, buckets
     python train_t2i.py cache-text --data /data/pairs/{00000..00999}.tar --t5 DeepFloyd/t5-v1_1-xxl --out /data/t5
     torchrun --nproc_per_node=8 train_t2i.py --init Lumos_I2I.pth --vae stabilityai/sd-vae-ft-ema \\
         --t5 DeepFloyd/t5-v1_1-xxl --text-cache /data/t5 --data /data/pairs/{00000..00999}.tar \\
         --image-size 256 --global-batch-size 256 --lr 2e-5 --precision bf16 --out runs/t2i
+    torchrun --nproc_per_node=8 train_t2i.py --init Lumos_T2I.pth --vae stabilityai/sd-vae-ft-mse \\
+        --t5 DeepFloyd/t5-v1_1-xxl --text-cache /data/t5 --data /data/pairs/{00000..00999}.tar \\
+        --global-batch-size 64 --lr 2e-5 --precision bf16 --out runs/t2i_1024   # the release's 1024 px model
+
+The multi-scale model (`--multi-scale`, or a multi-scale --init such as Lumos_T2I.pth; see dit.py)
+trains as PixArt-alpha's does: each image goes to the aspect-ratio bucket closest to its own shape
+(data.AspectRatioBuckets: the 1024 px table, scaled to --image-size), is resized and centre-cropped
+to it, and each global batch holds one bucket (data.GlobalSampler), in a stream that the seed fixes,
+so resume and any number of ranks give the same batches. The micro-conditions: `img_hw` is the
+image's own size, `aspect_ratio` its bucket's. From a single-scale prior the size embedders are new,
+their last layers zero, so the model starts as the single-scale one; lewei_scale is the prior's,
+scaled by the change of size (PixArt-alpha: 1 up to 512 px, 2 at 1024 px, as the release). The
+bucket sides are multiples of --image-size / 16, so the patch (x 8 in latent space) must divide
+that: 256 px and up in latent space with /2 patches. The image sizes are read from every image's
+header when the run starts; the feature cache (one latent size) is not read by this model.
 
 The model is the I2I LumosDiT with its condition swapped for T5 tokens: cond_dim becomes the T5
 width (4096 for XXL) and cond_tokens 120. Only the condition projection (`y_embedder.y_proj`) and
@@ -42,12 +58,13 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import data
@@ -70,11 +87,13 @@ def has_caption(item):
 
 class SkipUncaptioned(Dataset):
     """The captioned items of `dataset`: item i is dataset[i] if that has a caption, else the next one
-    that has (i+1, i+2, ..., wrapping around), so the replacement depends only on i. The images
-    passed over are named in "skipped" (with data.py's bad files), for the loop to count and log."""
+    that has (i+1, i+2, ..., wrapping around; of i's own aspect-ratio bucket when the dataset has
+    `buckets`), so the replacement depends only on i. The images passed over are named in "skipped"
+    (with data.py's bad files), for the loop to count and log."""
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.buckets = getattr(dataset, "buckets", None)
 
     def __len__(self):
         return len(self.dataset)
@@ -84,8 +103,10 @@ class SkipUncaptioned(Dataset):
 
     def __getitem__(self, i):
         skipped = []
-        for step in range(len(self.dataset)):
-            item = self.dataset[(i + step) % len(self.dataset)]
+        candidates = np.arange(len(self.dataset)) if self.buckets is None else np.flatnonzero(self.buckets == self.buckets[i])
+        first = int(np.searchsorted(candidates, i))
+        for step in range(len(candidates)):
+            item = self.dataset[int(candidates[(first + step) % len(candidates)])]
             skipped += item["skipped"]
             if has_caption(item):
                 return {**item, "index": int(i), "skipped": skipped}
@@ -116,6 +137,7 @@ class FirstCaptioned(Dataset):
                 self.skipped.append(item["name"])
         if len(self.indices) < count:
             raise ValueError(f"--n-captions {count}: {dataset!r} has only {len(self.indices)} captioned images")
+        self.buckets = None if getattr(dataset, "buckets", None) is None else dataset.buckets[self.indices]
 
     def __len__(self):
         return len(self.indices)
@@ -342,20 +364,48 @@ def open_text_cache(args, eval_captions):
 #                       The model, from the I2I prior                           #
 #################################################################################
 
-def t2i_model(args, i2i_state, i2i_info, text_width):
-    """The T2I LumosDiT: the I2I model's config (or --model's from scratch) with T5 tokens as the
-    condition; from I2I weights every key but CONDITION_KEYS carries over (train_i2i.transfer_weights)."""
-    if i2i_state is None:
+# The multi-scale model's micro-condition embedders: new from a single-scale prior.
+SIZE_EMBEDDER_KEYS = tuple(f"{name}.mlp.{layer}.{kind}" for name in ("csize_embedder", "ar_embedder")
+                           for layer in (0, 2) for kind in ("weight", "bias"))
+
+
+def t2i_model(args, prior_state, prior_info, text_width):
+    """The T2I LumosDiT: the prior's config (or --model's from scratch) with T5 tokens as the condition,
+    multi-scale with --multi-scale (or when the prior is). From I2I weights every key but
+    CONDITION_KEYS carries over (train_i2i.transfer_weights); from T2I weights every key. The size
+    embedders a single-scale prior lacks are new, their last layers zero: the model then computes
+    the single-scale model's function at step 0, whatever the sizes."""
+    if prior_state is None:
         name, overrides = model_size(args)
         config = {**DiT_models[name].keywords, **overrides, "in_channels": 4 if args.vae else 3,
                   "learn_sigma": args.learn_sigma}
     else:
-        config = i2i_info["config"]
+        config = prior_info["config"]
+    multi_scale = args.multi_scale or config.get("multi_scale", False)
+    # lewei_scale divides the positions: PixArt-alpha's models take 1 up to 512 px and 2 at 1024 px
+    # (the release's T2I model too), so a 1024 px grid of 64 spans the range of a 512 px grid of 32.
+    # From a prior, a new size scales the prior's value by the same rule (its range of positions is
+    # kept); the same size keeps it, so the prior's function is kept too.
+    if prior_info is None:
+        lewei_scale = max(1.0, args.image_size / 512) if multi_scale else 1.0
+    else:
+        lewei_scale = config.get("lewei_scale", 1.0) * args.image_size / prior_info["image_size"]
     input_size = args.image_size // (8 if args.vae else 1)
-    model = LumosDiT(**{**config, "input_size": input_size, "cond_dim": text_width, "cond_tokens": MAX_TEXT_TOKENS})
-    if i2i_state is not None:
-        report = transfer_weights(model, i2i_state, new_keys=CONDITION_KEYS, source=f"--init {args.init}")
-        print_transfer(args.init, report, f"T5 condition of width {text_width}, initialised as LumosDiT does")
+    model = LumosDiT(**{**config, "input_size": input_size, "cond_dim": text_width, "cond_tokens": MAX_TEXT_TOKENS,
+                        "multi_scale": multi_scale, "lewei_scale": lewei_scale})
+    if prior_state is not None:
+        from_t2i = prior_info["task"] == "t2i"
+        new_keys = (() if from_t2i else CONDITION_KEYS) + (SIZE_EMBEDDER_KEYS if multi_scale and not
+                                                            config.get("multi_scale") else ())
+        report = transfer_weights(model, prior_state, new_keys=new_keys, source=f"--init {args.init}")
+        what = [] if from_t2i else [f"T5 condition of width {text_width}, initialised as LumosDiT does"]
+        if set(SIZE_EMBEDDER_KEYS) & set(new_keys):
+            what.append("the size embedders, their last layers zero")
+            with torch.no_grad():
+                for name in ("csize_embedder", "ar_embedder"):
+                    getattr(model, name).mlp[2].weight.zero_()
+                    getattr(model, name).mlp[2].bias.zero_()
+        print_transfer(args.init, report, "; ".join(what) or "none")
     return model
 
 
@@ -368,24 +418,49 @@ def t2i_task(args, i2i_state, i2i_info, device):
     base = data.open_dataset(args.data, args.image_size, seed=args.seed)
     if isinstance(base, data.FeatureCache) and base.info["vae"] != args.vae:
         raise ValueError(f"--data {args.data} was made with --vae {base.info['vae']}; pass it (given: --vae {args.vae})")
-    train_set = FirstCaptioned(base, args.n_captions) if args.n_captions else SkipUncaptioned(base)
+    multi_scale = args.multi_scale or bool(i2i_info and i2i_info["config"].get("multi_scale"))
+    if multi_scale and isinstance(base, data.FeatureCache):
+        raise ValueError(f"--data {args.data}: the multi-scale model trains on aspect-ratio buckets of the images, "
+                         f"which a feature cache (one latent size) does not hold; pass the images")
+    buckets = data.AspectRatioBuckets(base, args.image_size) if multi_scale else base
+    train_set = FirstCaptioned(buckets, args.n_captions) if args.n_captions else SkipUncaptioned(buckets)
     if args.n_captions and train_set.skipped and int(os.environ.get("RANK", 0)) == 0:
         print(f"--n-captions {args.n_captions}: skipped {len(train_set.skipped)} images without a caption "
               f"before them, e.g. {train_set.skipped[0]}", flush=True)
-    eval_items = t2i_eval_items(base, train_set, args.image_size, args.seed, args.num_samples)
+    if multi_scale:  # the grids: the same captioned images, square at the run's size (the bucket 1.0)
+        square_set = SkipUncaptioned(base)
+        square_set = Subset(square_set, train_set.indices) if args.n_captions else square_set
+        square = {"img_hw": torch.tensor([float(args.image_size)] * 2), "aspect_ratio": torch.tensor([1.0])}
+        eval_items = [{**item, **square} for item in
+                      t2i_eval_items(base, square_set, args.image_size, args.seed, args.num_samples)]
+    else:
+        eval_items = t2i_eval_items(base, train_set, args.image_size, args.seed, args.num_samples)
     if args.text_cache:
         encode = open_text_cache(args, [item["caption"] for item in eval_items])
     else:
         encode = load_text_encoder(args.t5, device, vocabulary=data.shapes_vocabulary())
     torch.manual_seed(args.seed)  # the new condition weights
     template = t2i_model(args, i2i_state, i2i_info, encode.width)
+    step = template.patch_size * (8 if args.vae else 1)  # a side the model can patchify, in pixels
+    if multi_scale and (args.image_size // 16) % step:
+        raise ValueError(f"--image-size {args.image_size}: its aspect-ratio buckets have sides in steps of "
+                         f"{args.image_size // 16} px, which the model's {step} px patches do not divide; use a "
+                         f"multiple of {16 * step}")
     metadata = {"task": "t2i", "init": args.init, "n_captions": args.n_captions, "max_text_tokens": MAX_TEXT_TOKENS,
                 "clean_captions": True,
                 **(random_t5_description(data.shapes_vocabulary()) if args.t5 == RANDOM_T5 else {})}
     # No flips (as PixArt): captions name left and right, and a mirrored image would contradict its own.
-    return Task(build_model=lambda: copy.deepcopy(template), condition=text_condition(encode, device),
+    condition = text_condition(encode, device)
+    if multi_scale:
+        condition = partial(with_size_conditions, condition)
+    return Task(build_model=lambda: copy.deepcopy(template), condition=condition,
                 dataset=train_set, eval_items=eval_items, metadata=metadata, hflip=False,
                 evaluate=caption_accuracy if isinstance(base, data.ShapesDataset) else None)
+
+
+def with_size_conditions(condition, batch, space):
+    """Task.condition of the multi-scale model: the text condition, and the batch's micro-conditions."""
+    return {**condition(batch, space), "img_hw": batch["img_hw"], "aspect_ratio": batch["aspect_ratio"]}
 
 
 def caption_accuracy(images, batch):
@@ -403,8 +478,8 @@ def caption_accuracy(images, batch):
 #                               Command line                                    #
 #################################################################################
 
-# Fixed by the I2I weights: taken from --init when not given, an error when given otherwise.
-INHERITED_ARGS = {"i2i": ("model", "vae", "learn_sigma")}
+# Fixed by the prior's weights: taken from --init when not given, an error when given otherwise.
+INHERITED_ARGS = {"i2i": ("model", "vae", "learn_sigma"), "t2i": ("model", "vae", "learn_sigma")}
 # Defaults of a run from scratch, and of settings the I2I run leaves open.
 SCRATCH_DEFAULTS = {"image_size": 32}  # prediction and variances: train_i2i.RUN_DEFAULTS, by --model
 
@@ -432,6 +507,8 @@ def add_t2i_args(parser):
     a("--t5", default=RANDOM_T5, help=f"T5 v1.1 encoder repo/folder (DeepFloyd/t5-v1_1-xxl), or {RANDOM_T5} (tiny, random)")
     a("--text-cache", default=None, help="read the T5 features from this cache (`train_t2i.py cache-text`)")
     a("--n-captions", type=int, default=None, help="train on the first N captioned images only")
+    a("--multi-scale", action="store_true",
+      help="the multi-scale model (as Lumos_T2I.pth; implied by a multi-scale --init) on aspect-ratio buckets")
     return parser
 
 

@@ -41,7 +41,8 @@ source view per training sample), else `ds[i]`.
 Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
 `[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
---image-size S` writes a feature cache of SPEC, split over the ranks; `python data.py index SPEC
+--image-size S [--multi-scale]` writes a feature cache of SPEC, split over the ranks (with
+--multi-scale each image at its aspect-ratio bucket, for train_t2i.py --multi-scale); `python data.py index SPEC
 [--index DIR]` scans tar shards once into the index their readers memory-map; `python data.py
 shapes-encoder` trains the offline default's condition encoder (assets/shapes_vit.safetensors).
 """
@@ -1318,7 +1319,30 @@ def read_cache_info(root, name=CACHE_INFO):
 
 @torch.no_grad()
 def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=0):
-    """The cache tensors of dataset[indices] (see above) and their text metadata (JSON strings)."""
+    """The cache tensors of dataset[indices] (see above) and their text metadata (JSON strings). An
+    AspectRatioBuckets dataset is encoded bucket by bucket, each bucket's tensors under KEY@BUCKET
+    with its "img_hw", and "layout" giving each item's [bucket, row] in index order."""
+    buckets = getattr(dataset, "buckets", None)
+    if buckets is None:
+        tensors, text = _encode_items(dataset, indices, vae, encoder, batch_size, num_workers)
+        return tensors, {key: json.dumps(values) for key, values in text.items()}
+    indices, tensors, layout = list(indices), {}, {}
+    text = {"caption": {}, "name": {}, "skipped": []}
+    for bucket in np.unique(buckets[indices]).tolist():
+        key, members = dataset.keys[bucket], [i for i in indices if buckets[i] == bucket]
+        group, group_text = _encode_items(dataset, members, vae, encoder, batch_size, num_workers)
+        tensors.update({f"{name}@{key}": value for name, value in group.items()})
+        for row, i in enumerate(members):
+            layout[i] = [key, row]
+            text["caption"][i], text["name"][i] = group_text["caption"][row], group_text["name"][row]
+        text["skipped"] += group_text["skipped"]
+    text = {"caption": [text["caption"][i] for i in indices], "name": [text["name"][i] for i in indices],
+            "skipped": text["skipped"], "layout": [layout[i] for i in indices]}
+    return tensors, {key: json.dumps(values) for key, values in text.items()}
+
+
+def _encode_items(dataset, indices, vae, encoder, batch_size, num_workers):
+    """(stacked cache tensors, text lists) of dataset[indices], which share one image size."""
     device = next(vae.parameters()).device
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_samples)
@@ -1335,10 +1359,11 @@ def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=
         for key, value in stored.items():
             tensors[key].append(torch.stack(value.chunk(2), dim=1).cpu())
         tensors["index"].append(batch["index"])
+        if "img_hw" in batch:
+            tensors["img_hw"].append(batch["img_hw"])
         for key in CACHE_TEXT:
             text[key] += batch[key]
-    return ({key: torch.cat(tensors[key]).contiguous() for key in CACHE_TENSORS},
-            {key: json.dumps(text[key]) for key in CACHE_TEXT})
+    return {key: torch.cat(values).contiguous() for key, values in tensors.items()}, dict(text)
 
 
 def print_line(line):
@@ -1426,7 +1451,13 @@ class FeatureCache(Dataset):
                                     "arguments to finish it")
         self._shards = {}
         self.image_size = self.info["image_size"]
-        self.cond_dim = self._open(0)[0].get_slice("cond").get_shape()[-1]
+        if self.info.get("multi_scale"):  # made of AspectRatioBuckets: item i is row _rows[i] of its bucket
+            self.keys = list(aspect_ratio_buckets(self.image_size))
+            layout = [entry for k in range(num_shards) for entry in self._open(k)[1]["layout"]]
+            self.buckets = np.array([self.keys.index(key) for key, _ in layout], dtype=np.int64)
+            self._rows = np.array([row for _, row in layout], dtype=np.int64)
+        first = self._open(0)[0]
+        self.cond_dim = first.get_slice(next(k for k in first.keys() if k.startswith("cond"))).get_shape()[-1]
 
     def __len__(self):
         return self.info["num_items"]
@@ -1442,17 +1473,24 @@ class FeatureCache(Dataset):
         if shard not in self._shards:
             handle = safe_open(cache_shard_path(self.root, shard), framework="pt")
             metadata = handle.metadata()
-            self._shards[shard] = handle, {key: json.loads(metadata[key]) for key in ("caption", "name")}
+            self._shards[shard] = handle, {key: json.loads(metadata[key]) for key in ("caption", "name", "layout")
+                                           if key in metadata}
         return self._shards[shard]
 
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
-        shard, row = divmod(i, self.info["shard_size"])
+        shard, position = divmod(i, self.info["shard_size"])
         handle, text = self._open(shard)
-        item = expand_features({key: handle.get_slice(key)[row] for key in ("latent_mean", "latent_logvar", "cond")})
-        return {**item, "caption": text["caption"][row], "index": int(i), "name": text["name"][row],
-                "skipped": []}
+        suffix, row, sizes = "", position, {}
+        if self.info.get("multi_scale"):
+            key, row = self.keys[self.buckets[i]], int(self._rows[i])
+            suffix, sizes = f"@{key}", {"img_hw": handle.get_slice(f"img_hw@{key}")[row],
+                                        "aspect_ratio": torch.tensor([float(key)])}
+        item = expand_features({key: handle.get_slice(key + suffix)[row]
+                                for key in ("latent_mean", "latent_logvar", "cond")})
+        return {**item, **sizes, "caption": text["caption"][position], "index": int(i),
+                "name": text["name"][position], "skipped": []}
 
 
 def open_feature_cache(root, image_size):
@@ -1516,9 +1554,10 @@ def cache(args):
     if args.shard_size <= 0 or args.batch_size <= 0:
         raise ValueError(f"--shard-size ({args.shard_size}) and --batch-size ({args.batch_size}) must be positive")
     dataset = open_dataset(args.data, args.image_size, args.seed)
+    dataset = AspectRatioBuckets(dataset, args.image_size) if args.multi_scale else dataset
     vae, encoder = VAE.from_pretrained(args.vae), DINOEncoder.from_pretrained(args.encoder)
     settings = {"data": args.data, "seed": args.seed, "image_size": args.image_size, "vae": args.vae,
-                "encoder": args.encoder}
+                "encoder": args.encoder, **({"multi_scale": True} if args.multi_scale else {})}
     # Long timeout: at the final barrier a rank may wait for another's last shard.
     device = setup_distributed(timeout=datetime.timedelta(hours=12))[2]
     vae, encoder = vae.to(device), encoder.to(device)
@@ -1580,6 +1619,8 @@ def main(argv=None):
     cache_command.add_argument("--batch-size", type=int, default=32)
     cache_command.add_argument("--workers", type=int, default=4, help="data loader workers")
     cache_command.add_argument("--seed", type=int, default=0, help="seed of the shapes set")
+    cache_command.add_argument("--multi-scale", action="store_true",
+                               help="each image at its aspect-ratio bucket (train_t2i.py --multi-scale)")
     cache_command.set_defaults(function=cache)
     index_command = commands.add_parser("index", help="scan tar shards once into the index every "
                                                       "process memory-maps")

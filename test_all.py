@@ -1796,6 +1796,37 @@ def test_launch_t2i_multi_scale_buckets_equal_one_rank_and_resume_exactly(tmp_pa
     assert "a multi-scale T2I model; NVS starts from a single-scale" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_multi_scale_feature_cache_holds_each_image_at_its_bucket_and_trains_t2i(tmp_path, latent_assets, capsys):
+    sizes = [(256, 256), (512, 256), (256, 512)]  # width x height: the buckets 1.0, 0.5 and 2.0 at 256 px
+    folder = write_files(tmp_path / "pairs", {f"{i:03d}.png": encode(noise_image(*sizes[i % 3], i), "PNG") for i in range(6)}
+                         | {f"{i:03d}.txt": f"caption {i}".encode() for i in range(6)})
+    cache = tmp_path / "cache"
+    data.main(["cache", "--data", str(folder), "--out", str(cache), "--vae", latent_assets.vae, "--encoder",
+               latent_assets.dino, "--image-size", "256", "--multi-scale", "--shard-size", "4", "--batch-size", "2",
+               "--workers", "0"])
+    cached, images = data.FeatureCache(str(cache)), data.AspectRatioBuckets(data.open_dataset(str(folder), 256), 256)
+    assert cached.buckets.tolist() == images.buckets.tolist() and [cached.keys[b] for b in cached.buckets[:3]] == ["1.0", "0.5", "2.0"]
+    item = cached[4]  # the second shard's first: bucket 0.5 at 256 px, 176 x 352 px, so 22 x 44 latents
+    assert item["latent_mean"].shape == (2, 4, 22, 44) and item["img_hw"].tolist() == [256, 512]
+    assert item["aspect_ratio"].item() == 0.5 and item["caption"] == "caption 4"
+    with torch.no_grad():
+        mean, _ = encoders.VAE.from_pretrained(latent_assets.vae).encode(images[4]["image"][None])
+    torch.testing.assert_close(item["latent_mean"][0], mean[0], rtol=2 ** -10, atol=1e-4)  # stored in fp16
+    run = ["--init", "scratch", *TINY_LOOP, "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads",
+           "2", "--image-size", "256", "--vae", latent_assets.vae, "--data", f"cache:{cache}", "--global-batch-size", "2"]
+    train_t2i.main(run + ["--multi-scale", "--steps", "3", "--sample-every", "3", "--sample-steps", "2",
+                          "--out", str(tmp_path / "t2i")])
+    assert read_metrics(tmp_path / "t2i")["step"] == [1, 2, 3]  # an epoch: one global batch of each bucket
+    with pytest.raises(SystemExit):
+        train_t2i.main(run + ["--out", str(tmp_path / "single")])
+    assert "was made with --multi-scale: the single-scale model needs a cache made without it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # I2I's model is single-scale: one image size
+        train_i2i.main([*TINY_SIZE, *TINY_LOOP, "--image-size", "256", "--vae", latent_assets.vae, "--encoder",
+                        latent_assets.dino, "--data", f"cache:{cache}", "--out", str(tmp_path / "i2i")])
+    assert "holds aspect-ratio buckets (made with --multi-scale)" in capsys.readouterr().err
+
+
 # Runs a training script, writing to out/seen_<rank>.json the drawn t, t at the embedder, y's and residuals' dtypes.
 RECORDING_LAUNCHER = """
 import json, os, pathlib, runpy, sys, torch

@@ -895,6 +895,9 @@ def check_cache_settings(cache, args):
     """The run names the encoders the cache was made with: the VAE decodes the grids, and the
     export records both for sample.py."""
     made = (cache.info["vae"], cache.info["encoder"])
+    if cache.info.get("multi_scale"):
+        raise ValueError(f"--data cache:{cache.root} holds aspect-ratio buckets (made with --multi-scale), for "
+                         f"train_t2i.py --multi-scale; write a cache without it")
     if (args.vae, args.encoder) != made:
         raise ValueError(f"--data cache:{cache.root} was made with --vae {made[0]} --encoder {made[1]}; "
                          f"pass those (given: --vae {args.vae} --encoder {args.encoder})")

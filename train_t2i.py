@@ -419,19 +419,26 @@ def t2i_task(args, i2i_state, i2i_info, device):
     if isinstance(base, data.FeatureCache) and base.info["vae"] != args.vae:
         raise ValueError(f"--data {args.data} was made with --vae {base.info['vae']}; pass it (given: --vae {args.vae})")
     multi_scale = args.multi_scale or bool(i2i_info and i2i_info["config"].get("multi_scale"))
-    if multi_scale and isinstance(base, data.FeatureCache):
-        raise ValueError(f"--data {args.data}: the multi-scale model trains on aspect-ratio buckets of the images, "
-                         f"which a feature cache (one latent size) does not hold; pass the images")
-    buckets = data.AspectRatioBuckets(base, args.image_size) if multi_scale else base
+    cached = isinstance(base, data.FeatureCache)
+    if cached and multi_scale != bool(base.info.get("multi_scale")):
+        raise ValueError(f"--data {args.data} was made {'without' if multi_scale else 'with'} --multi-scale: the "
+                         f"{'multi' if multi_scale else 'single'}-scale model needs a cache made "
+                         f"{'with' if multi_scale else 'without'} it")
+    buckets = data.AspectRatioBuckets(base, args.image_size) if multi_scale and not cached else base
     train_set = FirstCaptioned(buckets, args.n_captions) if args.n_captions else SkipUncaptioned(buckets)
     if args.n_captions and train_set.skipped and int(os.environ.get("RANK", 0)) == 0:
         print(f"--n-captions {args.n_captions}: skipped {len(train_set.skipped)} images without a caption "
               f"before them, e.g. {train_set.skipped[0]}", flush=True)
-    if multi_scale:  # the grids: the same captioned images, square at the run's size (the bucket 1.0)
-        square_set = SkipUncaptioned(base)
-        square_set = Subset(square_set, train_set.indices) if args.n_captions else square_set
+    if multi_scale:  # the grids: square images of the run's size (the bucket 1.0)
+        if cached:  # the cache's square ones
+            square_set = Subset(train_set, np.flatnonzero(train_set.buckets == base.keys.index("1.0")))
+            if not len(square_set):
+                raise ValueError(f"--data {args.data}: no image in the square bucket 1.0, which the sample grids draw")
+        else:  # the same captioned images, cropped square
+            square_set = SkipUncaptioned(base)
+            square_set = Subset(square_set, train_set.indices) if args.n_captions else square_set
         square = {"img_hw": torch.tensor([float(args.image_size)] * 2), "aspect_ratio": torch.tensor([1.0])}
-        eval_items = [{**item, **square} for item in
+        eval_items = [{**square, **item} for item in
                       t2i_eval_items(base, square_set, args.image_size, args.seed, args.num_samples)]
     else:
         eval_items = t2i_eval_items(base, train_set, args.image_size, args.seed, args.num_samples)

@@ -516,21 +516,24 @@ def t2i_inputs(batch, image_size, device):
 def measure_t2i(args):
     """One measurement of `bench.py t2i`, in this (fresh) process: prints a JSON line."""
     device, dtype = torch.device(args.device), {"bf16": torch.bfloat16, "fp32": None}[args.precision]
-    size = args.forward_size if args.one == "forward" else args.sample_size
-    model = multi_scale_t2i(args.model, size, device)
-    cond = t2i_inputs(1, size, device)
+    size = args.sample_size if args.one == "sample" else args.forward_size
+    model = multi_scale_t2i(args.model, size, device) if args.one != "decode" else None
+    vae = None
+    if args.one != "forward":
+        vae_config = {**SD_VAE_CONFIG, "block_out_channels": args.vae_widths,
+                      "norm_num_groups": math.gcd(SD_VAE_CONFIG["norm_num_groups"], *args.vae_widths)}
+        vae = VAE.from_pretrained(write_random_encoders(args.tmp, vae_config, {**DINO_VITB16, "depth": 1})[0])
+        vae = vae.to(device).eval()
+    cond, latent = t2i_inputs(1, size, device), torch.randn(1, 4, size // 8, size // 8, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
         start = time.perf_counter()
         if args.one == "forward":
-            model(torch.randn(1, 4, size // 8, size // 8, device=device), torch.full((1,), 500.0, device=device), **cond)
-        else:
-            vae_config = {**SD_VAE_CONFIG, "block_out_channels": args.vae_widths,
-                          "norm_num_groups": math.gcd(SD_VAE_CONFIG["norm_num_groups"], *args.vae_widths)}
-            vae_dir, _ = write_random_encoders(args.tmp, vae_config, {**DINO_VITB16, "depth": 1})
-            vae = VAE.from_pretrained(vae_dir).to(device).eval()
+            model(latent, torch.full((1,), 500.0, device=device), **cond)
+        elif args.one == "sample":
             diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
-            latent = draw_samples(diffusion, model, cond, (4, size // 8, size // 8), [0], 0, "dpm++", args.steps,
-                                  4.5, device, skip_type="time_uniform", clip_denoised=False)
+            vae.decode(draw_samples(diffusion, model, cond, (4, size // 8, size // 8), [0], 0, "dpm++", args.steps,
+                                    4.5, device, skip_type="time_uniform", clip_denoised=False))
+        else:
             vae.decode(latent)
         synchronize(device)
         seconds = time.perf_counter() - start
@@ -538,12 +541,13 @@ def measure_t2i(args):
 
 
 def bench_t2i(args):
-    """The multi-scale T2I model of Lumos_T2I.pth (random weights): one 1024 px forward, and one
-    whole 512 px sample (DPM-Solver++, guidance 4.5: two passes a step, then the SD-VAE decode),
-    each in a fresh process: time and peak memory (CPU: peak RSS, interpreter included)."""
+    """The multi-scale T2I model of Lumos_T2I.pth (random weights): one 1024 px forward, one whole
+    512 px sample (DPM-Solver++, guidance 4.5: two passes a step, then the SD-VAE decode), and the
+    SD-VAE decode of one 1024 px image, each in a fresh process: time and peak memory (CPU: peak
+    RSS, interpreter included)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, size in (("forward", args.forward_size), ("sample", args.sample_size)):
+        for kind, size in (("forward", args.forward_size), ("sample", args.sample_size), ("decode", args.forward_size)):
             for precision in args.precisions:
                 command = [sys.executable, os.path.abspath(__file__), "t2i", "--one", kind, "--precision", precision,
                            "--tmp", tmp, *args.passthrough]
@@ -551,12 +555,12 @@ def bench_t2i(args):
                 if result.returncode != 0:
                     raise RuntimeError(f"bench.py t2i --one {kind} failed:\n{result.stderr}")
                 report = json.loads(result.stdout.strip().splitlines()[-1])
-                with torch.device("meta"):
-                    passes = 1 if kind == "forward" else 2 * args.steps
-                    tflops = passes * forward_flops(multi_scale_t2i(args.model, size, "meta")) / 1e12
-                rows.append({"what": f"{kind} {size} px" + (f", {args.steps} steps + decode" if kind == "sample" else ""),
-                             "precision": precision, "seconds": f"{report['seconds']:.1f}",
-                             "DiT TFLOPs": f"{tflops:.1f}", "DiT TFLOP/s": f"{tflops / report['seconds']:.3f}",
+                passes = {"forward": 1, "sample": 2 * args.steps, "decode": 0}[kind]
+                tflops = passes * forward_flops(multi_scale_t2i(args.model, size, "meta")) / 1e12
+                what = {"forward": "DiT forward", "sample": f"sample, {args.steps} steps + decode", "decode": "VAE decode"}
+                rows.append({"what": f"{what[kind]} {size} px", "precision": precision,
+                             "seconds": f"{report['seconds']:.1f}", "DiT TFLOPs": f"{tflops:.1f}" if passes else "-",
+                             "DiT TFLOP/s": f"{tflops / report['seconds']:.3f}" if passes else "-",
                              "peak GiB": "-" if report["peak_gib"] is None else f"{report['peak_gib']:.2f}"})
                 print(f"  {rows[-1]}", flush=True)
     print(f"{args.model}, multi-scale, 120 T5-XXL tokens (20 real), batch 1, device {args.device}, "
@@ -614,7 +618,7 @@ def main():
     t2i.add_argument("--vae-widths", type=int, nargs=4, default=SD_VAE_CONFIG["block_out_channels"],
                      help="the random VAE's block_out_channels (default: SD-VAE's)")
     t2i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t2i.add_argument("--one", choices=["forward", "sample"], help=argparse.SUPPRESS)  # a child's measurement
+    t2i.add_argument("--one", choices=["forward", "sample", "decode"], help=argparse.SUPPRESS)  # a child's measurement
     t2i.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     t2i.add_argument("--tmp", help=argparse.SUPPRESS)
     t2i.set_defaults(func=lambda args: measure_t2i(args) if args.one else bench_t2i(args))

@@ -352,19 +352,19 @@ class LumosDiT(nn.Module):
         pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_hw, self.lewei_scale, base_size=base)
         return torch.from_numpy(pos_embed).to(device, dtype)[None]
 
-    def forward(self, x, t, y, mask=None, drop_cond=None, generator=None, source=None, pose=None,
-                img_hw=None, aspect_ratio=None):
+    def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, drop_cond=None, generator=None,
+                source=None, pose=None):
         """
         x: (B, in_channels, H, W) noisy input; with pose_dim, (B, out_channels, H, W) the noisy
         target; H = W = input_size, except in a multi-scale model (any multiples of the patch);
         t: (B,) float timesteps in [0, 1000); y: (B, L, cond_dim) condition tokens;
         mask: (B, L) bool/0-1, True for real tokens, or None;
+        img_hw: (B, 2) image height and width in pixels, aspect_ratio: (B, 1) height / width: both
+        given iff multi_scale (PixArt-alpha's micro-conditions, as the release's `data_info`);
         drop_cond: (B,) bool, True forces the null condition (CFG); None in training draws it with
         cond_dropout_prob, from `generator` if given;
         source: (B, out_channels, H, W) the source view, pose: (B, pose_dim) the relative camera
-        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose;
-        img_hw: (B, 2) image height and width in pixels, aspect_ratio: (B, 1) height / width: both
-        given iff multi_scale (PixArt-alpha's micro-conditions, as the release's `data_info`).
+        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose.
         Returns (B, pred_channels, H, W).
         """
         self._check_inputs(x, y, mask, source, pose, img_hw, aspect_ratio)

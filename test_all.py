@@ -309,6 +309,11 @@ def test_the_official_t2i_file_loads_strictly_as_the_1024_px_multi_scale_model(t
     torch.save({**state, "ema_decay": torch.tensor(0.9999)}, tmp_path / "extra.pth")  # strict: named, not dropped
     assert_raises(ValueError, r"1 unexpected \(ema_decay\)",
                   lambda: encoders.load_into(LumosDiT(**info["config"]), dit.read_weights(str(tmp_path / "extra.pth"))[0], "x"))
+    args = t2i_args("--init", tmp_path / "Lumos_T2I.pth", "--vae", "stabilityai/sd-vae-ft-mse")  # fine-tuned as it is
+    state, info = train_t2i.read_init(args)
+    tuned = train_t2i.t2i_model(args, state, info, 12)
+    assert (args.image_size, tuned.multi_scale, tuned.lewei_scale) == (1024, True, 2.0)
+    assert all(torch.equal(tuned.state_dict()[key], weights[key]) for key in weights if key != "pos_embed")
 
 
 @pytest.mark.parametrize("pose", [{}, POSE], ids=["i2i", "nvs"])
@@ -353,7 +358,7 @@ def test_zero_init_pose_model_at_step_zero_and_bad_inputs():
     drop = torch.arange(8) % 3 == 0
     with torch.no_grad():
         assert max_rel_err(nvs(x, t, y, mask, **views), i2i(x, t, y, mask)) < EXACT
-        assert max_rel_err(nvs(x, t, y, mask, drop, **views), i2i(x, t, y, mask, drop)) < EXACT
+        assert max_rel_err(nvs(x, t, y, mask, drop_cond=drop, **views), i2i(x, t, y, mask, drop_cond=drop)) < EXACT
         guided = nvs.forward_with_cfg(x, t, y, 4.5, mask, **views)
         assert max_rel_err(guided, i2i.forward_with_cfg(x, t, y, 4.5, mask)) < EXACT
     source, pose = views["source"], views["pose"]  # bad inputs name the argument
@@ -2108,9 +2113,9 @@ def test_bench_t2i_measures_the_forward_and_the_sample_in_fresh_processes(tmp_pa
                "--sample-size", "64", "--steps", "2", "--vae-widths", "8", "8", "8", "8", "--precisions", "bf16", "fp32"]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    table = result.stdout.splitlines()[-4:]
-    assert [line.split()[:4] for line in table] == [["forward", "128", "px", "bf16"], ["forward", "128", "px", "fp32"],
-                                                   ["sample", "64", "px,", "2"], ["sample", "64", "px,", "2"]]
+    table = result.stdout.splitlines()[-6:]
+    assert [line.split()[:4] for line in table] == [["DiT", "forward", "128", "px"]] * 2 + [["sample,", "2", "steps", "+"]] * 2 \
+        + [["VAE", "decode", "128", "px"]] * 2
     assert all(0 < float(line.split()[-1]) < 8 for line in table)  # peak RSS, GiB
 
 

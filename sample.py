@@ -5,7 +5,7 @@
     python sample.py t2i --ckpt runs/t2i/ema.safetensors --prompts "a red circle" "a blue star"
     python sample.py nvs --ckpt runs/nvs/ema.safetensors --images view.png --poses 0,30,0 0,60,0
     python sample.py i2i --ckpt Lumos_I2I.pth --images a.png        # official: XL/2, 256 px, SD-VAE, DINO
-    python sample.py t2i --ckpt Xiaomabufei/lumos/Lumos_T2I.pth --prompts "a chair" --height 1024 --width 768 \
+    python sample.py t2i --ckpt Xiaomabufei/lumos/Lumos_T2I.pth --prompts "a chair" --height 1024 --width 768 \\
         --per-image 1 --precision bf16                            # official: 1024 px multi-scale, T5-XXL
     torchrun --nproc_per_node 8 sample.py t2i --ckpt runs/t2i/ema.safetensors \\
         --prompt-file captions.txt --num-samples 30000 --out samples/coco  # many, for FID: -> samples/coco.npz
@@ -275,13 +275,14 @@ def main(argv=None):
         info.update({k: getattr(args, k) for k in ("vae", "encoder") if getattr(args, k)})
         info["output_size"], size_inputs = output_size(args, info, model)
         space = ImageSpace(VAE.from_pretrained(info["vae"]).to(device) if info.get("vae") else None)
-        # On the CPU the DiT's weights are still on disk (memory-mapped, read as sampling first
-        # touches them): T2I's text encoder, freed by t2i_conditions, never shares memory with them.
+        # The official .pth files are memory-mapped: on the CPU their weights are read only as sampling
+        # first touches them, so T2I's text encoder, freed by t2i_conditions, never shares memory with them.
         references, conditions = CONDITIONS[args.mode](args, info, space, device)
     except (ValueError, FileNotFoundError) as error:
         if rank == 0:
             print(f"sample.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+
     def cond_fn(rows):  # a multi-scale model's size inputs, the same for every image
         return {**conditions(rows), **{k: v.expand(len(rows), -1).to(device) for k, v in size_inputs.items()}}
 

@@ -23,7 +23,8 @@ their last layers zero, so the model starts as the single-scale one; lewei_scale
 scaled by the change of size (PixArt-alpha: 1 up to 512 px, 2 at 1024 px, as the release). The
 bucket sides are multiples of --image-size / 16, so the patch (x 8 in latent space) must divide
 that: 256 px and up in latent space with /2 patches. The image sizes are read from every image's
-header when the run starts; the feature cache (one latent size) is not read by this model.
+header when the run starts; a feature cache for this model holds the buckets (`data.py cache
+--multi-scale`), and a cache made otherwise is refused.
 
 The model is the I2I LumosDiT with its condition swapped for T5 tokens: cond_dim becomes the T5
 width (4096 for XXL) and cond_tokens 120. Only the condition projection (`y_embedder.y_proj`) and

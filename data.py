@@ -512,7 +512,7 @@ def _write_tar_index(shard_paths, folder, workers):
     info = {"format": _TAR_INDEX_FORMAT, "shard_list": os.path.basename(tar_index_folder(shard_paths)),
             "num_shards": len(shard_paths), "num_items": count, "name_bytes": name_bytes,
             "problems": problems, "build": uuid.uuid4().hex}
-    _write_json_atomically(os.path.join(folder, "index.json"), info)
+    write_json_atomically(os.path.join(folder, "index.json"), info)
     return info
 
 
@@ -1397,7 +1397,7 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if existing is None:
-            _write_json_atomically(os.path.join(root, CACHE_INFO), settings)
+            write_json_atomically(os.path.join(root, CACHE_INFO), settings)
         missing = [k for k in range(num_shards) if not os.path.exists(cache_shard_path(root, k))]
     if dist.is_initialized():
         shared = [missing]
@@ -1417,10 +1417,18 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     return written
 
 
-def _write_json_atomically(path, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+def write_atomically(path, payload, suffix=".tmp"):
+    """Write bytes to `path` through `path + suffix`, synced, then renamed: a reader sees the old
+    file or the whole new one, never a part (each writer of a shared folder passes its own suffix)."""
+    with open(path + suffix, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + suffix, path)
+
+
+def write_json_atomically(path, value, suffix=".tmp"):
+    write_atomically(path, json.dumps(value, indent=1).encode(), suffix)
 
 
 class FeatureCache(Dataset):

@@ -288,7 +288,7 @@ def check_shared_out(out, rank):
     dist.broadcast_object_list(token, src=0)
     path = os.path.join(out, ".shared_by_all_ranks")
     if rank == 0:
-        write_atomically(path, token[0].encode())
+        data.write_atomically(path, token[0].encode())
     barrier()
     try:
         with open(path) as f:
@@ -430,7 +430,7 @@ class Checkpointer:
             final = tmp.removesuffix(".tmp")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            write_atomically(os.path.join(checkpoint_dir(self.args.out), "latest"), os.path.basename(final).encode())
+            data.write_atomically(os.path.join(checkpoint_dir(self.args.out), "latest"), os.path.basename(final).encode())
             complete = sorted(d for d in os.listdir(checkpoint_dir(self.args.out))
                               if d.startswith("step_") and not d.endswith(".tmp"))
             for old in complete[:-self.args.keep_last]:
@@ -468,14 +468,6 @@ def write_export(out, state_dict, metadata):
     path = os.path.join(out, "ema.safetensors")
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, path + ".tmp", metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(path + ".tmp", path)
-
-
-def write_atomically(path, payload):
-    with open(path + ".tmp", "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 

@@ -56,7 +56,6 @@ end; the export's metadata holds its config, seed and vocabulary, so sample.py r
 import argparse
 import copy
 import hashlib
-import json
 import os
 import sys
 from functools import partial
@@ -259,7 +258,7 @@ def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_
         raise ValueError(f"{root} holds a text cache made otherwise ({'; '.join(changed)}); pass the same "
                          f"arguments to finish it, or another --out")
     os.makedirs(root, exist_ok=True)
-    write_json_atomically(os.path.join(root, TEXT_CACHE_INFO), settings, suffix=f".tmp{rank}")
+    data.write_json_atomically(os.path.join(root, TEXT_CACHE_INFO), settings, suffix=f".tmp{rank}")
     written = []
     for shard in range(rank, -(-len(distinct) // shard_size), world_size):
         path = text_shard_path(root, shard)
@@ -276,12 +275,6 @@ def write_text_cache(captions, root, encoder, settings, shard_size=10000, batch_
         written.append(shard)
         log(f"rank {rank}: wrote {path} ({len(features)} captions, {len(tensors['tokens'])} tokens)")
     return written
-
-
-def write_json_atomically(path, value, suffix=".tmp"):
-    with open(path + suffix, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + suffix, path)
 
 
 class TextFeatureCache:

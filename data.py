@@ -240,6 +240,21 @@ def decode_image(data, image_size):
     return pixels_to_tensor(pixels)
 
 
+def next_items(i, count, members=None):
+    """The samples to read for item i, in order: i, then those after it, wrapping around; among
+    `members` (a sorted index array holding i, such as i's aspect-ratio bucket) if given, else among
+    all `count`. So the replacement of a bad or unusable sample depends only on i."""
+    if members is None:
+        return ((i + step) % count for step in range(count))
+    first = int(np.searchsorted(members, i))
+    return (int(members[(first + step) % len(members)]) for step in range(len(members)))
+
+
+def bucket_members(buckets):
+    """{bucket: the sorted indices of its items} of a bucket id per item."""
+    return {bucket: np.flatnonzero(buckets == bucket) for bucket in np.unique(buckets).tolist()}
+
+
 def image_hw(data):
     """(height, width) of encoded image bytes as decode_image turns them (EXIF orientation applied),
     read from the header alone; BadSampleError for what PIL cannot open."""
@@ -317,19 +332,23 @@ class _EncodedImageDataset(Dataset):
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range [0, {len(self)}) of {self!r}")
+        return {**self.first_readable(next_items(i, len(self)))[1], "index": int(i)}
+
+    def first_readable(self, candidates, size=None):
+        """(j, item) of the first sample j among `candidates` whose file reads: item holds "image"
+        (3, S, S), or (3, h, w) for size (h, w), "caption", "name" and, in "skipped", the bad files
+        passed over, each counted in the window of recent reads."""
         skipped = []
-        for step in range(len(self)):
-            j = (i + step) % len(self)
+        for j in candidates:
             try:
-                image, caption = self.load(j)
+                image, caption = self.load(j, size)
             except BadSampleError as error:
                 skipped.append(self.name(j))
                 self._count_read(f"{self.name(j)}: {error}")
                 continue
             self._count_read(None)
-            return {"image": image, "caption": caption, "index": int(i), "name": self.name(j),
-                    "skipped": skipped}
-        raise TooManyBadFiles(f"no readable image in {self!r}: all {len(self)} files failed; "
+            return j, {"image": image, "caption": caption, "name": self.name(j), "skipped": skipped}
+        raise TooManyBadFiles(f"no readable image in {self!r}: all {len(skipped)} files failed; "
                               + self._bad_file_advice())
 
     def _count_read(self, error):
@@ -879,7 +898,7 @@ class AspectRatioBuckets(Dataset):
         square = self.keys.index("1.0")  # where an unreadable file waits to be replaced
         self.buckets = np.array([self.keys.index(closest_bucket(h, w, self.table)[0]) if h and w else square
                                  for h, w in self.sizes.tolist()], dtype=np.int64)
-        self._members = {b: np.flatnonzero(self.buckets == b) for b in np.unique(self.buckets).tolist()}
+        self._members = bucket_members(self.buckets)
 
     def __len__(self):
         return len(self.dataset)
@@ -890,25 +909,13 @@ class AspectRatioBuckets(Dataset):
 
     def __getitem__(self, i):
         key = self.keys[self.buckets[i]]
-        members, skipped = self._members[int(self.buckets[i])], []
-        first = int(np.searchsorted(members, i))
-        for step in range(len(members)):
-            j = int(members[(first + step) % len(members)])
-            if isinstance(self.dataset, ShapesDataset):
-                item = self.dataset[j]
-            else:
-                try:
-                    image, caption = self.dataset.load(j, self.table[key])
-                except BadSampleError as error:
-                    skipped.append(self.dataset.name(j))
-                    self.dataset._count_read(f"{self.dataset.name(j)}: {error}")
-                    continue
-                self.dataset._count_read(None)
-                item = {"image": image, "caption": caption, "name": self.dataset.name(j)}
-            return {**item, "index": int(i), "skipped": skipped,
-                    "img_hw": torch.tensor(self.sizes[j], dtype=torch.float32),
-                    "aspect_ratio": torch.tensor([float(key)])}
-        raise TooManyBadFiles(f"no readable image in the bucket {key} of {self!r}")
+        if isinstance(self.dataset, ShapesDataset):  # drawn, never unreadable, in the square bucket
+            j, item = i, self.dataset[i]
+        else:
+            candidates = next_items(i, len(self), self._members[int(self.buckets[i])])
+            j, item = self.dataset.first_readable(candidates, self.table[key])
+        return {**item, "index": int(i), "img_hw": torch.tensor(self.sizes[j], dtype=torch.float32),
+                "aspect_ratio": torch.tensor([float(key)])}
 
 
 # ---------------------------------------------------------------------------------------------

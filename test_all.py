@@ -1746,13 +1746,19 @@ def write_mixed_aspect_pairs(folder, count=24):
     return write_files(folder, files | {f"{i:03d}.txt": f"caption {i % 5}".encode() for i in range(count)})
 
 
-def test_multi_scale_t2i_from_a_single_scale_prior_starts_as_the_single_scale_model(tmp_path, capsys):
-    train_i2i.main([*TINY_SIZE, *TINY_LOOP, "--hidden-size", "48", "--data", "shapes:64", "--steps", "2",
-                    "--out", str(tmp_path / "i2i")])
-    prior, info = dit.read_weights(str(tmp_path / "i2i" / "ema.safetensors"))
+@pytest.fixture(scope="module")
+def wide_i2i(tmp_path_factory):
+    """The export of a 2-step TINY_RUN of width 48 (three size embeddings of 16 once multi-scale)."""
+    out = tmp_path_factory.mktemp("wide_i2i")
+    train_i2i.main([*TINY_RUN, "--hidden-size", "48", "--steps", "2", "--out", str(out)])
+    return out / "ema.safetensors"
+
+
+def test_multi_scale_t2i_from_a_single_scale_prior_starts_as_the_single_scale_model(wide_i2i, capsys):
+    prior, info = dit.read_weights(str(wide_i2i))
     models = []
     for flags in ([], ["--multi-scale"]):
-        args = t2i_args("--init", tmp_path / "i2i" / "ema.safetensors", *flags)
+        args = t2i_args("--init", wide_i2i, *flags)
         train_t2i.read_init(args)
         torch.manual_seed(0)
         models.append(train_t2i.t2i_model(args, prior, info, 64).eval())
@@ -1764,23 +1770,21 @@ def test_multi_scale_t2i_from_a_single_scale_prior_starts_as_the_single_scale_mo
     with torch.no_grad():
         torch.testing.assert_close(multi(x, t, y, mask, img_hw=img_hw, aspect_ratio=aspect_ratio), single(x, t, y, mask),
                                    rtol=0, atol=0)
-    bigger = t2i_args("--init", tmp_path / "i2i" / "ema.safetensors", "--multi-scale", "--image-size", "64")
+    bigger = t2i_args("--init", wide_i2i, "--multi-scale", "--image-size", "64")
     train_t2i.read_init(bigger)  # 4x the grid: 4x lewei_scale keeps the prior's range of positions
     assert train_t2i.t2i_model(bigger, prior, info, 64).lewei_scale == 4.0
 
 
 @pytest.mark.slow
-def test_launch_t2i_multi_scale_buckets_equal_one_rank_and_resume_exactly(tmp_path, capsys):
+def test_launch_t2i_multi_scale_buckets_equal_one_rank_and_resume_exactly(tmp_path, wide_i2i, capsys):
     folder = write_mixed_aspect_pairs(tmp_path / "pairs")
-    train_i2i.main([*TINY_SIZE, *TINY_LOOP, "--hidden-size", "48", "--data", "shapes:64", "--steps", "2",
-                    "--out", str(tmp_path / "i2i")])
     buckets = data.AspectRatioBuckets(data.open_dataset(str(folder), 64), 64)
     assert [buckets.keys[b] for b in buckets.buckets[:4]] == ["0.5", "0.5", "2.0", "1.0"]  # 000.jpg: turned by EXIF
     assert buckets.sizes[:4].tolist() == [[48, 96], [48, 96], [96, 48], [64, 64]]  # (height, width) as shown
     item = buckets[1]
     assert item["image"].shape == (3, 44, 88) and item["img_hw"].tolist() == [48, 96] and item["aspect_ratio"].item() == 0.5
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    common = ["--init", tmp_path / "i2i" / "ema.safetensors", "--multi-scale", *TINY_LOOP, "--image-size", "64",
+    common = ["--init", wide_i2i, "--multi-scale", *TINY_LOOP, "--image-size", "64",
               "--data", folder, "--ckpt-every", "2", "--sample-every", "4", "--cfg-scale", "2"]
     assert_launched(torchrun("train_t2i.py", *common, "--steps", "4", "--out", two), two, 4, [4])
     train_t2i.main([str(arg) for arg in common + ["--steps", "4", "--out", one]])

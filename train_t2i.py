@@ -94,6 +94,7 @@ class SkipUncaptioned(Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
         self.buckets = getattr(dataset, "buckets", None)
+        self._members = None if self.buckets is None else data.bucket_members(self.buckets)
 
     def __len__(self):
         return len(self.dataset)
@@ -103,10 +104,9 @@ class SkipUncaptioned(Dataset):
 
     def __getitem__(self, i):
         skipped = []
-        candidates = np.arange(len(self.dataset)) if self.buckets is None else np.flatnonzero(self.buckets == self.buckets[i])
-        first = int(np.searchsorted(candidates, i))
-        for step in range(len(candidates)):
-            item = self.dataset[int(candidates[(first + step) % len(candidates)])]
+        members = None if self.buckets is None else self._members[int(self.buckets[i])]
+        for j in data.next_items(i, len(self.dataset), members):
+            item = self.dataset[j]
             skipped += item["skipped"]
             if has_caption(item):
                 return {**item, "index": int(i), "skipped": skipped}

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 import data
 from dit import build_model, forward_flops
-from encoders import VAE, DINOEncoder, T5Config, T5Encoder, is_t5_encoder_key
+from encoders import VAE, ViTEncoder, T5Config, T5Encoder, is_t5_encoder_key
 from diffusion import GaussianDiffusion, beta_schedule, draw_samples
 from train_i2i import device_peak_tflops, peak_memory_gib
 
@@ -241,14 +241,14 @@ DINO_VITB16 = {"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "
 def write_random_encoders(folder, vae_config=SD_VAE_CONFIG, dino_config=DINO_VITB16, seed=0):
     """A random SD-VAE in the diffusers layout and a random DINO ViT in the original DINO layout
     (so heads = width / 64, as DINO's), in folder/vae and folder/dino; returns the two paths,
-    which VAE.from_pretrained and DINOEncoder.from_pretrained (and so --vae, --encoder) accept."""
+    which VAE.from_pretrained and ViTEncoder.from_pretrained (and so --vae, --encoder) accept."""
     torch.manual_seed(seed)
     vae_dir, dino_dir = Path(folder) / "vae", Path(folder) / "dino"
     vae_dir.mkdir(parents=True, exist_ok=True)
     dino_dir.mkdir(parents=True, exist_ok=True)
     (vae_dir / "config.json").write_text(json.dumps(vae_config))
     save_file(VAE.from_config(vae_config).state_dict(), vae_dir / "diffusion_pytorch_model.safetensors")
-    dino_state = DINOEncoder(**dino_config).state_dict()
+    dino_state = ViTEncoder(**dino_config).state_dict()
     torch.save({key.replace("patch_embed.", "patch_embed.proj."): value for key, value in dino_state.items()},
                dino_dir / "dino_vitbase16_pretrain.pth")
     return str(vae_dir), str(dino_dir)
@@ -302,7 +302,7 @@ def bench_train(args):
         dataset = data.open_dataset(images, image_size)
         start = time.perf_counter()
         data.write_feature_cache(dataset, cache, VAE.from_pretrained(vae).to(device),
-                                 DINOEncoder.from_pretrained(dino).to(device),
+                                 ViTEncoder.from_pretrained(dino).to(device),
                                  {"data": images, "seed": 0, "image_size": image_size, "vae": vae, "encoder": dino},
                                  batch_size=batch, log=lambda line: None)
         cache_seconds = time.perf_counter() - start
@@ -377,7 +377,7 @@ def bench_cache_size(args):
         tiny_vae = {**SD_VAE_CONFIG, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4}
         tiny_dino = {**DINO_VITB16, "width": args.cond_dim, "depth": 1}
         vae_dir, dino_dir = write_random_encoders(tmp, tiny_vae, tiny_dino)
-        vae, dino = VAE.from_pretrained(vae_dir), DINOEncoder.from_pretrained(dino_dir)
+        vae, dino = VAE.from_pretrained(vae_dir), ViTEncoder.from_pretrained(dino_dir)
         dataset = data.open_dataset(f"shapes:{args.items}", args.image_size)
         data.write_feature_cache(dataset, f"{tmp}/cache", vae, dino, {"data": f"shapes:{args.items}"},
                                  shard_size=args.items, batch_size=8, log=lambda line: None)

@@ -30,8 +30,8 @@ Sources, chosen by `open_dataset(spec, image_size)`:
                                       use: `.lumos_index_*` beside the first shard, or in
                                       $LUMOS_TAR_INDEX)
     shapes, shapes:N                  N procedural images (default 10000), see `ShapesDataset`
-    cache:DIR                         a feature cache (`FeatureCache`): VAE posteriors and DINO
-                                      features in place of images, written by `data.py cache`
+    cache:DIR                         a feature cache (`FeatureCache`): VAE posteriors and image-
+                                      encoder tokens in place of images, written by `data.py cache`
 
 Which samples a rank reads, and in which order, is decided by `GlobalSampler`; `make_loader`
 wires a dataset, that sampler and `collate_samples` into a DataLoader. The loader reads a
@@ -41,8 +41,10 @@ source view per training sample), else `ds[i]`.
 Command line: `python data.py show SPEC --out grid.png` writes a grid of samples and prints
 their captions; `python data.py stats SPEC` reads a dataset and reports bad files and speed;
 `[torchrun --nproc_per_node N] data.py cache --data SPEC --out DIR --vae REPO --encoder REPO
---image-size S [--multi-scale]` writes a feature cache of SPEC, split over the ranks (with
---multi-scale each image at its aspect-ratio bucket, for train_t2i.py --multi-scale); `python data.py index SPEC
+--image-size S [--multi-scale] [--patch-tokens]` writes a feature cache of SPEC, split over the
+ranks (with --multi-scale each image at its aspect-ratio bucket, for train_t2i.py --multi-scale;
+with --patch-tokens the encoder's patch tokens too, for train_i2i.py --condition patch|all and
+--repa-weight); `python data.py index SPEC
 [--index DIR]` scans tar shards once into the index their readers memory-map; `python data.py
 shapes-encoder` trains the offline default's condition encoder (assets/shapes_vit.safetensors).
 """
@@ -933,10 +935,10 @@ def train_shapes_encoder(out, steps=2500, batch_size=128, lr=1e-3, seed=0, num_i
     shows. DINO's own objective is left out on purpose: its views (colour jitter, crops, flips) teach
     invariance to the very colour, size and position that I2I must reproduce. No caption or attribute
     is read, and the decoder is thrown away. Returns the last step's reconstruction MSE."""
-    from encoders import DINOEncoder  # only this command trains an encoder
+    from encoders import ViTEncoder  # only this command trains an encoder
 
     torch.manual_seed(seed)
-    encoder = DINOEncoder(**SHAPES_ENCODER).requires_grad_(True).train()
+    encoder = ViTEncoder(**SHAPES_ENCODER).requires_grad_(True).train()
     width, nn = SHAPES_ENCODER["width"], torch.nn
     decoder = nn.Sequential(  # the CLS -> 4 x 4 x 64 -> 8 -> 16 -> 32 px
         nn.Linear(width, 64 * 16), nn.Unflatten(1, (64, 4, 4)), nn.GELU(),
@@ -948,7 +950,7 @@ def train_shapes_encoder(out, steps=2500, batch_size=128, lr=1e-3, seed=0, num_i
         indices = torch.randint(num_images, (batch_size,), generator=draws).tolist()
         batch = torch.stack([images[i]["image"] for i in indices])
         # x sqrt(width): unit-variance inputs for the decoder; the feature itself stays L2-normalised.
-        loss = torch.nn.functional.mse_loss(decoder(encoder.cls_feature(batch) * width ** 0.5), batch)
+        loss = torch.nn.functional.mse_loss(decoder(encoder.tokens(batch)[:, 0] * width ** 0.5), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -1258,19 +1260,24 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 #                      mirror image [1] (the loop flips per sample and the VAE does not commute
 #                      with flips), in raw latent units
 #     "latent_logvar"  (n, 2, C, h, w) float16: the posterior's log-variance, 2 log std
-#     "cond"           (n, 2, D) float16: the L2-normalised DINO CLS of the same two images, so that
-#                      the condition is always of the target's image
+#     "cond"           (n, 2, D) float16: the L2-normalised CLS of the image encoder (DINO) of the
+#                      same two images, so that the condition is always of the target's image
+#     "patch_tokens"   (n, 2, N, D) float16, in a cache made with --patch-tokens: the encoder's N
+#                      L2-normalised patch tokens of the two images, for --condition patch|all and
+#                      REPA (ViT-B/16 at 224 px: 196 x 768 x 2 bytes = 294 KiB per mirror image)
 #     "index"          (n,) int64: dataset indices, to extend the cache later (T5)
 # and, as JSON lists in the safetensors metadata, "caption", "name" (source file) and "skipped"
-# (bad files passed over). FeatureCache hands out float32 (mean, std = exp(logvar / 2), cond).
+# (bad files passed over). FeatureCache hands out float32 (mean, std = exp(logvar / 2), cond and
+# patch_tokens).
 #
 # Why these 16-bit formats (format 2; format 1 stored float32, 70 KiB an item at 256 px, now 35):
 # the std itself underflows in fp16: the SD-VAE clamps the log-variance to [-30, 20], so the std
 # goes down to exp(-15) = 3e-7, below fp16's normal range (6e-5); the log-variance, within
 # [-30, 20], fp16 holds to 2^-7 (half its spacing there), which moves the std by at most
-# exp(2^-8) - 1 = 0.39 % (0.2 % for |logvar| < 16). fp16, not bf16, for the mean and cond: raw SD
+# exp(2^-8) - 1 = 0.39 % (0.2 % for |logvar| < 16). fp16, not bf16, for the mean and tokens: raw SD
 # latents are O(10), far inside fp16's range (65504), and fp16 rounds them to 2^-11 relative, bf16
-# to 2^-8 (0.4 %), as much as the smallest noise the diffusion adds (std 0.01 at t = 0). So a training
+# to 2^-8 (0.4 %), as much as the smallest noise the diffusion adds (std 0.01 at t = 0); unit-length
+# tokens have entries within [-1, 1], which fp16 holds to 2^-11 absolute. So a training
 # target x0 = (mean + std * noise) * scale moves by at most
 #     scale * (2^-11 |mean| + 2^-25 + 0.0039 std |noise|)
 # (2^-25: fp16 rounding below 6e-5); `python bench.py cache-size` checks it numerically.
@@ -1278,29 +1285,34 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 
 CACHE_INFO = "cache.json"
 CACHE_FORMAT = 2  # 16-bit posterior and condition; format 1 (float32) wrote no "format" to cache.json
-CACHE_TENSORS = ("latent_mean", "latent_logvar", "cond", "index")
+CACHE_TENSORS = ("latent_mean", "latent_logvar", "cond", "index")  # and "patch_tokens" with --patch-tokens
 CACHE_TEXT = ("caption", "name", "skipped")
 FP16_MAX = torch.finfo(torch.float16).max
 
 
-def compact_features(mean, std, cond):
-    """float32 VAE posterior (mean, std) and DINO CLS -> the cache's 16-bit tensors (see above)."""
-    return {"latent_mean": mean.float().half(), "latent_logvar": (2 * std.float().log()).half(),
-            "cond": cond.float().half()}
+def compact_features(mean, std, cond, patch_tokens=None):
+    """float32 VAE posterior (mean, std), image-encoder CLS and optional patch tokens -> the cache's
+    16-bit tensors (see above)."""
+    stored = {"latent_mean": mean.float().half(), "latent_logvar": (2 * std.float().log()).half(),
+              "cond": cond.float().half()}
+    return stored if patch_tokens is None else {**stored, "patch_tokens": patch_tokens.float().half()}
 
 
 def expand_features(stored):
-    """The cache's 16-bit tensors -> float32 "latent_mean", "latent_std", "cond", as training reads them."""
+    """The cache's 16-bit tensors -> float32 "latent_mean", "latent_std", "cond" (and "patch_tokens"),
+    as training reads them."""
+    tokens = {key: stored[key].float() for key in ("cond", "patch_tokens") if key in stored}
     return {"latent_mean": stored["latent_mean"].float(),
-            "latent_std": torch.exp(0.5 * stored["latent_logvar"].float()), "cond": stored["cond"].float()}
+            "latent_std": torch.exp(0.5 * stored["latent_logvar"].float()), **tokens}
 
 
-def cache_item_bytes(latent_shape, cond_dim, cache_format=CACHE_FORMAT):
+def cache_item_bytes(latent_shape, cond_dim, cache_format=CACHE_FORMAT, patches=0):
     """Tensor bytes one item takes in a cache of `cache_format` (captions and names come on top):
-    two mirror images' posteriors (mean and std or log-variance, each of latent_shape (C, h, w))
-    and CLS features (cond_dim), 4 bytes each in format 1, 2 in format 2; and the int64 index."""
+    two mirror images' posteriors (mean and std or log-variance, each of latent_shape (C, h, w)),
+    CLS features (cond_dim) and `patches` patch tokens (--patch-tokens), 4 bytes each in format 1,
+    2 in format 2; and the int64 index."""
     value_bytes = {1: 4, 2: 2}[cache_format]
-    return 2 * (2 * math.prod(latent_shape) + cond_dim) * value_bytes + 8
+    return 2 * (2 * math.prod(latent_shape) + (1 + patches) * cond_dim) * value_bytes + 8
 
 
 def check_cache_format(root, info):
@@ -1325,19 +1337,19 @@ def read_cache_info(root, name=CACHE_INFO):
 
 
 @torch.no_grad()
-def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=0):
+def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=0, patch_tokens=False):
     """The cache tensors of dataset[indices] (see above) and their text metadata (JSON strings). An
     AspectRatioBuckets dataset is encoded bucket by bucket, each bucket's tensors under KEY@BUCKET
     with its "img_hw", and "layout" giving each item's [bucket, row] in index order."""
     buckets = getattr(dataset, "buckets", None)
     if buckets is None:
-        tensors, text = _encode_items(dataset, indices, vae, encoder, batch_size, num_workers)
+        tensors, text = _encode_items(dataset, indices, vae, encoder, batch_size, num_workers, patch_tokens)
         return tensors, {key: json.dumps(values) for key, values in text.items()}
     indices, tensors, layout = list(indices), {}, {}
     text = {"caption": {}, "name": {}, "skipped": []}
     for bucket in np.unique(buckets[indices]).tolist():
         key, members = dataset.keys[bucket], [i for i in indices if buckets[i] == bucket]
-        group, group_text = _encode_items(dataset, members, vae, encoder, batch_size, num_workers)
+        group, group_text = _encode_items(dataset, members, vae, encoder, batch_size, num_workers, patch_tokens)
         tensors.update({f"{name}@{key}": value for name, value in group.items()})
         for row, i in enumerate(members):
             layout[i] = [key, row]
@@ -1348,8 +1360,9 @@ def encode_for_cache(dataset, indices, vae, encoder, batch_size=32, num_workers=
     return tensors, {key: json.dumps(values) for key, values in text.items()}
 
 
-def _encode_items(dataset, indices, vae, encoder, batch_size, num_workers):
+def _encode_items(dataset, indices, vae, encoder, batch_size, num_workers, patch_tokens):
     """(stacked cache tensors, text lists) of dataset[indices], which share one image size."""
+    from encoders import image_features  # only the cache runs the encoders
     device = next(vae.parameters()).device
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_samples)
@@ -1357,7 +1370,7 @@ def _encode_items(dataset, indices, vae, encoder, batch_size, num_workers):
     for batch in loader:
         images = batch["image"].to(device)
         both = torch.cat([images, images.flip(-1)])  # the images, then their mirror images
-        stored = compact_features(*vae.encode(both), encoder.encode(both))
+        stored = compact_features(*vae.encode(both), **image_features(encoder, both, patch_tokens))
         beyond = ~torch.isfinite(stored["latent_mean"]).flatten(1).all(1)
         if beyond.any():
             bad = batch["index"][beyond.chunk(2)[0] | beyond.chunk(2)[1]].tolist()
@@ -1387,8 +1400,9 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     Each shard goes to a temporary name and is renamed once complete, so a restart (with any
     number of ranks) skips the finished ones; rank 0 lists the missing shards before anyone
     writes and every rank takes every world_size-th of that list, so no two ranks write the same
-    shard. `settings` (data spec, image size, encoder repos) go to cache.json: writing into a
-    cache made with other settings is an error. Returns the shards this rank wrote.
+    shard. `settings` (data spec, image size, encoder repos, "patch_tokens": True to store them) go
+    to cache.json: writing into a cache made with other settings is an error. Returns the shards
+    this rank wrote.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     settings = {**settings, "num_items": len(dataset), "shard_size": shard_size, "format": CACHE_FORMAT}
@@ -1413,7 +1427,8 @@ def write_feature_cache(dataset, root, vae, encoder, settings, shard_size=10000,
     written = []
     for shard in missing[rank::world_size]:
         indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
-        tensors, text = encode_for_cache(dataset, indices, vae, encoder, batch_size, num_workers)
+        tensors, text = encode_for_cache(dataset, indices, vae, encoder, batch_size, num_workers,
+                                         settings.get("patch_tokens", False))
         path = cache_shard_path(root, shard)
         save_file(tensors, path + ".tmp", metadata=text)
         os.replace(path + ".tmp", path)
@@ -1442,7 +1457,8 @@ class FeatureCache(Dataset):
     """A complete feature cache (`python data.py cache`) as a dataset. Item i:
 
         {"latent_mean", "latent_std": float32 (2, C, h, w), [unflipped, flipped] VAE posterior,
-         "cond": float32 (2, D), [unflipped, flipped] DINO CLS (all stored in 16 bits: see above),
+         "cond": float32 (2, D), [unflipped, flipped] image-encoder CLS (all stored in 16 bits: see above),
+         "patch_tokens": float32 (2, N, D), their patch tokens, in a cache made with --patch-tokens,
          "caption": str, "index": i, "name": its source file,
          "skipped": [] (bad files were reported when the cache was written)}
 
@@ -1473,6 +1489,10 @@ class FeatureCache(Dataset):
             self._rows = np.array([row for _, row in layout], dtype=np.int64)
         first = self._open(0)[0]
         self.cond_dim = first.get_slice(next(k for k in first.keys() if k.startswith("cond"))).get_shape()[-1]
+        self.patch_tokens = self.info.get("patch_tokens", False)
+        patch_key = next((k for k in first.keys() if k.startswith("patch_tokens")), None)
+        self.patches = first.get_slice(patch_key).get_shape()[2] if patch_key else 0  # N, for --condition
+        self._tensors = ("latent_mean", "latent_logvar", "cond") + (("patch_tokens",) if self.patch_tokens else ())
 
     def __len__(self):
         return self.info["num_items"]
@@ -1502,8 +1522,7 @@ class FeatureCache(Dataset):
             key, row = self.keys[self.buckets[i]], int(self._rows[i])
             suffix, sizes = f"@{key}", {"img_hw": handle.get_slice(f"img_hw@{key}")[row],
                                         "aspect_ratio": torch.tensor([float(key)])}
-        item = expand_features({key: handle.get_slice(key + suffix)[row]
-                                for key in ("latent_mean", "latent_logvar", "cond")})
+        item = expand_features({key: handle.get_slice(key + suffix)[row] for key in self._tensors})
         return {**item, **sizes, "caption": text["caption"][position], "index": int(i),
                 "name": text["name"][position], "skipped": []}
 
@@ -1562,7 +1581,7 @@ def stats(args):
 
 def cache(args):
     """Write the feature cache of --data to --out; under torchrun the ranks split the shards."""
-    from encoders import VAE, DINOEncoder  # only this command needs the encoders
+    from encoders import VAE, load_image_encoder  # only this command needs the encoders
 
     if args.data.startswith("cache:"):
         raise ValueError(f"--data {args.data} is a feature cache already; pass the images it came from")
@@ -1570,12 +1589,12 @@ def cache(args):
         raise ValueError(f"--shard-size ({args.shard_size}) and --batch-size ({args.batch_size}) must be positive")
     dataset = open_dataset(args.data, args.image_size, args.seed)
     dataset = AspectRatioBuckets(dataset, args.image_size) if args.multi_scale else dataset
-    vae, encoder = VAE.from_pretrained(args.vae), DINOEncoder.from_pretrained(args.encoder)
-    settings = {"data": args.data, "seed": args.seed, "image_size": args.image_size, "vae": args.vae,
-                "encoder": args.encoder, **({"multi_scale": True} if args.multi_scale else {})}
     # Long timeout: at the final barrier a rank may wait for another's last shard.
     device = setup_distributed(timeout=datetime.timedelta(hours=12))[2]
-    vae, encoder = vae.to(device), encoder.to(device)
+    vae, encoder = VAE.from_pretrained(args.vae).to(device), load_image_encoder(args.encoder, args.image_size, device)
+    settings = {"data": args.data, "seed": args.seed, "image_size": args.image_size, "vae": args.vae,
+                "encoder": args.encoder, **({"multi_scale": True} if args.multi_scale else {}),
+                **({"patch_tokens": True} if args.patch_tokens else {})}
     try:
         started = time.perf_counter()
         write_feature_cache(dataset, args.out, vae, encoder, settings, args.shard_size,
@@ -1628,7 +1647,10 @@ def main(argv=None):
     cache_command.add_argument("--data", required=True, help="the images: a folder, tar shards, shapes[:N]")
     cache_command.add_argument("--out", required=True, help="the cache folder (train with --data cache:DIR)")
     cache_command.add_argument("--vae", required=True, help="SD-VAE repo or folder")
-    cache_command.add_argument("--encoder", required=True, help="DINO repo, folder or .pth")
+    cache_command.add_argument("--encoder", required=True, help="image encoder (as train_i2i.py's --encoder)")
+    cache_command.add_argument("--patch-tokens", action="store_true",
+                               help="store the encoder's patch tokens too (train_i2i.py --condition patch|all, "
+                                    "--repa-weight)")
     cache_command.add_argument("--image-size", type=int, default=256)
     cache_command.add_argument("--shard-size", type=int, default=10000, help="items per shard")
     cache_command.add_argument("--batch-size", type=int, default=32)

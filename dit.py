@@ -353,7 +353,7 @@ class LumosDiT(nn.Module):
         return torch.from_numpy(pos_embed).to(device, dtype)[None]
 
     def forward(self, x, t, y, mask=None, img_hw=None, aspect_ratio=None, drop_cond=None, generator=None,
-                source=None, pose=None):
+                source=None, pose=None, return_block=None):
         """
         x: (B, in_channels, H, W) noisy input; with pose_dim, (B, out_channels, H, W) the noisy
         target; H = W = input_size, except in a multi-scale model (any multiples of the patch);
@@ -364,8 +364,9 @@ class LumosDiT(nn.Module):
         drop_cond: (B,) bool, True forces the null condition (CFG); None in training draws it with
         cond_dropout_prob, from `generator` if given;
         source: (B, out_channels, H, W) the source view, pose: (B, pose_dim) the relative camera
-        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose.
-        Returns (B, pred_channels, H, W).
+        pose: both given iff pose_dim > 0; a dropped sample sees a zero source and keeps its pose;
+        return_block: k in 1..depth to also return the tokens after the k-th block (REPA aligns them).
+        Returns (B, pred_channels, H, W), or with return_block (that, (B, h*w, D)).
         """
         self._check_inputs(x, y, mask, source, pose, img_hw, aspect_ratio)
         if mask is not None:
@@ -379,12 +380,15 @@ class LumosDiT(nn.Module):
         if self.multi_scale:
             adaln_input = adaln_input + torch.cat([self.csize_embedder(img_hw), self.ar_embedder(aspect_ratio)], dim=1)
         cond_tokens = self.y_embedder(y)
-        for block in self.blocks:
+        for depth, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 latent_tokens = checkpoint(block, latent_tokens, adaln_input, cond_tokens, mask, use_reentrant=False)
             else:
                 latent_tokens = block(latent_tokens, adaln_input, cond_tokens, mask)
-        return self.unpatchify(self.final_layer(latent_tokens, adaln_input), grid_hw)
+            if depth == return_block:
+                block_tokens = latent_tokens
+        output = self.unpatchify(self.final_layer(latent_tokens, adaln_input), grid_hw)
+        return output if return_block is None else (output, block_tokens)
 
     def add_view(self, x, y, source, pose, dropped):
         """NVS: x (B, C, H, W), y (B, L, cond_dim), source (B, C, H, W), pose (B, pose_dim), dropped

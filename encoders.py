@@ -1,6 +1,7 @@
 """Frozen encoders, re-implemented in plain PyTorch and loaded from Hugging Face Hub weights.
 
-DINO ViT (v1 and v2) gives the image condition, T5 the text condition, the SD-VAE the latent space.
+A ViT gives the image condition (DINO v1 and v2, Lumos's; the CLIP image tower and MoCo v3, the
+paper's ablations), T5 the text condition, the SD-VAE the latent space.
 In order: the Lumos conditions built on them, the networks, then the loading from the Hub.
 Each network is written out here and loads the published checkpoints as they are on the Hub
 (or in a local folder with the same files); the tests prove each computes the same function as
@@ -85,7 +86,7 @@ def load_image_encoder(spec, image_size, device, config=None):
     if spec == RANDOM_VIT:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            encoder = DINOEncoder(**(config or random_vit_config(image_size)))
+            encoder = ViTEncoder(**(config or random_vit_config(image_size)))
     elif spec == SHAPES_VIT:
         expected, found = (config or {}).get("sha256"), encoder_config(SHAPES_VIT, image_size)
         if found is None:
@@ -94,9 +95,9 @@ def load_image_encoder(spec, image_size, device, config=None):
         if expected and expected != found["sha256"]:
             raise ValueError(f"{SHAPES_VIT_FILE} (SHA-256 {found['sha256'][:12]}...) is not the {SHAPES_VIT} this "
                              f"model was trained with ({expected[:12]}...); check out the commit whose file made it")
-        encoder = DINOEncoder.from_pretrained(SHAPES_VIT_FILE)
+        encoder = ViTEncoder.from_pretrained(SHAPES_VIT_FILE)
     else:
-        encoder = DINOEncoder.from_pretrained(spec)
+        encoder = ViTEncoder.from_pretrained(spec)
     return encoder.to(device)
 
 
@@ -114,16 +115,41 @@ def encoder_config(spec, image_size):
     return None
 
 
-def image_condition(encoder):
-    """I2I: the L2-normalised DINO CLS of the image itself (DINOEncoder.encode), one token."""
-    def condition(batch, space):
-        return {"y": encoder.encode(batch["image"])[:, None], "mask": None}
-    return condition
+# --condition: which of the frozen image encoder's final tokens the DiT's cross-attention sees (the
+# paper's ablation): its global CLS (Lumos's choice), its N local patch tokens, or all 1 + N. Every
+# token, CLS or patch, is L2-normalised to unit length on its own (ViTEncoder.tokens).
+CONDITIONS = ("cls", "patch", "all")
 
 
-def cached_condition(batch, space):
-    """I2I from a feature cache (data.py): the same DINO CLS token, computed beforehand."""
-    return {"y": batch["cond"][:, None].float(), "mask": None}
+def condition_token_count(condition, patches):
+    """L, the condition tokens of `condition` for an encoder of `patches` patch tokens."""
+    return {"cls": 1, "patch": patches, "all": 1 + patches}[condition]
+
+
+@torch.no_grad()
+def image_features(encoder, images, patch_tokens=False):
+    """What a feature cache holds of images (B, 3, S, S) in [-1, 1] (data.py): {"cond": (B, D) the
+    CLS, and with `patch_tokens` "patch_tokens" (B, N, D)}, float32, each token L2-normalised."""
+    tokens = encoder.tokens(images)
+    return {"cond": tokens[:, 0], **({"patch_tokens": tokens[:, 1:]} if patch_tokens else {})}
+
+
+def condition_tokens(features, condition):
+    """(B, L, D) condition tokens of `condition` from image_features or a cache's batch, which hold the
+    CLS "cond" (B, D) and, when needed, "patch_tokens" (B, N, D)."""
+    cls = features["cond"][:, None].float()
+    if condition == "cls":
+        return cls
+    patches = features["patch_tokens"].float()
+    return patches if condition == "patch" else torch.cat([cls, patches], dim=1)
+
+
+def image_condition(condition):
+    """I2I: condition tokens (condition_tokens) of the image itself, from its batch's features (the
+    loop adds image_features to a batch of images; a feature cache's batch holds them)."""
+    def condition_fn(batch, space):
+        return {"y": condition_tokens(batch, condition), "mask": None}
+    return condition_fn
 
 
 def nvs_condition(encoder):
@@ -235,12 +261,16 @@ def pad_token_features(features):
 
 
 # ----------------------------------------------------------------------------------------------
-# DINO ViT: v1 (facebook/dino-vitb16 or the original dino_vitbase16_pretrain.pth) and
-# v2 (facebook/dinov2-small/base/large). Our module names follow the original DINO code.
+# The frozen image encoder, one ViT class for the checkpoints Lumos compares: DINO v1
+# (facebook/dino-vitb16 or the original dino_vitbase16_pretrain.pth), DINOv2 (facebook/dinov2-*),
+# the CLIP image tower (openai/clip-vit-base-patch16) and MoCo v3 (the released vit-b-300ep.pth.tar).
+# Our module names follow the original DINO code.
 # ----------------------------------------------------------------------------------------------
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing constants
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ViTAttention(nn.Module):
@@ -257,15 +287,24 @@ class ViTAttention(nn.Module):
         return self.proj(attended.transpose(1, 2).flatten(2))
 
 
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x): its weights were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class ViTMLP(nn.Module):
-    def __init__(self, width, hidden_width):
+    def __init__(self, width, hidden_width, act="gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden_width)
         self.fc2 = nn.Linear(hidden_width, width)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, tokens):
         """tokens (B, T, D) -> (B, T, D)."""
-        return self.fc2(F.gelu(self.fc1(tokens)))
+        return self.fc2(self.act(self.fc1(tokens)))
 
 
 class LayerScale(nn.Module):
@@ -281,13 +320,13 @@ class LayerScale(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, width, heads, mlp_width, norm_eps, layer_scale):
+    def __init__(self, width, heads, mlp_width, norm_eps, layer_scale, act="gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = ViTAttention(width, heads)
         self.ls1 = LayerScale(width) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(width, eps=norm_eps)
-        self.mlp = ViTMLP(width, mlp_width)
+        self.mlp = ViTMLP(width, mlp_width, act)
         self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
 
     def forward(self, tokens):
@@ -338,40 +377,82 @@ def _vit_state_from_hub(hub_state):
 
 
 def _vit_state_from_original(original_state):
-    # `module.`: saved from DistributedDataParallel; `backbone.`: DINO's backbone/head wrapper.
-    state = {key.removeprefix("module.").removeprefix("backbone."): t for key, t in original_state.items()}
+    # `module.`: saved from DistributedDataParallel; `backbone.`: DINO's backbone/head wrapper;
+    # `base_encoder.`: MoCo v3's online ViT (its momentum twin and heads are dropped on reading).
+    state = {key.removeprefix("module.").removeprefix("backbone.").removeprefix("base_encoder."): t
+             for key, t in original_state.items()}
     return {key.replace("patch_embed.proj.", "patch_embed."): t for key, t in state.items()}
 
 
+# CLIP's image tower (transformers CLIPVisionModel; `vision_model.` in a CLIPModel's file) -> ours.
+_CLIP_TOP_LEVEL_NAMES = {
+    "embeddings.patch_embedding": "patch_embed",
+    "pre_layrnorm": "norm_pre",  # sic: the Hub's spelling
+    "post_layernorm": "norm",
+}
+_CLIP_BLOCK_NAMES = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj"}
+
+
+def _vit_state_from_clip(clip_state):
+    """vision_model.* -> ours: CLIP's class embedding (D,) and position table (1 + N, D) gain the
+    leading dims of ours, q/k/v are fused into qkv, the final LayerNorm becomes `norm`."""
+    state = {}
+    for key, tensor in clip_state.items():
+        key = key.removeprefix("vision_model.")
+        module, _, param = key.rpartition(".")
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)
+        if key == "embeddings.class_embedding":
+            state["cls_token"] = tensor.reshape(1, 1, -1)
+        elif key == "embeddings.position_embedding.weight":
+            state["pos_embed"] = tensor[None]
+        elif block:
+            index, name = block.groups()
+            state[f"blocks.{index}.{_CLIP_BLOCK_NAMES.get(name, name)}.{param}"] = tensor
+        else:
+            state[f"{_CLIP_TOP_LEVEL_NAMES.get(module, module)}.{param}"] = tensor
+    for query_key in [key for key in state if ".self_attn.q_proj." in key]:
+        parts = [query_key.replace(".q_proj.", f".{name}.") for name in ("q_proj", "k_proj", "v_proj")]
+        if all(part in state for part in parts):  # otherwise load_into reports what is missing
+            state[query_key.replace(".self_attn.q_proj.", ".attn.qkv.")] = torch.cat([state.pop(k) for k in parts])
+    return state
+
+
 def _keep_encoder_key(key):
-    # The pooler is an untrained head, the mask token only serves DINOv2's masked-image training.
-    return not key.startswith("pooler.") and not key.endswith("mask_token")
+    # Not the image backbone: the pooler (an untrained head), DINOv2's mask token (masked-image
+    # training only), CLIP's text tower, projections and position ids, MoCo v3's momentum encoder,
+    # predictor and projection head.
+    dropped_prefixes = ("pooler.", "text_model.", "visual_projection.", "text_projection.", "logit_scale",
+                        "module.momentum_encoder.", "module.predictor.", "module.base_encoder.head.")
+    return not key.startswith(dropped_prefixes) and not key.endswith(("mask_token", "position_ids"))
 
 
-class DINOEncoder(nn.Module):
-    """A frozen DINO ViT: patch conv, CLS token, learned positions, pre-norm blocks, final LayerNorm.
+class ViTEncoder(nn.Module):
+    """A frozen ViT: patch conv, CLS token, learned positions, pre-norm blocks, final LayerNorm.
 
-    `layer_scale=True` gives the DINOv2 block. Build with random weights from sizes, or load
-    published weights with `from_pretrained`. `encode` is the Lumos image condition.
+    `layer_scale=True` gives the DINOv2 block; `pre_norm`, `act="quick_gelu"`, `patch_bias=False`
+    and CLIP's mean/std give CLIP's image tower. Build with random weights from sizes, or load
+    published weights with `from_pretrained`. `tokens` gives the Lumos image condition.
     """
 
     HUB_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    ORIGINAL_FILES = ("dino_vitbase16_pretrain.pth",)
+    ORIGINAL_FILES = ("dino_vitbase16_pretrain.pth", "vit-b-300ep.pth.tar")
 
     def __init__(
         self, image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_width=None, norm_eps=1e-6,
-        layer_scale=False,
+        layer_scale=False, pre_norm=False, act="gelu", patch_bias=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     ):
         super().__init__()
         if image_size % patch_size or width % heads:
             raise ValueError(f"image_size {image_size} must divide by patch_size {patch_size}, width {width} by heads {heads}")
-        self.image_size = image_size
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.grid = image_size // patch_size
-        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, width))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + self.grid**2, width))
+        # CLIP normalises the embedded tokens once before the first block.
+        self.norm_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
-            ViTBlock(width, heads, mlp_width or 4 * width, norm_eps, layer_scale) for _ in range(depth)
+            ViTBlock(width, heads, mlp_width or 4 * width, norm_eps, layer_scale, act) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         freeze(self)
@@ -379,34 +460,40 @@ class DINOEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, repo_or_dir, revision=None, subfolder=None):
         """Load a Hub repo id or local folder (Hub layout: config.json + model.safetensors / pytorch_model.bin,
-        e.g. facebook/dino-vitb16, facebook/dinov2-base; or the original layout: dino_vitbase16_pretrain.pth),
-        or a path to one checkpoint file, such as an original-layout .pth. Sizes are read off the tensors;
-        the layout is told by the key names."""
+        e.g. facebook/dino-vitb16, facebook/dinov2-base, openai/clip-vit-base-patch16; or an original
+        layout: dino_vitbase16_pretrain.pth, MoCo v3's vit-b-300ep.pth.tar), or a path to one checkpoint
+        file, such as an original-layout .pth. Sizes are read off the tensors; the layout is told by
+        the key names."""
         path = pathlib.Path(repo_or_dir)
         if path.is_file():  # one checkpoint file; its folder is where a config.json would be
             repo_or_dir, candidates, subfolder = path.parent, [path.name], None
         else:
             candidates = cls.HUB_FILES + cls.ORIGINAL_FILES
         state = load_state_dict(repo_or_dir, candidates, revision, subfolder, keep=_keep_encoder_key)
-        config = {}
-        if "embeddings.cls_token" in state:
+        # CLIP: a CLIPModel's tower is under vision_model.; transformers 5 saves a CLIPVisionModel without it.
+        config, clip = {}, bool({"vision_model.embeddings.class_embedding", "embeddings.class_embedding"} & state.keys())
+        if "embeddings.cls_token" in state or clip:
             config = read_config(repo_or_dir, revision, subfolder)
-            if config.get("use_swiglu_ffn") or config.get("hidden_act", "gelu") != "gelu":
-                raise ValueError(f"{repo_or_dir}: only GELU-MLP ViTs are supported (not DINOv2-giant's SwiGLU)")
-            state = _vit_state_from_hub(state)
+            config = config.get("vision_config", config)  # a whole CLIPModel's config.json nests the tower's
+            if config.get("use_swiglu_ffn") or config.get("hidden_act", "gelu") not in ACTIVATIONS:
+                raise ValueError(f"{repo_or_dir}: only (quick-)GELU-MLP ViTs are supported, not "
+                                 f"{'SwiGLU' if config.get('use_swiglu_ffn') else config['hidden_act']}")
+            state = _vit_state_from_clip(state) if clip else _vit_state_from_hub(state)
         else:
             state = _vit_state_from_original(state)
-        model = cls._sized_for(state, config, repo_or_dir)
+        model = cls._sized_for(state, config, repo_or_dir, clip)
         load_into(model, state, repo_or_dir)
         return model
 
     @classmethod
-    def _sized_for(cls, state, config, source):
+    def _sized_for(cls, state, config, source, clip=False):
         """An empty model with the sizes of `state`; heads and LayerNorm eps come from config.json when
-        there is one (the Hub's says eps 1e-12), else DINO's 64-wide heads and eps 1e-6."""
+        there is one (the Hub's says eps 1e-12 for DINO, 1e-5 for CLIP), else 64-wide heads and eps 1e-6
+        (DINO's and MoCo v3's)."""
         needed = ("cls_token", "pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight")
         if any(key not in state for key in needed):
-            raise ValueError(f"{source}: not a DINO ViT checkpoint (it lacks one of {', '.join(needed)})")
+            raise ValueError(f"{source}: not a ViT checkpoint of DINO, CLIP or MoCo v3 (it lacks one of "
+                             f"{', '.join(needed)})")
         width = state["cls_token"].shape[-1]
         patch_size = state["patch_embed.weight"].shape[-1]
         return cls(
@@ -418,6 +505,10 @@ class DINOEncoder(nn.Module):
             mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0],
             norm_eps=config.get("layer_norm_eps", 1e-6),
             layer_scale="blocks.0.ls1.gamma" in state,
+            pre_norm="norm_pre.weight" in state,
+            act=config.get("hidden_act", "gelu"),
+            patch_bias="patch_embed.bias" in state,
+            **(dict(mean=CLIP_MEAN, std=CLIP_STD) if clip else {}),
         )
 
     def _position_embedding(self, grid_h, grid_w):
@@ -432,38 +523,39 @@ class DINOEncoder(nn.Module):
         return torch.cat([cls_position, resized], dim=1)
 
     def forward(self, pixel_values):
-        """pixel_values (B, 3, H, W), ImageNet-normalised -> tokens after the final norm (B, 1 + N, D),
-        CLS first, then the N = (H / patch) * (W / patch) patches in row-major order."""
+        """pixel_values (B, 3, H, W), normalised with self.mean / self.std -> tokens after the final norm
+        (B, 1 + N, D), CLS first, then the N = (H / patch) * (W / patch) patches in row-major order."""
         patches = self.patch_embed(pixel_values)  # (B, D, H / patch, W / patch)
         grid_h, grid_w = patches.shape[-2:]
         tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
-        tokens = tokens + self._position_embedding(grid_h, grid_w)
+        tokens = self.norm_pre(tokens + self._position_embedding(grid_h, grid_w))
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
 
     @torch.no_grad()
     def encode(self, images, size=None):
-        """images (B, 3, H, W) in [-1, 1], any size -> L2-normalised final-norm CLS feature (B, D), float32.
+        """images (B, 3, H, W) in [-1, 1], any size -> the L2-normalised CLS (B, D), float32 (`tokens`)."""
+        return self.tokens(images, size)[:, 0]
+
+    def tokens(self, images, size=None):
+        """images (B, 3, H, W) in [-1, 1], any size -> every final-norm token, each L2-normalised to unit
+        length, (B, 1 + N, D) float32, CLS first; with gradients (data.py's shapes-encoder trains it).
 
         Preprocessing as DINO's demo: shorter side resized to `size` (default: the native image size,
-        224 for DINO v1) with antialiased bilinear, center crop to size x size, ImageNet mean/std.
-        DINOv2's Hub config says 518 px; FD-DINOv2 conventionally uses size=224.
+        224 for DINO v1) with antialiased bilinear, center crop to size x size, the encoder's mean/std
+        (ImageNet's; CLIP's own for CLIP). DINOv2's Hub config says 518 px; FD-DINOv2 conventionally
+        uses size=224.
         """
-        return self.cls_feature(images, size)
-
-    def cls_feature(self, images, size=None):
-        """`encode` with gradients: what data.py's shapes-encoder command trains."""
         size = size or self.image_size
         pixels = (images.float() + 1) / 2
         pixels = TF.resize(pixels, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         pixels = TF.center_crop(pixels, [size, size])
         # TF.normalize's arithmetic, without its check of std on the host (a GPU sync every step):
         # the constants are filled in on the device, not copied from the host.
-        mean, std = (torch.stack([pixels.new_full((1, 1), v) for v in values]) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = (torch.stack([pixels.new_full((1, 1), v) for v in values]) for values in (self.mean, self.std))
         pixels = (pixels - mean) / std
-        cls_feature = self(pixels.to(self.pos_embed.dtype))[:, 0]
-        return F.normalize(cls_feature.float(), dim=-1)
+        return F.normalize(self(pixels.to(self.pos_embed.dtype)).float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1560,6 +1652,8 @@ def _read_tensor_file(path, keep):
         with open_safetensors(path) as file:
             return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
     payload = load_weights_only(path)
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]  # a training checkpoint (MoCo v3's): its weights, not its optimizer
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: holds a {type(payload).__name__}, expected a dict of tensors")
     kept = {key: value for key, value in payload.items() if keep(key)}

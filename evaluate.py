@@ -60,7 +60,7 @@ from data import (
     shape_outline, to_rgb,
 )
 import sample
-from encoders import IMAGENET_MEAN, IMAGENET_STD, DINOEncoder, load_image_encoder, load_into
+from encoders import IMAGENET_MEAN, IMAGENET_STD, ViTEncoder, load_image_encoder, load_into
 
 
 def default_device():
@@ -552,7 +552,7 @@ DINOV2_INPUT_SIZE = 224
 
 
 def load_dinov2(repo_or_dir=DINOV2_REPO, device=None):
-    return DINOEncoder.from_pretrained(repo_or_dir).to(device or default_device())
+    return ViTEncoder.from_pretrained(repo_or_dir).to(device or default_device())
 
 
 def dinov2_input(image):
@@ -582,7 +582,7 @@ def dinov2_features(images, encoder, batch_size=50):
 
 def fd_dinov2(real, fake, encoder=None, batch_size=50):
     """FD-DINOv2 between two image sets (as `fid` takes them; saved statistics must be DINOv2's).
-    `encoder`: a DINOEncoder (default: `load_dinov2()`, DINOv2 ViT-L/14)."""
+    `encoder`: a ViTEncoder (default: `load_dinov2()`, DINOv2 ViT-L/14)."""
     if encoder is None:
         encoder = load_dinov2()
 

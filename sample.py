@@ -17,6 +17,8 @@ All of a sample's noise (initial and, for ddpm, ancestral) comes from a generato
 --ckpt OWNER/REPO/FILE (e.g. Xiaomabufei/lumos/Lumos_I2I.pth) is a file of a Hub repo, downloaded and
 cached by huggingface_hub. A multi-scale model (Lumos_T2I.pth) draws --height x --width snapped to the
 closest aspect-ratio bucket of the release's test table at its size, as the release's T2I demo does.
+An I2I model trained on other tokens than the CLS (train_i2i.py --condition patch|all) is
+conditioned here on the same tokens of the references, as its export records.
 T2I encodes every prompt first and frees the text encoder before sampling: T5-XXL alone is 19 GB in
 fp32 (9.5 GB in bf16, as it runs on a GPU), so the 1024 px model samples on a 24 GB machine.
 """
@@ -34,8 +36,8 @@ from torchvision.utils import save_image
 import data
 from diffusion import SAMPLING_METHODS, GaussianDiffusion, beta_schedule, draw_samples
 from dit import LumosDiT, read_weights
-from encoders import (VAE, ImageSpace, load_image_encoder, load_into, nvs_condition, pad_token_features,
-                      text_encoder_from_metadata)
+from encoders import (VAE, ImageSpace, condition_tokens, image_features, load_image_encoder, load_into, nvs_condition,
+                      pad_token_features, text_encoder_from_metadata)
 
 # The official release gives weights only: the rest of its set-up per task (SPEC sections 2, 2b
 # and 4; the T2I demo's defaults: sd-vae-ft-mse, T5 v1.1 XXL, 120 tokens, cleaned prompts).
@@ -85,22 +87,20 @@ def read_images(paths, image_size):
 
 def i2i_conditions(args, info, space, device):
     """Reference images, each repeated --per-image times -> (batch of references, kwargs fn)."""
-    encoder = condition_encoder(info, device)
     references = read_images(args.images, info["image_size"]).repeat_interleave(args.per_image, dim=0)
-    features = encoder.encode(references.to(device))[:, None]
-    return references, lambda rows: {"y": features[rows], "mask": None}
+    tokens = image_condition_tokens(info, references, device)
+    return references, lambda rows: {"y": tokens[rows], "mask": None}
 
 
 def interpolation_conditions(args, info, space, device):
-    """Two images, --frames mixes of their normalised DINO features (shared noise, as the demo)."""
+    """Two images, --frames mixes of their normalised condition tokens (shared noise, as the demo)."""
     if len(args.images) != 2:
         raise ValueError(f"interpolate takes exactly two --images, got {len(args.images)}")
-    encoder = condition_encoder(info, device)
-    first, second = encoder.encode(read_images(args.images, info["image_size"]).to(device))
-    weights = torch.linspace(0, 1, args.frames, device=device)[:, None]
-    features = ((1 - weights) * first + weights * second)[:, None]
     references = read_images(args.images, info["image_size"])
-    return references, lambda rows: {"y": features[rows], "mask": None}
+    first, second = image_condition_tokens(info, references, device)
+    weights = torch.linspace(0, 1, args.frames, device=device)[:, None, None]
+    tokens = (1 - weights) * first + weights * second
+    return references, lambda rows: {"y": tokens[rows], "mask": None}
 
 
 def t2i_conditions(args, info, space, device):
@@ -147,8 +147,16 @@ def nvs_conditions(args, info, space, device):
 
 
 def condition_encoder(info, device):
-    """The frozen DINO of the checkpoint: its repo or folder, or its seeded random ViT."""
+    """The frozen image encoder of the checkpoint: its repo or folder, or its seeded random ViT."""
     return load_image_encoder(info["encoder"], info["image_size"], device, info.get("encoder_config"))
+
+
+def image_condition_tokens(info, images, device):
+    """(B, L, D) condition tokens of images (B, 3, S, S) in [-1, 1], as the checkpoint was trained
+    on: its encoder's tokens of its --condition (an export without one: the CLS)."""
+    condition = info.get("condition", "cls")
+    features = image_features(condition_encoder(info, device), images.to(device), patch_tokens=condition != "cls")
+    return condition_tokens(features, condition)
 
 
 CONDITIONS = {"i2i": i2i_conditions, "interpolate": interpolation_conditions, "t2i": t2i_conditions,

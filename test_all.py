@@ -744,7 +744,7 @@ def test_dino_matches_transformers_vit(tmp_path, layout):
         torch.save({f"module.{key}": tensor for key, tensor in to_original_dino_layout(state).items()},
                    tmp_path / "dino_vitbase16_pretrain.pth")
     source = tmp_path / "dino_vitbase16_pretrain.pth" if layout == "original" else tmp_path
-    model = encoders.DINOEncoder.from_pretrained(source)
+    model = encoders.ViTEncoder.from_pretrained(source)
     assert model.norm.eps == eps and not any(param.requires_grad for param in model.parameters())
     torch.manual_seed(1)
     for height, width in ((32, 32), (48, 40)):  # native grid, then interpolated positions
@@ -762,7 +762,7 @@ def test_dinov2_matches_transformers(tmp_path):
     # The .bin path: the same Hub-layout tensors (mask token included) as a pickled state dict.
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
-    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    model = encoders.ViTEncoder.from_pretrained(tmp_path)
     torch.manual_seed(1)
     for height, width in ((16, 16), (24, 20)):  # native grid, then interpolated positions
         pixels = torch.randn(2, 3, height, width)
@@ -770,9 +770,63 @@ def test_dinov2_matches_transformers(tmp_path):
             assert_close_to_scale(model(pixels), reference(pixels).last_hidden_state)
 
 
+CLIP_TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=16)
+
+
+@pytest.mark.parametrize("layout", ["clip-model", "vision-model"])
+def test_clip_image_tower_matches_transformers(tmp_path, layout):
+    # openai/clip-vit-base-patch16 is a whole CLIPModel (text tower, projections, logit scale beside
+    # vision_model.*; config.json nests vision_config); a CLIPVisionModel holds the tower alone.
+    torch.manual_seed(0)
+    if layout == "clip-model":
+        reference = transformers.CLIPModel(transformers.CLIPConfig(vision_config=CLIP_TOWER, text_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)))
+    else:
+        reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_TOWER))
+    perturb_(reference).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")  # older files also hold the position ids, a buffer
+    save_file({**state, "vision_model.embeddings.position_ids": torch.arange(17)[None]}, tmp_path / "model.safetensors")
+    tower = getattr(reference, "vision_model", reference)  # transformers 5's CLIPVisionModel is the tower itself
+    model = encoders.ViTEncoder.from_pretrained(tmp_path)
+    assert (model.mean, model.std, model.norm.eps, model.patch_embed.bias) == (encoders.CLIP_MEAN, encoders.CLIP_STD, 1e-5, None)
+    assert model.blocks[0].mlp.act is encoders.quick_gelu and isinstance(model.norm_pre, torch.nn.LayerNorm)
+    torch.manual_seed(1)
+    for height, width in ((32, 32), (48, 40)):  # native grid, then interpolated positions
+        pixels = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            out = tower(pixel_values=pixels, interpolate_pos_encoding=True)
+            # Ours: every token after the final LayerNorm (transformers applies it to the pooled CLS only).
+            assert_close_to_scale(model(pixels), tower.post_layernorm(out.last_hidden_state))
+            assert_close_to_scale(model(pixels)[:, 0], out.pooler_output)
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_moco_v3_matches_timm_vit(tmp_path, layout):
+    import timm
+
+    torch.manual_seed(0)
+    # MoCo v3's ViT is timm's; its release saves a training checkpoint: {"state_dict": module.base_encoder.*
+    # (whose head is the projection MLP), module.momentum_encoder.*, module.predictor.*, "optimizer", ...}.
+    reference = perturb_(timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_ratio=1.5, num_classes=16))
+    backbone = reference.state_dict()
+    state = {**{f"module.base_encoder.{key}": tensor for key, tensor in backbone.items()},
+             **{f"module.momentum_encoder.{key}": tensor.clone() for key, tensor in backbone.items()},
+             "module.predictor.0.weight": torch.randn(8, 16)}
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1.5e-4, "params": [0]}]}},
+               tmp_path / "vit-b-300ep.pth.tar")
+    model = encoders.ViTEncoder.from_pretrained(tmp_path / "vit-b-300ep.pth.tar" if layout == "file" else tmp_path)
+    assert model.norm.eps == 1e-6 and model.blocks[0].attn.heads == 2 and model.mean == encoders.IMAGENET_MEAN
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the backbone's tokens, its CLS before the projection head among them
+        assert_close_to_scale(model(pixels), reference.forward_features(pixels))
+
+
 def test_dino_encode_preprocessing(tmp_path):
     tiny_vit(tmp_path)
-    model = encoders.DINOEncoder.from_pretrained(tmp_path)
+    model = encoders.ViTEncoder.from_pretrained(tmp_path)
     normalize = transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
     torch.manual_seed(0)
     images = torch.rand(3, 3, 32, 48) * 2 - 1  # shorter side already native (32): no resize, columns 8..40
@@ -844,17 +898,17 @@ def test_loading_finds_files_and_errors_name_the_problem(tmp_path, monkeypatch):
     needed = ("no-such-user/no-such-vae", "config.json", "HF_HUB_OFFLINE", "hf download", "local folder")
     assert "\n" not in str(error.value) and all(part in str(error.value) for part in needed), error.value
     assert_raises(FileNotFoundError, "no-such-user/no-such-dino: no model.safetensors / pytorch_model.bin",
-                  lambda: encoders.DINOEncoder.from_pretrained("no-such-user/no-such-dino"))
-    model = encoders.DINOEncoder(image_size=16, patch_size=8, width=16, depth=1, heads=1)
+                  lambda: encoders.ViTEncoder.from_pretrained("no-such-user/no-such-dino"))
+    model = encoders.ViTEncoder(image_size=16, patch_size=8, width=16, depth=1, heads=1)
     state = dict(model.state_dict(), **{"head.weight": torch.zeros(1), "cls_token": torch.zeros(1, 1, 8)})
     del state["norm.bias"]
-    assert_raises(ValueError, r"^ckpt.pth: checkpoint does not fit DINOEncoder: 1 missing \(norm.bias\); 1 unexpected "
+    assert_raises(ValueError, r"^ckpt.pth: checkpoint does not fit ViTEncoder: 1 missing \(norm.bias\); 1 unexpected "
                   r"\(head.weight\); 1 wrong-shape \(cls_token \(1, 1, 8\) vs model \(1, 1, 16\)\)$",
                   lambda: encoders.load_into(model, state, "ckpt.pth"))
     path = tmp_path / "dino_vitbase16_pretrain.pth"
     torch.save({"cls_token": torch.zeros(1, 1, 8), "extra": SimpleNamespace()}, path)
     assert_raises(ValueError, "dino_vitbase16_pretrain.pth: refused, not a plain tensor checkpoint",
-                  lambda: encoders.DINOEncoder.from_pretrained(path))
+                  lambda: encoders.ViTEncoder.from_pretrained(path))
 
 
 # ======================================== t5 =====================================================
@@ -1467,26 +1521,29 @@ def checkpoint(out, step):
 
 
 def checkpoint_weights(path, part):
-    """The "model" or "ema" weights of a DCP checkpoint as full tensors, whatever world wrote it."""
-    state = {part: LumosDiT(**json.loads(pathlib.Path(path, "run_config.json").read_text())["model_config"]).state_dict()}
+    """The "model" (with REPA's projector, if any) or "ema" weights of a DCP checkpoint as full tensors,
+    whatever world wrote it."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {part: {key.removeprefix(f"{part}."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                    for key, meta in saved.items() if key.startswith(f"{part}.")}}
     dcp.load(state, checkpoint_id=path)
     return state[part]
 
 
-def assert_same_weights(actual, expected, rtol=TOLERANCE):
+def assert_same_weights(actual, expected, rtol=TOLERANCE, atol=1e-7):
     """rtol, and 1e-7 absolute near 0: a step moves a weight by up to the lr, 1e-3, far above 1e-7."""
     assert actual.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=1e-7, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
 def test_shapes_encoder_command_trains_a_dino_vit_that_loads_as_dino_and_checks_its_file(tmp_path, monkeypatch, capsys):
     out = tmp_path / "shapes_vit.safetensors"
     data.main(["shapes-encoder", "--out", str(out), "--steps", "2", "--batch-size", "4"])
     assert "step 2/2: reconstruction mse" in capsys.readouterr().out
-    trained = encoders.DINOEncoder.from_pretrained(out)  # DINO's own key layout, read by DINO's loader
+    trained = encoders.ViTEncoder.from_pretrained(out)  # DINO's own key layout, read by DINO's loader
     torch.manual_seed(0)
-    initial = encoders.DINOEncoder(**data.SHAPES_ENCODER)
+    initial = encoders.ViTEncoder(**data.SHAPES_ENCODER)
     assert trained.state_dict().keys() == initial.state_dict().keys()
     assert not torch.equal(trained.blocks[0].attn.qkv.weight, initial.blocks[0].attn.qkv.weight)  # it trained
     features = trained.encode(torch.rand(3, 3, 32, 32) * 2 - 1)
@@ -1579,7 +1636,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 def test_tasks_mirror_as_documented_and_i2i_conditions_on_the_image_it_denoises(tmp_path, monkeypatch, script, hflip):
     # T2I captions name left and right, and an NVS target mirrored would belong to a mirrored camera.
     seen = {}  # the arguments of each call, by owner
-    for owner, name in [(train_i2i, "mirrored"), (encoders.ImageSpace, "encode"), (encoders.DINOEncoder, "encode")]:
+    for owner, name in [(train_i2i, "mirrored"), (encoders.ImageSpace, "encode"), (encoders.ViTEncoder, "tokens")]:
         monkeypatch.setattr(owner, name, lambda *args, real=getattr(owner, name), key=owner.__name__:
                             seen.setdefault(key, []).append(args) or real(*args))
     extra = {train_i2i: ["--data", "shapes:64"], train_t2i: ["--init", "scratch", "--data", "shapes:64"],
@@ -1591,7 +1648,7 @@ def test_tasks_mirror_as_documented_and_i2i_conditions_on_the_image_it_denoises(
     if script is train_i2i:  # the target and DINO's condition are of one image, mirrored where drawn
         target = seen["ImageSpace"][0][1]
         assert torch.equal(target, torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"]))
-        assert torch.equal(seen["DINOEncoder"][-1][1], target)
+        assert torch.equal(seen["ViTEncoder"][-1][1], target)
 
 
 @pytest.mark.slow
@@ -1618,6 +1675,9 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     (train_i2i, ["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     (train_i2i, ["--data", "{cache}", "--image-size", "32", "--vae", "{vae}"], "was made with --vae {vae} --encoder {dino}"),
     (train_i2i, ["--data", "{cache}", "--image-size", "64", "--vae", "{vae}", "--encoder", "{dino}"], "pass --image-size 32"),
+    (train_i2i, ["--data", "{cache}", "--image-size", "32", "--vae", "{vae}", "--encoder", "{dino}", "--condition", "all"],
+     "holds no patch tokens, which --condition all need: write the cache with `data.py cache --patch-tokens`"),
+    (train_i2i, ["--repa-weight", "0.5", "--repa-block", "3"], "--repa-block 3 within 1..2 (the model's depth)"),
     (train_nvs, ["--init", "scratch", "--data", "multiview:0"], "multiview:N with N a positive integer"),
     (train_nvs, ["--init", "{export}", "--depth", "2"], "--depth: the model's size comes from --init"),
     (train_nvs, ["--init", "{export}", "--vae", "some/vae"], "is a 3-channel model, but this run is in latent space"),
@@ -1653,7 +1713,7 @@ def latent_assets(tmp_path_factory):
         {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 1})
     settings = {"data": "shapes:16", "seed": 0, "image_size": 32, "vae": vae, "encoder": dino}
     data.write_feature_cache(data.open_dataset("shapes:16", 32), root / "cache", encoders.VAE.from_pretrained(vae),
-                             encoders.DINOEncoder.from_pretrained(dino), settings, 4, batch_size=3, log=lambda line: None)
+                             encoders.ViTEncoder.from_pretrained(dino), settings, 4, batch_size=3, log=lambda line: None)
     train_t2i.main(["cache-text", "--data", f"cache:{root / 'cache'}", "--out", str(root / "text"),
                     "--image-size", "32", "--num-samples", "4"])
     return SimpleNamespace(vae=vae, dino=dino, root=root / "cache", cache=f"cache:{root / 'cache'}", text=str(root / "text"),
@@ -1693,10 +1753,32 @@ def test_launch_i2i_fp32_eager_on_the_fly_equals_one_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_launch_repa_fp32_on_all_tokens_equals_one_rank(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # A narrow projector: REPA's 2048-wide one (the default with --model) sums each weight's gradient over
+    # 2048 x 2048 products, which two ranks' halves of the batch reorder: its norm then agrees to 5e-5 only.
+    common = TINY_RUN + ["--condition", "all", "--repa-weight", "0.5", "--repa-block", "1", "--repa-width", "64",
+                         "--ckpt-every", "3", "--sample-every", "3"]
+    train_i2i.main(common + ["--out", str(one), "--steps", "3"])
+    result = torchrun("train_i2i.py", *common, "--out", two, "--steps", "3", "--grad-accum", "2")
+    assert_launched(result, two, 3, [3])
+    for key in ("loss", "repa_loss", "grad_norm"):
+        assert read_metrics(two)[key] == pytest.approx(read_metrics(one)[key], rel=TOLERANCE)
+    for part in ("model", "ema"):  # the model's with the projector, sharded as a unit of its own
+        weights = [checkpoint_weights(checkpoint(run, 3), part) for run in (two, one)]
+        assert any(key.startswith("repa_projector.") for key in weights[1]) == (part == "model")
+        # Adam divides each gradient by its own size: where one is near Adam's eps (1e-8), the ranks'
+        # reordered fp32 sums (1e-11 apart) move its step by ~1e-3 of the lr (1e-6 here: 1.4e-6 seen in
+        # t_embedder's first layer); a wrong gradient moves weights by the lr itself, 1e-3.
+        assert_same_weights(*weights, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_launch_i2i_bf16_compiled_on_a_two_rank_extracted_cache_resumes_on_one_rank(tmp_path, latent_assets):
     root, out = tmp_path / "cache", tmp_path / "run"  # the cache by 2 ranks: each image once, as 1 rank extracts it
     result = torchrun("data.py", "cache", "--data", "shapes:16", "--out", root, "--vae", latent_assets.vae, "--encoder",
-                      latent_assets.dino, "--image-size", "32", "--shard-size", "4", "--batch-size", "2", "--workers", "0")
+                      latent_assets.dino, "--image-size", "32", "--shard-size", "4", "--batch-size", "2", "--workers", "0",
+                      "--patch-tokens")
     assert result.returncode == 0, result.stderr[-3000:]
     writes = [line.split(" ")[:4] for line in result.stdout.splitlines() if ": wrote " in line]
     assert sorted(path for *_, path in writes) == [data.cache_shard_path(str(root), k) for k in range(4)]
@@ -1708,7 +1790,8 @@ def test_launch_i2i_bf16_compiled_on_a_two_rank_extracted_cache_resumes_on_one_r
         for key in ("latent_mean", "latent_std", "cond"):  # fp16: one step apart at most
             assert_close_to_scale(cache[i][key], single[i][key], COMPACT_STEP)
     common = [*TINY_RUN, *latent_assets.run, "--model", "DiT-S/2", "--data", f"cache:{root}", "--precision", "bf16",
-              "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(out)]
+              "--compile", "--ckpt-every", "3", "--sample-every", "2", "--out", str(out),
+              "--condition", "patch", "--repa-weight", "0.5", "--repa-block", "1", "--repa-width", "64"]  # sharded too
     assert_launched(torchrun("train_i2i.py", *common, "--steps", "3"), out, 3, [2, 3])
     train_i2i.main(common + ["--steps", "4", "--resume"])  # the 2-rank bf16 checkpoint on 1 rank
     assert_launched(SimpleNamespace(returncode=0), out, 4, [2, 3, 4])
@@ -1913,7 +1996,7 @@ def test_compiled_training_step_matches_eager_and_keeps_plain_keys(tmp_path):
 def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_shards(tmp_path, monkeypatch, latent_assets):
     round_encoders_like_the_cache(monkeypatch)  # on the fly through the cache's 16-bit format
     cache, images = data.FeatureCache(latent_assets.root), data.open_dataset("shapes:16", 32)
-    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.ViTEncoder.from_pretrained(latent_assets.dino)
     space = encoders.ImageSpace(vae)
     batches = [next(iter(data.make_loader(source, 16, 16, seed=3))) for source in (images, cache)]
     assert torch.equal(batches[0]["index"], batches[1]["index"]) and batches[0]["caption"] == batches[1]["caption"]
@@ -1926,8 +2009,9 @@ def test_cached_batches_equal_encoding_on_the_fly_and_a_restart_skips_finished_s
     # The condition is of the target's own image, mirrored where the target is, in both paths.
     mirror_images = torch.where(flips[:, None, None, None], batches[0]["image"].flip(-1), batches[0]["image"])
     expected = dino.encode(mirror_images)[:, None]
-    assert_close_to_scale(encoders.image_condition(dino)(on_the_fly, space)["y"], expected, TOLERANCE)
-    assert_close_to_scale(encoders.cached_condition(cached, space)["y"], expected, COMPACT_STEP)
+    on_the_fly = {**on_the_fly, **encoders.image_features(dino, on_the_fly["image"])}  # what the I2I task adds
+    assert_close_to_scale(encoders.image_condition("cls")(on_the_fly, space)["y"], expected, TOLERANCE)
+    assert_close_to_scale(encoders.image_condition("cls")(cached, space)["y"], expected, COMPACT_STEP)
     assert (expected[flips] - dino.encode(batches[0]["image"])[flips][:, None]).abs().max() > 1e-3  # DINO sees the flip
     # The grids' references: decoded cached means, what the VAE makes of the (mirrored) images.
     assert_close_to_scale(train_i2i.reference_images(cached, space), space.decode(space.encode(mirror_images)), COMPACT_STEP)
@@ -1963,6 +2047,111 @@ def test_training_from_the_cache_matches_on_the_fly_without_running_the_encoders
     assert os.path.exists(tmp_path / "cached" / "samples" / "step_0000003.png")
     with safe_open(tmp_path / "cached" / "ema.safetensors", "pt") as f:
         assert json.loads(f.metadata()["lumos"])["vae"] == latent_assets.vae
+
+
+# ======================================== ablations: --condition, REPA ===========================
+
+def test_condition_tokens_are_the_cls_the_patches_or_all_each_of_unit_length():
+    encoder = encoders.ViTEncoder(image_size=32, patch_size=8, width=16, depth=1, heads=2)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    features = encoders.image_features(encoder, images, patch_tokens=True)
+    assert "patch_tokens" not in encoders.image_features(encoder, images)  # computed only when asked for
+    tokens = {condition: encoders.condition_tokens(features, condition) for condition in encoders.CONDITIONS}
+    assert [tuple(tokens[c].shape) for c in ("cls", "patch", "all")] == [(3, 1, 16), (3, 16, 16), (3, 17, 16)]
+    assert [encoders.condition_token_count(c, 16) for c in ("cls", "patch", "all")] == [1, 16, 17]
+    assert torch.equal(tokens["all"], torch.cat([tokens["cls"], tokens["patch"]], dim=1))
+    assert torch.equal(tokens["cls"][:, 0], encoder.encode(images))
+    # Each is a final-norm token of the encoder (native size: no resize), L2-normalised on its own.
+    normalize = transforms.Normalize(encoders.IMAGENET_MEAN, encoders.IMAGENET_STD)
+    assert_close_to_scale(tokens["all"], F.normalize(encoder(normalize((images + 1) / 2)), dim=-1), 1e-5)
+    torch.testing.assert_close(tokens["all"].norm(dim=-1), torch.ones(3, 17))
+
+
+def bilinear_resize_float64(grid, size):
+    """(C, h, w) -> (C, size, size) by align_corners=False bilinear upsampling, written out in float64."""
+    side = grid.shape[-1]
+    source = np.clip((np.arange(size) + 0.5) * side / size - 0.5, 0, side - 1)
+    low = np.floor(source).astype(int)
+    high, frac = np.minimum(low + 1, side - 1), source - low
+    rows = grid[:, low] * (1 - frac)[None, :, None] + grid[:, high] * frac[None, :, None]
+    return rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac
+
+
+def test_repa_loss_is_the_negative_cosine_to_resized_patch_tokens_and_stops_at_the_encoder():
+    encoder = encoders.ViTEncoder(image_size=32, patch_size=8, width=16, depth=1, heads=2).requires_grad_(True)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    patch_tokens = encoders.image_features(encoder, images, patch_tokens=True)["patch_tokens"]  # a 4 x 4 grid
+    torch.manual_seed(0)
+    projector = train_i2i.repa_projector(8, 12, 16)
+    block_tokens = torch.randn(2, 64, 8, requires_grad=True)  # an 8 x 8 DiT grid
+    loss = train_i2i.repa_loss(projector(block_tokens), patch_tokens, (8, 8))
+    loss.sum().backward()
+    # Even an encoder left trainable gets no gradient: its tokens are computed without one, as cached.
+    assert all(param.grad is None for param in encoder.parameters())
+    assert all(param.grad.abs().sum() > 0 for param in projector.parameters()) and block_tokens.grad.abs().sum() > 0
+    projected = projector(block_tokens).detach().double().numpy()
+    for b in range(2):
+        grid = patch_tokens[b].double().numpy().T.reshape(16, 4, 4)
+        target = bilinear_resize_float64(grid, 8).reshape(16, 64).T
+        cosine = (projected[b] * target).sum(-1) / np.linalg.norm(projected[b], axis=-1) / np.linalg.norm(target, axis=-1)
+        assert loss[b].item() == pytest.approx(-cosine.mean(), rel=1e-5)  # fp32 sums of 16 terms
+    # The same grid: no resize, and tokens parallel to the target score -1.
+    assert train_i2i.repa_loss(3 * patch_tokens, patch_tokens, (4, 4)).tolist() == pytest.approx([-1, -1], rel=1e-6)
+
+
+def test_patch_token_cache_round_trip_trains_as_on_the_fly_and_exports_the_condition(tmp_path, monkeypatch, capsys,
+                                                                                      latent_assets):
+    root, vae_path, dino_path = tmp_path / "cache", latent_assets.vae, latent_assets.dino
+    dino = encoders.ViTEncoder.from_pretrained(dino_path)
+    data.main(["cache", "--data", "shapes:16", "--out", str(root), "--vae", vae_path, "--encoder", dino_path,
+               "--image-size", "32", "--shard-size", "8", "--workers", "0", "--patch-tokens"])
+    cache, images = data.FeatureCache(root), data.open_dataset("shapes:16", 32)
+    assert cache.patch_tokens and cache.patches == 16 and cache.info["patch_tokens"] is True
+    for i in (0, 9):  # each image and its mirror image: every patch token within fp16 rounding
+        both = torch.stack([images[i]["image"], images[i]["image"].flip(-1)])
+        exact = encoders.image_features(dino, both, patch_tokens=True)["patch_tokens"]
+        assert cache[i]["patch_tokens"].shape == (2, 16, 64) and cache[i]["patch_tokens"].dtype == torch.float32
+        assert ((cache[i]["patch_tokens"] - exact).abs() <= compact_bound(exact, 1.0)).all()
+    for shard in range(2):  # 8 items a shard: the posteriors, the CLS and the 16 patch tokens, in 16 bits
+        path = data.cache_shard_path(root, shard)
+        with open(path, "rb") as f:
+            header = 8 + struct.unpack("<Q", f.read(8))[0]
+        assert os.path.getsize(path) - header == 8 * data.cache_item_bytes((4, 4, 4), 64, patches=16)
+    # ViT-B/16 at 224 px: 196 patch tokens x 768 x 2 bytes = 294 KiB per mirror image, beside the 35 KiB of 256 px.
+    assert 196 * 768 * 2 == 294 * 1024 and data.cache_item_bytes((4, 32, 32), 768, patches=196) == 35848 + 2 * 196 * 768 * 2
+    # Training on it (patch tokens condition and REPA) equals encoding on the fly, rounded as the cache stores.
+    round_encoders_like_the_cache(monkeypatch)
+    run = TINY_RUN + latent_assets.run + ["--global-batch-size", "4", "--steps", "3", "--sample-every", "3",
+                                          "--ckpt-every", "3", "--condition", "patch", "--repa-weight", "0.5", "--repa-block", "1"]
+    train_i2i.main(run + ["--data", "shapes:16", "--out", str(tmp_path / "on_the_fly")])
+    train_i2i.main(run + ["--data", f"cache:{root}", "--out", str(tmp_path / "cached")])
+    for key in ("loss", "repa_loss"):
+        assert read_metrics(tmp_path / "cached")[key] == pytest.approx(read_metrics(tmp_path / "on_the_fly")[key], rel=TOLERANCE)
+    export = tmp_path / "cached" / "ema.safetensors"
+    assert_same_weights(load_file(export), load_file(tmp_path / "on_the_fly" / "ema.safetensors"))
+    # The export: the patch condition recorded, no projector; the checkpoint holds the projector.
+    state, info = dit.read_weights(str(export))
+    assert info["condition"] == "patch" and info["config"]["cond_tokens"] == 16
+    assert not any(key.startswith("repa_projector.") for key in state)
+    saved = dcp.FileSystemReader(checkpoint(tmp_path / "cached", 3)).read_metadata().state_dict_metadata
+    assert "model.repa_projector.0.weight" in saved and "ema.repa_projector.0.weight" not in saved
+    # sample.py conditions as training did: the patch tokens of each reference.
+    references = torch.stack([images[i]["image"] for i in range(2)])
+    expected = encoders.condition_tokens(encoders.image_features(dino, references, patch_tokens=True), "patch")
+    assert torch.equal(sample.image_condition_tokens(info, references, torch.device("cpu")), expected)
+    for i in range(2):
+        Image.fromarray(((images[i]["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(tmp_path / f"{i}.png")
+    sample.main(["i2i", "--ckpt", str(export), "--images", str(tmp_path / "0.png"), str(tmp_path / "1.png"),
+                 "--per-image", "1", "--steps", "2", "--out", str(tmp_path / "drawn")])
+    assert len(os.listdir(tmp_path / "drawn")) == 3  # two images and the grid
+    # NVS conditions on one CLS: a patch-conditioned prior is refused; REPA needs an image-encoder task.
+    for script, argv, message in [
+            (train_nvs, ["--init", str(export), *latent_assets.run], "NVS conditions on the source view's CLS"),
+            (train_t2i, ["--init", "scratch", *TINY_SIZE, "--repa-weight", "0.5", "--repa-block", "1"], "REPA is for train_i2i.py")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            script.main([*TINY_LOOP, "--steps", "1", *argv, "--out", str(tmp_path / script.__name__)])
+        assert message in (err := capsys.readouterr().err.strip()) and "\n" not in err
 
 
 # ======================================== sample =================================================
@@ -2540,6 +2729,37 @@ def test_experiments_tables_train_each_run_once_and_report_the_seeds(tmp_path, c
     assert exit_info.value.code == 2 and "--seed after -- is set by the table" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_experiments_conditions_then_repa_which_reads_the_cls_runs_back(tmp_path, capsys):
+    """README's ablation tables at tiny size, as documented: conditions, then repa."""
+    import experiments
+    out = str(tmp_path / "xp")
+    tiny = [*TINY_SIZE, *TINY_LOOP, "--steps", "2", "--sample-every", "1", "--repa-block", "1"]  # a grid each step
+    experiments.main(["conditions", "--seeds", "0", "1", "--captions", "640", "--out", out, "--", *tiny])
+    results = experiments.read_results(out)
+    arms = {0: ("cls", "patch", "all"), 1: ("cls", "patch")}  # all tokens: seed 0 only
+    assert set(results) == {f"{kind}_{arm}_seed{seed}" for seed in (0, 1) for arm in arms[seed] for kind in ("i2i", "t2i_from")}
+    command = results["t2i_from_patch_seed1"]["command"]
+    assert command[command.index("--init") + 1] == os.path.join(out, "i2i_patch_seed1", "ema.safetensors")
+    assert [line["step"] for line in results["i2i_all_seed0"]["evaluations"]] == [1, 2]
+    metrics, curves = (part.splitlines() for part in (tmp_path / "xp" / "conditions.md").read_text().split("\n\n"))
+    assert [row.split(" | ")[:2] for row in metrics[2:]] == [["| CLS (Lumos)", "2"], ["| patch tokens", "2"], ["| all tokens", "1"]]
+    assert curves[0] == "| I2I object agreement at step | seeds | 1 | 2 |" and len(curves) == 5
+    values = [experiments.object_agreement(results[f"i2i_patch_seed{seed}"]["evaluations"][0]) for seed in (0, 1)]
+    assert curves[3].split(" | ")[2] == f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    capsys.readouterr()
+    experiments.main(["repa", "--seeds", "0", "1", "--captions", "640", "--out", out, "--", *tiny])
+    assert re.findall(r"^== (\S+):", capsys.readouterr().out, re.M) == ["i2i_repa_seed0", "i2i_repa_seed1"]
+    results = experiments.read_results(out)
+    assert "--repa-weight" in results["i2i_repa_seed1"]["command"]
+    rows = (tmp_path / "xp" / "repa.md").read_text().split("\n\n")[1].splitlines()[2:]
+    for seed, row in zip((0, 1), rows):
+        target = experiments.object_agreement(results[f"i2i_cls_seed{seed}"])
+        reached = [e["step"] for e in results[f"i2i_repa_seed{seed}"]["evaluations"] if experiments.object_agreement(e) >= target]
+        assert row.split(" | ")[:2] == [f"| {seed}", f"{target:.3f}"]
+        assert row.split(" | ")[3] == (str(reached[0]) if reached else ">2")
+
+
 def test_nvs_fine_tune_on_a_zero123_folder_then_sample_and_the_default_init(tmp_path, tiny_i2i, monkeypatch, capsys):
     """The I2I export on a folder with a missing pose file (the launch matrix: `multiview`, from scratch)."""
     i2i_export, out, views = str(tiny_i2i / "ema.safetensors"), tmp_path / "nvs", tmp_path / "views"
@@ -2737,7 +2957,7 @@ def test_frechet_distance_inception_score_precision_recall_psnr_ssim_and_dinov2_
     assert_raises(ValueError, "of one shape", lambda: evaluate.psnr(images, images[:1]))
     assert_raises(ValueError, "at least 7 x 7", lambda: evaluate.ssim(images[..., :6], images[..., :6]))
     torch.manual_seed(0)  # DINOv2 features as dgm-eval computes them
-    encoder = encoders.DINOEncoder(image_size=28, patch_size=14, width=32, depth=1, heads=2, layer_scale=True)
+    encoder = encoders.ViTEncoder(image_size=28, patch_size=14, width=32, depth=1, heads=2, layer_scale=True)
     images = random_images(3, 40, 50)
     dgm_eval_transform = transforms.Compose([  # dgm-eval's DINOv2 preprocessing, applied to PIL images
         transforms.Resize((224, 224), transforms.InterpolationMode.BICUBIC), transforms.ToTensor(),
@@ -2927,18 +3147,18 @@ def compact_bound(value, scale):
 
 
 def round_encoders_like_the_cache(monkeypatch):
-    """The VAE and DINO then return what a feature cache reads back: their outputs through its format."""
-    vae_encode, dino_encode = encoders.VAE.encode, encoders.DINOEncoder.encode
+    """The VAE and the ViT then return what a feature cache reads back: their outputs through its format."""
+    vae_encode, vit_tokens = encoders.VAE.encode, encoders.ViTEncoder.tokens
     through_cache = lambda mean, std, cond: data.expand_features(data.compact_features(mean, std, cond))  # noqa: E731
     monkeypatch.setattr(encoders.VAE, "encode", lambda self, images, *args: tuple(
         through_cache(*vae_encode(self, images, *args), torch.zeros(0)).values())[:2])
-    monkeypatch.setattr(encoders.DINOEncoder, "encode", lambda self, images, *args: through_cache(
-        torch.zeros(0), torch.ones(0), dino_encode(self, images, *args))["cond"])
+    monkeypatch.setattr(encoders.ViTEncoder, "tokens", lambda self, images, *args: through_cache(
+        torch.zeros(0), torch.ones(0), vit_tokens(self, images, *args))["cond"])
 
 
 def test_compact_cache_keeps_training_targets_within_the_fp16_bound(latent_assets):
     cache, images = data.FeatureCache(latent_assets.root), data.open_dataset("shapes:16", 32)
-    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.ViTEncoder.from_pretrained(latent_assets.dino)
     space, flips = encoders.ImageSpace(vae), torch.tensor([False, True] * 3)
     mirror_images = torch.stack([images[i]["image"].flip(-1) if flip else images[i]["image"] for i, flip in enumerate(flips)])
     cached = train_i2i.mirrored(data.collate_samples([cache[i] for i in range(6)]), flips)
@@ -2970,7 +3190,7 @@ def test_feature_cache_bytes_and_an_older_format_refused_in_one_line(tmp_path, c
     with pytest.raises(SystemExit):
         train_i2i.main(TINY_RUN + latent_assets.run + ["--data", f"cache:{root}", "--out", str(tmp_path / "run")])
     assert "format 1" in (message := capsys.readouterr().err.strip()) and "\n" not in message
-    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.DINOEncoder.from_pretrained(latent_assets.dino)
+    vae, dino = encoders.VAE.from_pretrained(latent_assets.vae), encoders.ViTEncoder.from_pretrained(latent_assets.dino)
     assert_raises(ValueError, "format 1", lambda: data.write_feature_cache(  # nor finished by this data.py
         data.open_dataset("shapes:16", 32), root, vae, dino, latent_assets.settings, 4))
 

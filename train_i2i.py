@@ -3,6 +3,8 @@ frozen DINO CLS feature through cross-attention. One loop for one CPU, one GPU a
 
     python train_i2i.py                    # offline default: a small DiT on `shapes`, 32 px pixels, CPU
     python train_i2i.py --resume           # continue from the latest complete checkpoint in --out
+    python train_i2i.py --condition patch  # the paper's ablation: the encoder's patch tokens, not its CLS
+    python train_i2i.py --repa-weight 0.5  # REPA: block 2's tokens aligned to the encoder's patch tokens
     torchrun --nproc_per_node=8 train_i2i.py --model DiT-XL/2 --data /data/images \\
         --vae stabilityai/sd-vae-ft-mse --encoder facebook/dino-vitb16 --image-size 256 \\
         --global-batch-size 256 --lr 1e-4 --precision bf16 --grad-checkpointing --out runs/xl2
@@ -21,6 +23,12 @@ Real runs encode each image anew at every step unless the frozen encoders ran on
         --encoder facebook/dino-vitb16 --image-size 256 ...
 reads the VAE posteriors and DINO features of each image and its mirror image from the cache and
 never runs the encoders; the VAE is still loaded, since its decoder draws the sample grids.
+`data.py cache --patch-tokens` also stores the patch tokens that --condition patch|all and REPA need.
+
+--condition cls|patch|all picks the image encoder's tokens the DiT attends to (each L2-normalised).
+--repa-weight W adds REPA (Yu et al., ICLR 2025): W x the negative cosine similarity between the
+tokens after block --repa-block, through a training-only MLP projector, and the encoder's patch
+tokens resized to the DiT's grid; the projector is checkpointed with the model, never exported.
 
 Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a `Task`:
     build_model() -> nn.Module       LumosDiT, or a module with the same forward(x, t, **cond) and
@@ -38,6 +46,11 @@ Interface for train_t2i.py / train_nvs.py: they call `train(args, task)` with a 
     eval_items                       a few held-out items: conditions and references of the grids
     evaluate(images, batch) -> dict  optional metrics of the grid's images (B, 3, S, S) in [-1, 1]
                                      against their held-out batch, logged with the loss
+    features(batch) -> batch         optional: adds the frozen image encoder's outputs to a batch
+                                     of images as a feature cache holds them ("cond", the CLS,
+                                     and "patch_tokens"), once per batch (I2I without a cache)
+    repa_dim                         the width of the batch's "patch_tokens", which REPA aligns
+                                     to (--repa-weight); 0: the task has none, REPA is refused
     metadata                         extra fields for the exported safetensors
     hflip                            random horizontal flips of the training images, target and
                                      condition alike (off for NVS, where a flip would mirror the
@@ -50,6 +63,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -64,7 +78,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
@@ -76,8 +92,8 @@ from data import setup_distributed
 from diffusion import PREDICTION_TYPES, GaussianDiffusion, beta_schedule, draw_samples, sample_generator
 from dit import (DiT_models, build_model, checkpoint_dir, forward_flops, latest_checkpoint, read_weights,
                  upgrade_config)
-from encoders import (RANDOM_VIT, SHAPES_VIT, VAE, ImageSpace, cached_condition, encoder_config, image_condition,
-                      load_image_encoder)
+from encoders import (CONDITIONS, RANDOM_VIT, SHAPES_VIT, VAE, ImageSpace, condition_token_count, encoder_config,
+                      image_condition, image_features, load_image_encoder)
 from evaluate import i2i_agreement
 from sample import to_uint8
 
@@ -97,6 +113,8 @@ class Task:
     dataset: object
     eval_items: list
     evaluate: Optional[Callable] = None
+    features: Optional[Callable] = None
+    repa_dim: int = 0
     metadata: dict = dataclasses.field(default_factory=dict)
     hflip: bool = True
 
@@ -147,14 +165,21 @@ def add_train_args(parser):
     a("--cfg-scale", type=float, default=1.0)
     a("--peak-tflops", type=float, default=None, help="device peak for MFU (known for common GPUs)")
     a("--max-nonfinite", type=int, default=20, help="consecutive non-finite steps before stopping")
+    a("--repa-weight", type=float, default=0.0,
+      help="REPA: weight of the alignment of a block's tokens to the image encoder's patch tokens; 0: off")
+    a("--repa-block", type=int, default=None, help="REPA: the block (1..depth) whose output is aligned "
+      "(default: see RUN_DEFAULTS)")
+    a("--repa-width", type=int, default=None, help="REPA: the projector MLP's hidden width (default: see RUN_DEFAULTS)")
     return parser
 
 
 # Defaults of a real run (--model given: DiT's 400K steps, its EMA and its epsilon prediction with
-# learned variances, a checkpoint about every 5-10 minutes on 8 GPUs, each 13 GB at XL/2) and of the
-# offline default (a few minutes on a CPU; README says why x0 prediction there).
+# learned variances, a checkpoint about every 5-10 minutes on 8 GPUs, each 13 GB at XL/2; REPA's
+# block 8 of 28 and its 2048-wide projector) and of the offline default (a few minutes on a CPU;
+# README says why x0 prediction there; REPA at block 2 of 4 with a projector twice its width).
 RUN_DEFAULTS = {"steps": (400_000, 1000), "ema_decay": (0.9999, 0.99), "sample_every": (5_000, 250),
-                "ckpt_every": (5_000, 250), "prediction": ("epsilon", "x0"), "learn_sigma": (True, False)}
+                "ckpt_every": (5_000, 250), "prediction": ("epsilon", "x0"), "learn_sigma": (True, False),
+                "repa_block": (8, 2), "repa_width": (2048, 256)}
 
 
 def check_args(args, world_size):
@@ -171,9 +196,13 @@ def check_args(args, world_size):
                          f"{world_size} x --grad-accum {args.grad_accum}")
     if args.shard_group and (args.shard_group < 1 or world_size % args.shard_group):
         raise ValueError(f"--shard-group {args.shard_group} must divide the world size {world_size}")
-    name = model_size(args)[0]
+    name, overrides = model_size(args)
     if name not in DiT_models:
         raise ValueError(f"unknown --model {name!r}: choose one of {', '.join(DiT_models)}")
+    depth = overrides.get("depth", DiT_models[name].keywords["depth"])
+    if args.repa_weight < 0 or (args.repa_weight and not 1 <= args.repa_block <= depth):
+        raise ValueError(f"--repa-weight {args.repa_weight} must be >= 0 and --repa-block {args.repa_block} within "
+                         f"1..{depth} (the model's depth): pass another")
     multiple = (8 if args.vae else 1) * int(name.rsplit("/", 1)[1])
     if args.image_size % multiple:
         raise ValueError(f"--image-size {args.image_size} must be divisible by {multiple} "
@@ -197,13 +226,14 @@ def model_size(args):
 
 def mirrored(batch, flips):
     """The batch with sample i mirrored where flips[i]: its image, or, from a feature cache (which
-    holds both mirror images' posteriors and CLS features, [unflipped, flipped]), the row of that
-    mirror image. Target and condition both read this batch, so they are of one image, as the
+    holds both mirror images' posteriors, CLS and patch tokens, [unflipped, flipped]), the rows of
+    that mirror image. Target and condition both read this batch, so they are of one image, as the
     paper's z = E(x), tau(x) are: a mirrored target beside the unmirrored image's condition would
     teach the model that the reference's left and right are a coin flip."""
     if "latent_mean" in batch:
         rows, which = torch.arange(len(flips), device=flips.device), flips.long()
-        return {**batch, **{key: batch[key][rows, which] for key in ("latent_mean", "latent_std", "cond")}}
+        per_image = [key for key in ("latent_mean", "latent_std", "cond", "patch_tokens") if key in batch]
+        return {**batch, **{key: batch[key][rows, which] for key in per_image}}
     return {**batch, "image": torch.where(flips[:, None, None, None], batch["image"].flip(-1), batch["image"])}
 
 
@@ -221,6 +251,30 @@ def reference_images(batch, space):
     if "image" in batch:
         return batch["image"].float().clamp(-1, 1)
     return space.decode(space.from_posterior(batch["latent_mean"], batch["latent_std"]))
+
+
+#################################################################################
+#          REPA: a block's tokens aligned to the image encoder's patches        #
+#################################################################################
+
+def repa_projector(hidden_size, width, encoder_dim):
+    """REPA's projector (Yu et al., ICLR 2025): an MLP from the DiT's tokens (B, T, hidden_size) to the
+    encoder's width (B, T, encoder_dim). Trained with the DiT as `model.repa_projector`; the EMA and
+    the export never hold it."""
+    return nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, encoder_dim))
+
+
+def repa_loss(projected, patch_tokens, grid_hw):
+    """REPA's loss per sample (B,): the negative cosine similarity of each projected DiT token
+    (B, h*w, C) with the encoder's patch token at its place, averaged over the tokens. The encoder's
+    square grid of N patch tokens (B, N, C) is resized to the DiT's (h, w) grid (bilinear, antialiased
+    when shrinking), as where a 224 px ViT-B/16's 14 x 14 meets a 256 px XL/2's 16 x 16."""
+    side = math.isqrt(patch_tokens.shape[1])
+    grid = patch_tokens.float().transpose(1, 2).unflatten(2, (side, side))  # (B, C, side, side)
+    if (side, side) != tuple(grid_hw):
+        grid = F.interpolate(grid, size=tuple(grid_hw), mode="bilinear", align_corners=False, antialias=True)
+    return -F.cosine_similarity(projected.float(), grid.flatten(2).transpose(1, 2), dim=-1).mean(1)
 
 
 #################################################################################
@@ -271,6 +325,8 @@ def parallelize(model, args, mesh, train=True):
                                       reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
+        if hasattr(model, "repa_projector"):  # its own unit: the loop calls it apart from the forward
+            fully_shard(model.repa_projector, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         # The guided forward calls self.forward directly, past the hooks that gather the root's
         # parameters: register it as a forward of its own.
@@ -536,6 +592,14 @@ def _train(args, task, rank, world_size, device):
     config = model.config
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_image = 3 * forward_flops(model)  # forward + backward (2x), nanoGPT's accounting
+    repa = args.repa_weight > 0
+    if repa and not task.repa_dim:
+        raise UsageError("--repa-weight: this task has no image-encoder patch tokens to align to; REPA is "
+                         "for train_i2i.py")
+    if repa:
+        model.repa_projector = repa_projector(config["hidden_size"], args.repa_width, task.repa_dim).to(device)
+        tokens = (config["input_size"] // config["patch_size"]) ** 2
+        flops_per_image += 3 * 2 * tokens * sum(p.numel() for p in model.repa_projector.parameters())
     mesh = device_mesh(args, world_size, device)
     parallelize(model, args, mesh)
     parallelize(ema, args, mesh, train=False)
@@ -547,6 +611,8 @@ def _train(args, task, rank, world_size, device):
     run_config = {k: getattr(args, k) for k in ("model", "image_size", "global_batch_size", "vae", "encoder",
                                                  "prediction", "data", "seed", "learn_sigma")}
     run_config.update(model_config=config, task_metadata=task.metadata)
+    if repa:
+        run_config.update(repa={"weight": args.repa_weight, "block": args.repa_block, "width": args.repa_width})
     check_shared_out(args.out, rank)
     counters = torch.zeros(4, dtype=torch.int64)  # step, skipped files, non-finite steps, spare
     ckpt = latest_checkpoint(args.out) if args.resume else None
@@ -571,6 +637,7 @@ def _train(args, task, rank, world_size, device):
     num_eval = len(task.eval_items[: args.num_samples])
     eval_batch = mirrored(to_device(data.collate_samples(task.eval_items[:num_eval]), device),
                           torch.zeros(num_eval, dtype=torch.bool, device=device))
+    eval_batch = task.features(eval_batch) if task.features else eval_batch
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     peak = device_peak_tflops(device, args.peak_tflops)
     metadata = {"lumos": {"task": task.metadata.get("task", "i2i"), "model": args.model, "config": config,
@@ -581,8 +648,13 @@ def _train(args, task, rank, world_size, device):
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
 
+    block_tokens = {}  # REPA: the aligned block's output, kept by the forward for the loss
+
     def model_fn(x, t, **kwargs):
-        return model(x, t, **kwargs).float()
+        if not repa:
+            return model(x, t, **kwargs).float()
+        output, block_tokens["tokens"] = model(x, t, **kwargs, return_block=args.repa_block)
+        return output.float()
 
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = new_window(device)
@@ -600,6 +672,7 @@ def _train(args, task, rank, world_size, device):
             # fp32 outputs, and both paths must train on the same targets and conditions.
             with torch.no_grad():
                 batch = mirrored(batch, batch["flip"] & task.hflip)
+                batch = task.features(batch) if task.features else batch
                 x0 = diffusion_targets(batch, batch.get("posterior_noise"), space)
                 cond = task.condition(batch, space)
             if hasattr(model, "set_requires_gradient_sync"):
@@ -607,10 +680,15 @@ def _train(args, task, rank, world_size, device):
             with autocast():
                 losses = diffusion.training_losses(model_fn, x0.float(), batch["t"],
                                                    {**cond, "drop_cond": batch["drop_cond"]}, noise=batch["noise"])
-            (losses["loss"].sum() / per_rank).backward()
-            window["sums"][:3] += torch.stack([losses[k].detach().sum() if k in losses else losses["mse"].new_zeros(())
-                                               for k in ("loss", "mse", "vb")]).double()
-            window["sums"][3] += len(x0)
+                if repa:
+                    grid_hw = [side // config["patch_size"] for side in x0.shape[-2:]]
+                    projected = model.repa_projector(block_tokens.pop("tokens"))
+                    losses["repa"] = repa_loss(projected, batch["patch_tokens"], grid_hw)
+            loss = losses["loss"] + args.repa_weight * losses["repa"] if repa else losses["loss"]
+            (loss.sum() / per_rank).backward()
+            window["sums"][:4] += torch.stack([losses[k].detach().sum() if k in losses else losses["mse"].new_zeros(())
+                                               for k in ("loss", "mse", "vb", "repa")]).double()
+            window["sums"][4] += len(x0)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         skip = ~torch.isfinite(grad_norm)
@@ -656,7 +734,8 @@ def update_ema(ema, model, decay, skip):
     """ema = decay * ema + (1 - decay) * model, in fp32, shard by shard under FSDP; unchanged where
     the step was skipped (`skip`, a bool tensor read on the device, not on the host)."""
     ema_params = [local(p) for p in ema.parameters()]
-    model_params = [local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    trained = [p for name, p in model.named_parameters() if not name.startswith("repa_projector.")]  # not in the EMA
+    model_params = [local(p).detach().to(e.dtype) for p, e in zip(trained, ema_params, strict=True)]
     weight = (~skip).float() * (1.0 - decay)
     torch._foreach_lerp_(ema_params, model_params, [weight] * len(ema_params))
 
@@ -664,9 +743,9 @@ def update_ema(ema, model, decay, skip):
 def new_window(device):
     """What the steps between two log lines leave on the device, read on the host at the next
     one: a read every step would make the host wait for the GPU, which would then idle while the
-    host queues the next step. "sums": loss, mse, vb and samples; "nonfinite": skipped steps, the
-    current run of them, the longest run; "grad_norm": the last step's."""
-    return {"sums": torch.zeros(4, dtype=torch.float64, device=device),
+    host queues the next step. "sums": loss, mse, vb, repa and samples; "nonfinite": skipped steps,
+    the current run of them, the longest run; "grad_norm": the last step's."""
+    return {"sums": torch.zeros(5, dtype=torch.float64, device=device),
             "nonfinite": torch.zeros(3, dtype=torch.int64, device=device),
             "grad_norm": torch.zeros((), device=device), "time": time.perf_counter(), "skipped": []}
 
@@ -721,12 +800,13 @@ def log_metrics(args, window, lr, step, counters, flops_per_image, peak, world_s
     sums = window["sums"].clone()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    loss, mse, vb, samples = sums.tolist()
+    loss, mse, vb, repa, samples = sums.tolist()
     grad_norm = float(window["grad_norm"])
     elapsed = time.perf_counter() - window["time"]
     images_per_s = samples / elapsed
     tflops = flops_per_image * images_per_s / 1e12
     line = {"step": step, "loss": loss / samples, "mse": mse / samples, "vb": vb / samples, "grad_norm": grad_norm,
+            **({"repa_loss": repa / samples} if args.repa_weight else {}),  # "loss" is the diffusion loss
             "lr": lr, "images_per_s": images_per_s, "tflops": tflops,
             "mfu": tflops / (peak * world_size) if peak else None,
             "skipped_files": int(counters[1]), "nonfinite_steps": int(counters[2]),
@@ -857,23 +937,30 @@ def held_out_items(dataset, image_size, seed, count):
 
 
 def i2i_task(args, device):
-    """I2I: the condition is one DINO CLS token of the image itself, computed on the fly, or read
-    from a feature cache (--data cache:DIR), where the encoder is never loaded."""
+    """I2I: the condition is --condition's tokens of the frozen image encoder's view of the image
+    itself (encoders.condition_tokens), computed on the fly, or read from a feature cache (--data
+    cache:DIR), where the encoder is never loaded. Patch tokens are computed or read only when the
+    condition or REPA needs them."""
     dataset = data.open_dataset(args.data, args.image_size, seed=args.seed)
+    patch_tokens = args.condition != "cls" or args.repa_weight > 0
     if isinstance(dataset, data.FeatureCache):
-        check_cache_settings(dataset, args)
-        condition, cond_dim = cached_condition, dataset.cond_dim
+        check_cache_settings(dataset, args, patch_tokens)
+        features, width, patches = None, dataset.cond_dim, dataset.patches
     else:
         encoder = load_image_encoder(args.encoder, args.image_size, device)
-        condition, cond_dim = image_condition(encoder), encoder.norm.normalized_shape[0]
+        features = lambda batch: {**batch, **image_features(encoder, batch["image"], patch_tokens)}  # noqa: E731
+        width, patches = encoder.norm.normalized_shape[0], encoder.grid ** 2
     name, overrides = model_size(args)
     build = lambda: build_model(name, input_size=args.image_size // (8 if args.vae else 1),
-                                in_channels=4 if args.vae else 3, learn_sigma=args.learn_sigma,
-                                cond_dim=cond_dim, cond_tokens=1, **overrides)
-    return Task(build_model=build, condition=condition, dataset=dataset,
+                                in_channels=4 if args.vae else 3, learn_sigma=args.learn_sigma, cond_dim=width,
+                                cond_tokens=condition_token_count(args.condition, patches), **overrides)
+    # "condition" only where it is not the CLS: exports and checkpoints from before the flag say none.
+    condition = {"condition": args.condition} if args.condition != "cls" else {}
+    return Task(build_model=build, condition=image_condition(args.condition), dataset=dataset,
                 eval_items=held_out_items(dataset, args.image_size, args.seed, args.num_samples),
                 evaluate=shapes_agreement if isinstance(dataset, data.ShapesDataset) else None,
-                metadata={"task": "i2i", "encoder_config": encoder_config(args.encoder, args.image_size)})
+                features=features, repa_dim=width,
+                metadata={"task": "i2i", "encoder_config": encoder_config(args.encoder, args.image_size), **condition})
 
 
 def shapes_agreement(images, batch):
@@ -883,9 +970,9 @@ def shapes_agreement(images, batch):
     return {f"agreement_{name}": value for name, value in scores.items() if name != "images"}
 
 
-def check_cache_settings(cache, args):
+def check_cache_settings(cache, args, patch_tokens=False):
     """The run names the encoders the cache was made with: the VAE decodes the grids, and the
-    export records both for sample.py."""
+    export records both for sample.py. `patch_tokens`: the run needs the cache to hold them."""
     made = (cache.info["vae"], cache.info["encoder"])
     if cache.info.get("multi_scale"):
         raise ValueError(f"--data cache:{cache.root} holds aspect-ratio buckets (made with --multi-scale), for "
@@ -893,6 +980,10 @@ def check_cache_settings(cache, args):
     if (args.vae, args.encoder) != made:
         raise ValueError(f"--data cache:{cache.root} was made with --vae {made[0]} --encoder {made[1]}; "
                          f"pass those (given: --vae {args.vae} --encoder {args.encoder})")
+    if patch_tokens and not cache.patch_tokens:
+        raise ValueError(f"--data cache:{cache.root} holds no patch tokens, which --condition {args.condition}"
+                         f"{' and --repa-weight' if args.repa_weight else ''} need: write the cache with "
+                         f"`data.py cache --patch-tokens`")
 
 
 def exit_with_usage_error(error, prog):
@@ -911,6 +1002,8 @@ def exit_with_usage_error(error, prog):
 def main(argv=None):
     parser = add_train_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    parser.add_argument("--condition", default="cls", choices=CONDITIONS,
+                        help="the image encoder's tokens the DiT attends to: its CLS (Lumos), its patch tokens, or all")
     args = parser.parse_args(argv)
     _, world_size, device = setup_distributed()  # train() finds it set up
     try:

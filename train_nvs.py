@@ -405,6 +405,9 @@ def nvs_task(args, prior_state, prior_info, device):
     give way to one image-encoder token; the blocks and the rest carry over."""
     if prior_info is not None and prior_info["config"].get("multi_scale"):
         raise ValueError(f"--init {args.init}: a multi-scale T2I model; NVS starts from a single-scale I2I or T2I model")
+    if prior_info is not None and prior_info.get("condition", "cls") != "cls":
+        raise ValueError(f"--init {args.init}: an I2I model conditioned on {prior_info['condition']} tokens "
+                         f"(--condition); NVS conditions on the source view's CLS: start from a --condition cls model")
     train_set, held_out_set = open_multiview(args.data, args.image_size, args.seed, args.held_out_objects)
     from_t2i = prior_info is not None and prior_info["task"] == "t2i"
     # A random-ViT encoder is rebuilt as the I2I run built it, from that run's image size.

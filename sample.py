@@ -176,7 +176,8 @@ def output_size(args, info, model):
         return (size, size), {}
     key, (height, width) = data.closest_bucket(args.height or size, args.width or size,
                                                data.aspect_ratio_buckets(size, test=True))
-    print(f"{args.height or size} x {args.width or size} px: the bucket {key}, {height} x {width} px", flush=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one line, not one per rank
+        print(f"{args.height or size} x {args.width or size} px: the bucket {key}, {height} x {width} px", flush=True)
     return (height, width), {"img_hw": torch.tensor([[float(height), float(width)]]),
                              "aspect_ratio": torch.tensor([[float(key)]])}
 

@@ -243,7 +243,7 @@ def steps_to_reach(line, target):
 
 def repa_markdown(results, seeds):
     """Per seed: the final object agreement without REPA, and the steps each run takes to reach it."""
-    rows = ["| seed | final object agreement without REPA | steps to reach it without REPA | with REPA | "
+    rows = ["| seed | final object agreement without REPA | steps to reach it without REPA | ... with REPA | "
             "final object agreement with REPA |", "|---" * 5 + "|"]
     for seed in seeds:
         base, repa = results.get(f"i2i_cls_seed{seed}"), results.get(f"i2i_repa_seed{seed}")

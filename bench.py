@@ -36,6 +36,7 @@ import data
 from dit import build_model, forward_flops
 from encoders import VAE, ViTEncoder, T5Config, T5Encoder, is_t5_encoder_key
 from diffusion import GaussianDiffusion, beta_schedule, draw_samples
+from sample import PRECISIONS
 from train_i2i import device_peak_tflops, peak_memory_gib
 
 def synchronize(device):
@@ -515,7 +516,7 @@ def t2i_inputs(batch, image_size, device):
 
 def measure_t2i(args):
     """One measurement of `bench.py t2i`, in this (fresh) process: prints a JSON line."""
-    device, dtype = torch.device(args.device), {"bf16": torch.bfloat16, "fp32": None}[args.precision]
+    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
     size = args.sample_size if args.one == "sample" else args.forward_size
     model = multi_scale_t2i(args.model, size, device) if args.one != "decode" else None
     vae = None

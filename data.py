@@ -1285,7 +1285,7 @@ def make_loader(dataset, global_batch_size, micro_batch_size, rank=0, world_size
 
 CACHE_INFO = "cache.json"
 CACHE_FORMAT = 2  # 16-bit posterior and condition; format 1 (float32) wrote no "format" to cache.json
-CACHE_TENSORS = ("latent_mean", "latent_logvar", "cond", "index")  # and "patch_tokens" with --patch-tokens
+CACHE_FEATURES = ("latent_mean", "latent_logvar", "cond", "patch_tokens")  # per item; patch_tokens if stored
 CACHE_TEXT = ("caption", "name", "skipped")
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -1488,11 +1488,10 @@ class FeatureCache(Dataset):
             self.buckets = np.array([self.keys.index(key) for key, _ in layout], dtype=np.int64)
             self._rows = np.array([row for _, row in layout], dtype=np.int64)
         first = self._open(0)[0]
-        self.cond_dim = first.get_slice(next(k for k in first.keys() if k.startswith("cond"))).get_shape()[-1]
-        self.patch_tokens = self.info.get("patch_tokens", False)
-        patch_key = next((k for k in first.keys() if k.startswith("patch_tokens")), None)
-        self.patches = first.get_slice(patch_key).get_shape()[2] if patch_key else 0  # N, for --condition
-        self._tensors = ("latent_mean", "latent_logvar", "cond") + (("patch_tokens",) if self.patch_tokens else ())
+        shapes = {key.split("@")[0]: first.get_slice(key).get_shape() for key in first.keys()}  # a bucket's will do
+        self._tensors = [name for name in CACHE_FEATURES if name in shapes]
+        self.cond_dim = shapes["cond"][-1]
+        self.patches = shapes["patch_tokens"][2] if "patch_tokens" in shapes else 0  # N; 0: none stored
 
     def __len__(self):
         return self.info["num_items"]

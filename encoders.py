@@ -366,14 +366,20 @@ def _rename_hub_vit_key(key):
     return f"blocks.{index}.{_HUB_BLOCK_NAMES.get(name, name)}.{'gamma' if param == 'lambda1' else param}"
 
 
-def _vit_state_from_hub(hub_state):
-    state = {_rename_hub_vit_key(key): tensor for key, tensor in hub_state.items()}
-    for query_key in [key for key in state if ".attention.attention.query." in key]:
-        parts = [query_key.replace(".query.", f".{name}.") for name in ("query", "key", "value")]
+def _fuse_qkv(state, attention, names):
+    """`state` with each block's separate q, k, v projections (`{attention}.{name}.` for the three
+    `names`) concatenated into our fused `attn.qkv.`, in place."""
+    for query_key in [key for key in state if f"{attention}.{names[0]}." in key]:
+        parts = [query_key.replace(f".{names[0]}.", f".{name}.") for name in names]
         if all(part in state for part in parts):  # otherwise load_into reports what is missing
-            fused_key = query_key.replace(".attention.attention.query.", ".attn.qkv.")
+            fused_key = query_key.replace(f"{attention}.{names[0]}.", ".attn.qkv.")
             state[fused_key] = torch.cat([state.pop(part) for part in parts])
     return state
+
+
+def _vit_state_from_hub(hub_state):
+    state = {_rename_hub_vit_key(key): tensor for key, tensor in hub_state.items()}
+    return _fuse_qkv(state, ".attention.attention", ("query", "key", "value"))
 
 
 def _vit_state_from_original(original_state):
@@ -410,11 +416,7 @@ def _vit_state_from_clip(clip_state):
             state[f"blocks.{index}.{_CLIP_BLOCK_NAMES.get(name, name)}.{param}"] = tensor
         else:
             state[f"{_CLIP_TOP_LEVEL_NAMES.get(module, module)}.{param}"] = tensor
-    for query_key in [key for key in state if ".self_attn.q_proj." in key]:
-        parts = [query_key.replace(".q_proj.", f".{name}.") for name in ("q_proj", "k_proj", "v_proj")]
-        if all(part in state for part in parts):  # otherwise load_into reports what is missing
-            state[query_key.replace(".self_attn.q_proj.", ".attn.qkv.")] = torch.cat([state.pop(k) for k in parts])
-    return state
+    return _fuse_qkv(state, ".self_attn", ("q_proj", "k_proj", "v_proj"))
 
 
 def _keep_encoder_key(key):

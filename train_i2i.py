@@ -980,7 +980,7 @@ def check_cache_settings(cache, args, patch_tokens=False):
     if (args.vae, args.encoder) != made:
         raise ValueError(f"--data cache:{cache.root} was made with --vae {made[0]} --encoder {made[1]}; "
                          f"pass those (given: --vae {args.vae} --encoder {args.encoder})")
-    if patch_tokens and not cache.patch_tokens:
+    if patch_tokens and not cache.patches:
         raise ValueError(f"--data cache:{cache.root} holds no patch tokens, which --condition {args.condition}"
                          f"{' and --repa-weight' if args.repa_weight else ''} need: write the cache with "
                          f"`data.py cache --patch-tokens`")

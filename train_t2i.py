@@ -363,6 +363,11 @@ SIZE_EMBEDDER_KEYS = tuple(f"{name}.mlp.{layer}.{kind}" for name in ("csize_embe
                            for layer in (0, 2) for kind in ("weight", "bias"))
 
 
+def is_multi_scale(args, prior_info):
+    """The run trains the multi-scale model: --multi-scale, or a multi-scale prior (Lumos_T2I.pth)."""
+    return args.multi_scale or bool(prior_info and prior_info["config"].get("multi_scale"))
+
+
 def t2i_model(args, prior_state, prior_info, text_width):
     """The T2I LumosDiT: the prior's config (or --model's from scratch) with T5 tokens as the condition,
     multi-scale with --multi-scale (or when the prior is). From I2I weights every key but
@@ -375,7 +380,7 @@ def t2i_model(args, prior_state, prior_info, text_width):
                   "learn_sigma": args.learn_sigma}
     else:
         config = prior_info["config"]
-    multi_scale = args.multi_scale or config.get("multi_scale", False)
+    multi_scale = is_multi_scale(args, prior_info)
     # lewei_scale divides the positions: PixArt-alpha's models take 1 up to 512 px and 2 at 1024 px
     # (the release's T2I model too), so a 1024 px grid of 64 spans the range of a 512 px grid of 32.
     # From a prior, a new size scales the prior's value by the same rule (its range of positions is
@@ -412,7 +417,7 @@ def t2i_task(args, i2i_state, i2i_info, device):
     base = data.open_dataset(args.data, args.image_size, seed=args.seed)
     if isinstance(base, data.FeatureCache) and base.info["vae"] != args.vae:
         raise ValueError(f"--data {args.data} was made with --vae {base.info['vae']}; pass it (given: --vae {args.vae})")
-    multi_scale = args.multi_scale or bool(i2i_info and i2i_info["config"].get("multi_scale"))
+    multi_scale = is_multi_scale(args, i2i_info)
     cached = isinstance(base, data.FeatureCache)
     if cached and multi_scale != bool(base.info.get("multi_scale")):
         raise ValueError(f"--data {args.data} was made {'without' if multi_scale else 'with'} --multi-scale: the "
